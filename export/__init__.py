@@ -1,0 +1,1 @@
+"""Export of MindSpore models into static-shape MindIR and ONNX artifact folders."""

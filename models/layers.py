@@ -1,0 +1,234 @@
+"""Export-safe MindSpore layers.
+
+Every construct the models use lives here, in a form that (a) computes what diffusers/transformers compute and
+(b) survives MindSpore's ONNX exporter, which today rejects GroupNorm and Erf, misplaces Conv3d padding and rejects
+ResizeNearestNeighborV2 (see the project notes). ``tests/test_layers.py`` exports each layer to ONNX and compares
+onnxruntime's output with MindSpore's.
+
+Parameter attribute names equal the PyTorch ones (``weight``/``bias``), so checkpoint keys map 1:1.
+"""
+
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Normal, Zero, initializer
+
+# Abramowitz & Stegun 7.1.26: |erf(x) - approximation| <= 1.5e-7 for all x.
+_ERF_P = 0.3275911
+_ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+
+def _param(shape, init, name):
+    return Parameter(initializer(init, shape, ms.float32), name=name)
+
+
+def _erf_abs(a):
+    """erf(a) for a >= 0 from exp/mul/div only (ONNX-exportable), accurate to 1.5e-7 absolute."""
+    t = ops.ones_like(a) / (1.0 + _ERF_P * a)
+    poly = t * (_ERF_A[0] + t * (_ERF_A[1] + t * (_ERF_A[2] + t * (_ERF_A[3] + t * _ERF_A[4]))))
+    return 1.0 - poly * ops.exp(-a * a)
+
+
+def gelu(x):
+    """The exact (erf) GELU that the published models use, in export-safe ops.
+
+    0.5 * x * (1 + erf(x / sqrt 2)) = 0.5 * x + 0.5 * |x| * erf(|x| / sqrt 2), since erf is odd.
+    """
+    a = ops.abs(x)
+    return 0.5 * x + 0.5 * a * _erf_abs(a * (1.0 / math.sqrt(2.0)))
+
+
+def quick_gelu(x):
+    return x * ops.sigmoid(1.702 * x)
+
+
+def silu(x):
+    return x * ops.sigmoid(x)
+
+
+class Linear(nn.Cell):
+    """``torch.nn.Linear``: weight [out, in], bias [out]; applies to the last axis of any rank."""
+
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = _param((out_features, in_features), Normal(0.02), "weight")
+        self.bias = _param((out_features,), Zero(), "bias") if bias else None
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        shape = x.shape
+        y = self.matmul(x.reshape(-1, self.in_features), self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(shape[:-1] + (self.out_features,))
+
+
+class Conv2d(nn.Cell):
+    """``torch.nn.Conv2d`` with symmetric integer padding."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
+        super().__init__()
+        self.weight = _param((out_channels, in_channels, kernel_size, kernel_size), Normal(0.02), "weight")
+        self.bias = _param((out_channels,), Zero(), "bias") if bias else None
+        pad_mode = "pad" if padding else "valid"
+        self.conv = ops.Conv2D(
+            out_channels, (kernel_size, kernel_size), pad_mode=pad_mode, pad=(padding,) * 4, stride=(stride, stride)
+        )
+        self.bias_add = ops.BiasAdd()
+
+    def construct(self, x):
+        y = self.conv(x, self.weight)
+        if self.bias is not None:
+            y = self.bias_add(y, self.bias)
+        return y
+
+
+class TemporalConv3d(nn.Cell):
+    """``torch.nn.Conv3d(in, out, kernel_size=(3, 1, 1), padding=(1, 0, 0))`` on [B, C, F, H, W].
+
+    Computed as a (3, 1) 2-D convolution over [B, C, F, H*W] with explicit zero frames at both ends, because
+    MindSpore's ONNX exporter misplaces Conv3d padding. The weight keeps the checkpoint's 5-D shape.
+    """
+
+    def __init__(self, in_channels, out_channels, bias=True):
+        super().__init__()
+        self.out_channels = out_channels
+        self.weight = _param((out_channels, in_channels, 3, 1, 1), Normal(0.02), "weight")
+        self.bias = _param((out_channels,), Zero(), "bias") if bias else None
+        self.conv = ops.Conv2D(out_channels, (3, 1), pad_mode="valid")
+        self.bias_add = ops.BiasAdd()
+
+    def construct(self, x):
+        b, c, f, h, w = x.shape
+        x = x.reshape(b, c, f, h * w)
+        edge = ops.zeros((b, c, 1, h * w), x.dtype)
+        x = ops.concat((edge, x, edge), 2)
+        weight = self.weight.reshape(self.out_channels, c, 3, 1)
+        y = self.conv(x, weight)
+        if self.bias is not None:
+            y = self.bias_add(y, self.bias)
+        return y.reshape(b, self.out_channels, f, h, w)
+
+
+class GroupNorm(nn.Cell):
+    """``torch.nn.GroupNorm`` on [N, C, *] as reshape + mean + variance (computed in float32)."""
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True):
+        super().__init__()
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        if affine:
+            self.weight = _param((num_channels,), "ones", "weight")
+            self.bias = _param((num_channels,), "zeros", "bias")
+
+    def construct(self, x):
+        shape = x.shape
+        dtype = x.dtype
+        h = x.astype(ms.float32).reshape(shape[0], self.num_groups, -1)
+        mean = h.mean(axis=2, keep_dims=True)
+        centred = h - mean
+        var = (centred * centred).mean(axis=2, keep_dims=True)
+        h = centred / ops.sqrt(var + self.eps)
+        h = h.reshape(shape).astype(dtype)
+        if self.affine:
+            param_shape = (1, self.num_channels) + (1,) * (len(shape) - 2)
+            h = h * self.weight.reshape(param_shape) + self.bias.reshape(param_shape)
+        return h
+
+
+class LayerNorm(nn.Cell):
+    """``torch.nn.LayerNorm`` over the last axis (computed in float32)."""
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True):
+        super().__init__()
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = _param((normalized_shape,), "ones", "weight")
+            self.bias = _param((normalized_shape,), "zeros", "bias")
+
+    def construct(self, x):
+        dtype = x.dtype
+        h = x.astype(ms.float32)
+        mean = h.mean(axis=-1, keep_dims=True)
+        centred = h - mean
+        var = (centred * centred).mean(axis=-1, keep_dims=True)
+        h = (centred / ops.sqrt(var + self.eps)).astype(dtype)
+        if self.elementwise_affine:
+            h = h * self.weight + self.bias
+        return h
+
+
+class Upsample2x(nn.Cell):
+    """Nearest-neighbour 2x upsampling of [N, C, H, W] (``F.interpolate(scale_factor=2, mode="nearest")``)."""
+
+    def construct(self, x):
+        h, w = x.shape[-2:]
+        return ops.ResizeNearestNeighbor((h * 2, w * 2))(x)
+
+
+class PadRightBottom(nn.Cell):
+    """``F.pad(x, (0, 1, 0, 1))``: one zero column on the right and one zero row at the bottom of [N, C, H, W]."""
+
+    def construct(self, x):
+        n, c, h, w = x.shape
+        x = ops.concat((x, ops.zeros((n, c, h, 1), x.dtype)), 3)
+        return ops.concat((x, ops.zeros((n, c, 1, w + 1), x.dtype)), 2)
+
+
+def softmax(x):
+    """Softmax over the last axis, computed in float32."""
+    return ops.softmax(x.astype(ms.float32), -1).astype(x.dtype)
+
+
+def attention(q, k, v, heads):
+    """Scaled dot-product attention of [B, Lq, heads*d] queries over [B, Lk, heads*d] keys/values."""
+    b, lq, inner = q.shape
+    lk = k.shape[1]
+    d = inner // heads
+    q = q.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
+    k = k.reshape(b, lk, heads, d).transpose(0, 2, 3, 1)
+    v = v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)
+    scores = ops.matmul(q * (1.0 / math.sqrt(d)), k)
+    out = ops.matmul(softmax(scores), v)
+    return out.transpose(0, 2, 1, 3).reshape(b, lq, inner)
+
+
+class Timesteps(nn.Cell):
+    """diffusers' sinusoidal ``Timesteps`` projection of a [N] vector into [N, num_channels]."""
+
+    def __init__(self, num_channels, flip_sin_to_cos=True, downscale_freq_shift=0.0, max_period=10000):
+        super().__init__()
+        half = num_channels // 2
+        exponent = -math.log(max_period) * np.arange(half, dtype=np.float32) / (half - downscale_freq_shift)
+        self.freqs = Tensor(np.exp(exponent).astype(np.float32)[None, :])
+        self.flip_sin_to_cos = flip_sin_to_cos
+        self.pad = num_channels % 2 == 1
+
+    def construct(self, t):
+        args = t.astype(ms.float32).reshape(-1, 1) * self.freqs
+        if self.flip_sin_to_cos:
+            emb = ops.concat((ops.cos(args), ops.sin(args)), -1)
+        else:
+            emb = ops.concat((ops.sin(args), ops.cos(args)), -1)
+        if self.pad:
+            emb = ops.concat((emb, ops.zeros((emb.shape[0], 1), emb.dtype)), -1)
+        return emb
+
+
+class TimestepEmbedding(nn.Cell):
+    """diffusers' ``TimestepEmbedding``: linear_1 -> SiLU -> linear_2."""
+
+    def __init__(self, in_channels, time_embed_dim, out_dim=None):
+        super().__init__()
+        self.linear_1 = Linear(in_channels, time_embed_dim)
+        self.linear_2 = Linear(time_embed_dim, out_dim or time_embed_dim)
+
+    def construct(self, x):
+        return self.linear_2(silu(self.linear_1(x)))

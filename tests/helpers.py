@@ -1,0 +1,26 @@
+"""Test helpers: tolerance checks and a MindSpore -> ONNX -> onnxruntime round trip."""
+
+import numpy as np
+
+
+def assert_close_scaled(out, ref, rel=1e-4, name="output"):
+    """max |out - ref| <= rel * max(1, max |ref|), the fixtures' tolerance for component outputs."""
+    out = np.asarray(out, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert out.shape == ref.shape, f"{name}: shape {out.shape} != reference {ref.shape}"
+    err = float(np.abs(out - ref).max())
+    bound = rel * max(1.0, float(np.abs(ref).max()))
+    assert err <= bound, f"{name}: max abs error {err:.3e} > {bound:.3e}"
+    return err
+
+
+def onnx_roundtrip(net, inputs, path):
+    """Export ``net`` (a MindSpore cell) to ONNX at ``path`` and run it in onnxruntime on ``inputs`` (numpy)."""
+    import mindspore as ms
+    import onnxruntime as ort
+
+    stem = str(path)[: -len(".onnx")] if str(path).endswith(".onnx") else str(path)
+    ms.export(net, *[ms.Tensor(x) for x in inputs], file_name=stem, file_format="ONNX")
+    session = ort.InferenceSession(stem + ".onnx", providers=["CPUExecutionProvider"])
+    feeds = {i.name: x for i, x in zip(session.get_inputs(), inputs)}
+    return session.run(None, feeds), stem + ".onnx"
