@@ -1,0 +1,5 @@
+import sys
+
+from framegraph.export.cli import main
+
+sys.exit(main())

@@ -1,0 +1,60 @@
+"""Run an exported graph on sample inputs and compare it with the MindSpore model it came from."""
+
+import logging
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+TOLERANCE = {"float32": 1e-4, "float16": 5e-2}
+
+
+class ExportCheckError(RuntimeError):
+    """An exported graph does not reproduce the MindSpore model within tolerance."""
+
+
+def run_mindspore(cell, inputs):
+    import mindspore as ms
+
+    out = cell(*[ms.Tensor(x) for x in inputs])
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [o.asnumpy() for o in outs]
+
+
+def run_onnx(path, names, inputs):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, dict(zip(names, inputs)))
+
+
+def run_mindir(path, inputs):
+    import mindspore as ms
+    from mindspore import nn
+
+    graph = nn.GraphCell(ms.load(str(path)))
+    return run_mindspore(graph, inputs)
+
+
+def compare(graph_label, outputs, references, dtype):
+    """Max abs error scaled as in the fixtures: error / max(1, max|ref|); raises above the dtype's tolerance."""
+    worst = 0.0
+    for out, ref in zip(outputs, references):
+        ref64 = ref.astype(np.float64)
+        if out.shape != ref.shape:
+            raise ExportCheckError(f"{graph_label}: output shape {out.shape} != MindSpore's {ref.shape}")
+        if not np.all(np.isfinite(out)):
+            raise ExportCheckError(f"{graph_label}: output has NaN/inf")
+        err = float(np.abs(out.astype(np.float64) - ref64).max()) / max(1.0, float(np.abs(ref64).max()))
+        worst = max(worst, err)
+    tolerance = TOLERANCE[dtype]
+    if worst > tolerance:
+        raise ExportCheckError(
+            f"{graph_label}: exported graph differs from the MindSpore model by {worst:.3e} (scaled max abs error), "
+            f"above the {dtype} tolerance {tolerance:.0e}; the export was not written. Report this with the model "
+            "config, or export with --no-check to inspect it."
+        )
+    logger.info("%s: max scaled error %.2e (tolerance %.0e)", graph_label, worst, tolerance)
+    return worst

@@ -1,0 +1,71 @@
+"""``svd-export`` / ``python -m framegraph.export``: diffusers-format pipeline folder -> artifact folder."""
+
+import argparse
+import logging
+import sys
+
+from framegraph.export.components import PipelineFolder
+from framegraph.export.registry import exporter_for
+from framegraph.models.loading import resolve_model_path
+
+logger = logging.getLogger("framegraph.export")
+
+
+def _ints(text):
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _formats(text):
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="svd-export",
+        description="Export a diffusers-format video diffusion pipeline (folder or hub id) to static-shape "
+        "MindIR and ONNX graphs in one artifact folder with a manifest.json.",
+    )
+    p.add_argument("model", help="local diffusers-format pipeline folder, or a hub repo id (needs network)")
+    p.add_argument("--out", required=True, help="artifact folder to write (replaced atomically when done)")
+    p.add_argument("--frames", type=_ints, default=None, help="frame-count buckets, e.g. 14,25 "
+                   "(default: unet.config.num_frames)")
+    p.add_argument("--height", type=int, default=None, help="video height (default 576 for SVD)")
+    p.add_argument("--width", type=int, default=None, help="video width (default 1024 for SVD)")
+    p.add_argument("--batch", type=int, default=1, help="videos per graph call (default 1)")
+    p.add_argument("--formats", type=_formats, default=("onnx", "mindir"), help="onnx,mindir (default both)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="compute dtype of the graphs")
+    p.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16 (*.fp16.safetensors)")
+    p.add_argument("--decode-chunk-sizes", type=_ints, default=None,
+                   help="VAE decode chunk lengths to compile (default: the frame count)")
+    p.add_argument("--random-weights", action="store_true", help="build from configs with random weights "
+                   "(benchmarks at real size; no weight files needed)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
+    p.add_argument("--check", dest="check", action="store_true", default=True,
+                   help="run every exported graph and compare it with the MindSpore model (default)")
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip the numerical check")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        folder = resolve_model_path(args.model)
+        pipeline = PipelineFolder(folder, variant=args.variant, dtype=args.dtype,
+                                  random_weights=args.random_weights, seed=args.seed)
+        exporter = exporter_for(pipeline.pipeline_class)
+        out = exporter.run(pipeline, args, source_name=args.model)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 2
+    logger.info("done: %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

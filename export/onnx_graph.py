@@ -1,0 +1,113 @@
+"""MindSpore cell -> ONNX file, with weights moved into one external-data file shared by a component's buckets.
+
+``mindspore.onnx.export`` embeds weights below 2 GB and writes one file per parameter above it. Either way the
+post-pass here moves every initializer of at least ``EXTERNAL_MIN_BYTES`` into ``<component>/weights.bin`` (one
+entry per distinct (name, content), so frame buckets of one model store their weights once), with paths relative to
+the graph file so the artifact folder can be moved.
+"""
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+EXTERNAL_MIN_BYTES = 1024
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+class SharedWeights:
+    """An append-only external-data file: each distinct tensor (name + bytes) is written once."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.index = {}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_bytes(b"")
+
+    def add(self, name, data):
+        key = (name, hashlib.sha256(data).hexdigest())
+        if key not in self.index:
+            with open(self.path, "ab") as f:
+                offset = f.tell()
+                pad = (-offset) % 64  # keep tensors aligned for memory mapping
+                f.write(b"\0" * pad)
+                f.write(data)
+            self.index[key] = (offset + pad, len(data))
+        return self.index[key]
+
+
+def _initializer_bytes(tensor, graph_dir):
+    """Raw bytes of an initializer, whether embedded or in an external file next to the graph."""
+    from onnx import numpy_helper
+    from onnx.external_data_helper import uses_external_data
+
+    if uses_external_data(tensor):
+        info = {e.key: e.value for e in tensor.external_data}
+        with open(Path(graph_dir) / info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            length = info.get("length")
+            return f.read(int(length)) if length is not None else f.read()
+    if tensor.raw_data:
+        return tensor.raw_data
+    return numpy_helper.to_array(tensor).tobytes()
+
+
+def externalize(model, source_dir, target_dir, weights):
+    """Point every large initializer of ``model`` (read relative to ``source_dir``) at ``weights`` (a
+    SharedWeights), with locations relative to ``target_dir`` where the graph file will live."""
+    from onnx import TensorProto
+    from onnx.external_data_helper import uses_external_data
+
+    rel = os.path.relpath(weights.path, target_dir)
+    for tensor in model.graph.initializer:
+        was_external = uses_external_data(tensor)
+        data = _initializer_bytes(tensor, source_dir)
+        if len(data) < EXTERNAL_MIN_BYTES and not was_external:
+            continue
+        offset, length = weights.add(tensor.name, data)
+        tensor.ClearField("raw_data")
+        for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+            tensor.ClearField(field)
+        del tensor.external_data[:]
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", rel), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+
+
+def export_onnx(cell, inputs, path, input_names, output_names, weights):
+    """Export ``cell`` on sample ``inputs`` (MindSpore tensors) to ``path`` with weights in ``weights``."""
+    import mindspore as ms
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stage = path.parent / f".{path.stem}.raw"
+    stage.mkdir(exist_ok=True)
+    raw = stage / "graph.onnx"
+    ms.onnx.export(cell, *inputs, file_name=str(raw), input_names=list(input_names), output_names=list(output_names))
+    model = onnx.load(str(raw), load_external_data=False)
+    externalize(model, stage, path.parent, weights)
+    onnx.save(model, str(path))
+    for leftover in stage.iterdir():
+        leftover.unlink()
+    stage.rmdir()
+    logger.info("wrote %s (%d ops)", path, len(model.graph.node))
+    return path
+
+
+def op_types(path):
+    """Sorted (domain, op_type) pairs used by the ONNX graph at ``path`` (weights not loaded)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return sorted({(n.domain or "", n.op_type) for n in model.graph.node})
+
+
+def opset_version(path):
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return max(o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS)

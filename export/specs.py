@@ -1,0 +1,55 @@
+"""One spec per compiled graph: ordered inputs and outputs (names, dtypes, shapes as functions of the bucket) and
+sample inputs for the export trace and the numerical check. Export and the manifest both read these objects."""
+
+import dataclasses
+
+import numpy as np
+
+from framegraph.runtime.manifest import TensorSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorDef:
+    name: str
+    dtype: str
+    shape: object  # callable(bucket) -> tuple of ints
+
+    def spec(self, bucket, dtype=None):
+        return TensorSpec(name=self.name, dtype=dtype or self.dtype, shape=list(self.shape(bucket)))
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphSpec:
+    """``name`` is the diffusers component name; ``float_dtype`` replaces 'float' dtypes for fp16 exports."""
+
+    name: str
+    inputs: tuple
+    outputs: tuple
+    sample: object  # callable(bucket, rng) -> list of numpy arrays, in input order (float32)
+    bucket_keys: tuple
+
+    def input_specs(self, bucket, float_dtype="float32"):
+        return [t.spec(bucket, _dtype(t.dtype, float_dtype)) for t in self.inputs]
+
+    def output_specs(self, bucket, float_dtype="float32"):
+        return [t.spec(bucket, _dtype(t.dtype, float_dtype)) for t in self.outputs]
+
+    def sample_inputs(self, bucket, float_dtype="float32", seed=0):
+        rng = np.random.default_rng(seed)
+        arrays = self.sample(bucket, rng)
+        specs = self.input_specs(bucket, float_dtype)
+        out = []
+        for spec, array in zip(specs, arrays):
+            array = np.asarray(array).astype(spec.dtype)
+            assert list(array.shape) == spec.shape, (self.name, spec.name, array.shape, spec.shape)
+            out.append(array)
+        return out
+
+
+def _dtype(declared, float_dtype):
+    # Timesteps stay float32 (the schedulers' continuous timesteps need the precision); other floats follow.
+    return float_dtype if declared == "float" else declared
+
+
+def _randn(rng, shape):
+    return rng.standard_normal(shape).astype(np.float32)
