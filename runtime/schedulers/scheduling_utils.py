@@ -285,14 +285,16 @@ def check_choice(name: str, value, choices) -> None:
 
 
 def linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-    """``torch.linspace(start, end, steps, dtype=torch.float32)``: float32 arithmetic, filled from both ends."""
+    """``torch.linspace(start, end, steps, dtype=torch.float32)`` bit for bit: a float32 step, the first half
+    counted up from ``start`` and the second half down from ``end``, each value rounded once (fused multiply-add;
+    the float64 product of a float32 step and an index is exact)."""
     start32, end32 = np.float32(start), np.float32(end)
     if steps == 1:
         return np.array([start32], dtype=np.float32)
-    step = (end32 - start32) / np.float32(steps - 1)
+    step = np.float64((end32 - start32) / np.float32(steps - 1))
     idx = np.arange(steps)
-    head = start32 + step * idx.astype(np.float32)
-    tail = end32 - step * (steps - 1 - idx).astype(np.float32)
+    head = np.float64(start32) + step * idx
+    tail = np.float64(end32) - step * (steps - 1 - idx)
     return np.where(idx < steps // 2, head, tail).astype(np.float32)
 
 
@@ -330,7 +332,9 @@ def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, bet
         return linspace_f32(beta_start**0.5, beta_end**0.5, num_train_timesteps) ** 2
     if beta_schedule == "squaredcos_cap_v2":
         return betas_for_alpha_bar(num_train_timesteps)
-    raise UnsupportedConfigError(f"beta_schedule={beta_schedule!r} is not supported; choose one of {list(BETA_SCHEDULES)}")
+    raise UnsupportedConfigError(
+        f"beta_schedule={beta_schedule!r} is not supported; choose one of {list(BETA_SCHEDULES)}"
+    )
 
 
 def cumprod_f32(values: np.ndarray) -> np.ndarray:
@@ -352,9 +356,14 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
 
 
 def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
-    """Fractional training timestep(s) of ``sigma`` by interpolating in the ascending ``log_sigmas`` table."""
+    """Fractional training timestep(s) of ``sigma`` by interpolating in the ascending ``log_sigmas`` table.
+
+    The log is taken in float64 and then compared and interpolated in the table's dtype (float32), which is what
+    diffusers' per-sigma loop computes under numpy 1.x promotion rules; fixing it keeps results (e.g. which integer a
+    timestep truncates to) independent of the installed numpy.
+    """
     sigma = np.asarray(sigma)
-    log_sigma = np.log(np.maximum(sigma, 1e-10)).reshape(-1)
+    log_sigma = np.log(np.maximum(sigma.astype(np.float64), 1e-10)).reshape(-1).astype(log_sigmas.dtype)
     dists = log_sigma[None, :] - log_sigmas[:, None]
     low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
     high_idx = low_idx + 1
@@ -413,7 +422,8 @@ def check_one_sigma_schedule(config: Mapping) -> None:
 
 def randn(shape, generator=None, dtype=np.float32) -> np.ndarray:
     """Standard normal noise from an int seed, a ``numpy.random.Generator``/``RandomState`` or a list of those
-    (one per batch entry). Does not reproduce torch's random streams."""
+    (one per batch entry). An int seeds this one draw (pass the same int at every step and every step gets the
+    same noise); pass a Generator to draw fresh noise at each step. Does not reproduce torch's random streams."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"Got {len(generator)} generators for a batch of {shape[0]}.")
