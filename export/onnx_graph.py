@@ -77,6 +77,29 @@ def externalize(model, source_dir, target_dir, weights):
             entry.key, entry.value = key, value
 
 
+def rename_io(model, input_names, output_names):
+    """Give the graph's inputs and outputs the spec's names, rewiring every node that uses them."""
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if len(inputs) != len(input_names) or len(graph.output) != len(output_names):
+        raise RuntimeError(
+            f"exported graph has {len(inputs)} inputs / {len(graph.output)} outputs, spec has "
+            f"{len(input_names)} / {len(output_names)}"
+        )
+    mapping = {v.name: new for v, new in zip(inputs, input_names)}
+    mapping.update({v.name: new for v, new in zip(graph.output, output_names)})
+    for value in list(inputs) + list(graph.output):
+        value.name = mapping[value.name]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in mapping:
+                node.input[i] = mapping[name]
+        for i, name in enumerate(node.output):
+            if name in mapping:
+                node.output[i] = mapping[name]
+
+
 def export_onnx(cell, inputs, path, input_names, output_names, weights):
     """Export ``cell`` on sample ``inputs`` (MindSpore tensors) to ``path`` with weights in ``weights``."""
     import mindspore as ms
@@ -87,8 +110,11 @@ def export_onnx(cell, inputs, path, input_names, output_names, weights):
     stage = path.parent / f".{path.stem}.raw"
     stage.mkdir(exist_ok=True)
     raw = stage / "graph.onnx"
-    ms.onnx.export(cell, *inputs, file_name=str(raw), input_names=list(input_names), output_names=list(output_names))
+    # Names are set here rather than by the exporter, which renames a graph output without renaming the node
+    # output that feeds it when that name is shared inside the graph (seen on the temporal VAE decoder).
+    ms.onnx.export(cell, *inputs, file_name=str(raw))
     model = onnx.load(str(raw), load_external_data=False)
+    rename_io(model, input_names, output_names)
     externalize(model, stage, path.parent, weights)
     onnx.save(model, str(path))
     for leftover in stage.iterdir():
