@@ -1,0 +1,185 @@
+"""The one interface every backend implements, the registry that finds them, and the checked graph call.
+
+A backend turns a manifest :class:`~framegraph.runtime.manifest.GraphEntry` plus its artifact folder into a
+:class:`Graph`. Every call of a graph is checked against the manifest (input names, dtypes and shapes, exactly)
+before the backend sees it, and the outputs come back as a dict keyed by the manifest's output names.
+
+Backends import their engine (onnxruntime, mindspore, mindspore_lite) only when constructed, so importing this
+package never imports MindSpore.
+"""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..manifest import ArtifactError
+
+logger = logging.getLogger(__name__)
+
+_REGISTRY = {}
+
+
+class BackendUnavailableError(ImportError):
+    """The engine a backend needs is not installed (or cannot run on this machine)."""
+
+
+class GraphInputError(ValueError):
+    """A graph was called with feeds that do not match the manifest (name, dtype or shape)."""
+
+
+def register_backend(cls):
+    """Class decorator: make ``cls`` loadable as ``load_backend(cls.name)``."""
+    if not getattr(cls, "name", None) or not getattr(cls, "format", None):
+        raise TypeError(f"{cls.__name__} must define the class attributes `name` and `format` to be registered")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"a backend named {cls.name!r} is already registered ({_REGISTRY[cls.name].__name__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_backends():
+    """Names of the registered backends (whether or not their engine is installed)."""
+    return sorted(_REGISTRY)
+
+
+def backends_for_format(fmt):
+    """Names of the registered backends that run graphs of manifest format ``fmt`` ("onnx", "mindir")."""
+    return [name for name, cls in _REGISTRY.items() if cls.format == fmt]
+
+
+def load_backend(name, **options):
+    """The backend called ``name`` ("onnxruntime", "mindspore", "mindspore_lite"), built with ``options``.
+
+    Common options: ``device`` ("cpu", "cuda"/"gpu", "ascend" where the engine supports it) and ``num_threads``.
+    A Backend instance is returned as is, so callers may pass either a name or a configured backend. Raises :class:`BackendUnavailableError` (an ImportError) when the engine is not installed.
+    """
+    if isinstance(name, Backend):
+        return name
+    try:
+        cls = _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown backend {name!r}; available: {', '.join(available_backends())}"
+        ) from None
+    return cls(**options)
+
+
+def _describe(value):
+    if isinstance(value, np.ndarray):
+        return f"dtype {value.dtype}, shape {list(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
+class Graph:
+    """One opened graph: ``graph(**feeds) -> {output name: np.ndarray}``, with every feed checked first.
+
+    ``run`` is the backend's callable: it takes the input arrays in manifest order and returns the output arrays
+    in manifest order. ``native`` is the engine's own object (an onnxruntime InferenceSession, a MindSpore
+    GraphCell, a MindSpore Lite Model) for callers that need engine-specific features.
+    """
+
+    def __init__(self, entry, run, backend, native=None):
+        self.entry = entry
+        self.backend = backend
+        self.native = native
+        self._run = run
+
+    @property
+    def name(self):
+        return self.entry.key
+
+    @property
+    def inputs(self):
+        return list(self.entry.inputs)
+
+    @property
+    def outputs(self):
+        return list(self.entry.outputs)
+
+    def __repr__(self):
+        return f"Graph({self.name!r}, backend={self.backend!r})"
+
+    def check_feeds(self, feeds):
+        """Raise :class:`GraphInputError` unless ``feeds`` has exactly the manifest's inputs, dtypes and shapes."""
+        expected = [spec.name for spec in self.entry.inputs]
+        missing = [n for n in expected if n not in feeds]
+        unexpected = sorted(n for n in feeds if n not in expected)
+        if missing or unexpected:
+            raise GraphInputError(
+                f"graph {self.name}: feeds do not match its inputs (missing: {missing or 'none'}, unexpected: "
+                f"{unexpected or 'none'}); it takes exactly {expected}"
+            )
+        for spec in self.entry.inputs:
+            value = feeds[spec.name]
+            want = f"dtype {np.dtype(spec.dtype)}, shape {list(spec.shape)}"
+            if isinstance(value, np.generic):
+                value = np.asarray(value)
+            if not isinstance(value, np.ndarray):
+                raise GraphInputError(
+                    f"graph {self.name}: input {spec.name!r} must be a numpy array with {want}, got {_describe(value)}; "
+                    f"pass np.asarray(value, dtype=np.{np.dtype(spec.dtype)})"
+                )
+            if value.dtype != np.dtype(spec.dtype):
+                raise GraphInputError(
+                    f"graph {self.name}: input {spec.name!r} expected {want}, got {_describe(value)}; "
+                    f"cast it with .astype(np.{np.dtype(spec.dtype)})"
+                )
+            if list(value.shape) != list(spec.shape):
+                raise GraphInputError(
+                    f"graph {self.name}: input {spec.name!r} expected {want}, got {_describe(value)}; the artifact "
+                    f"was exported for this shape only (bucket {self.entry.bucket}): reshape the input or re-export "
+                    "for the shape you need"
+                )
+
+    def __call__(self, **feeds):
+        self.check_feeds(feeds)
+        arrays = [np.ascontiguousarray(np.asarray(feeds[spec.name])) for spec in self.entry.inputs]
+        outputs = list(self._run(arrays))
+        if len(outputs) != len(self.entry.outputs):
+            raise ArtifactError(
+                f"graph {self.name} returned {len(outputs)} outputs but the manifest lists {len(self.entry.outputs)} "
+                f"({[s.name for s in self.entry.outputs]}); the artifact is inconsistent, re-export it"
+            )
+        result = {}
+        for spec, value in zip(self.entry.outputs, outputs):
+            value = np.asarray(value)
+            if value.dtype != np.dtype(spec.dtype) or list(value.shape) != list(spec.shape):
+                raise ArtifactError(
+                    f"graph {self.name} output {spec.name!r} is {_describe(value)} but the manifest says dtype "
+                    f"{np.dtype(spec.dtype)}, shape {list(spec.shape)}; the artifact is inconsistent, re-export it"
+                )
+            result[spec.name] = value
+        return result
+
+
+class Backend:
+    """Base class: subclasses set ``name`` and ``format`` and implement ``_load(path, entry) -> (run, native)``."""
+
+    name = None
+    format = None
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+    def open(self, folder, entry):
+        """Open ``entry`` (a manifest GraphEntry) from the artifact ``folder`` as a checked :class:`Graph`."""
+        if entry.format != self.format:
+            raise ArtifactError(
+                f"graph {entry.key} is in format {entry.format!r} but the {self.name} backend runs {self.format!r} "
+                f"graphs; pick the {self.format!r} entry of this graph or another backend"
+            )
+        folder = Path(folder)
+        missing = [f.path for f in entry.files if not (folder / f.path).exists()]
+        if missing:
+            raise ArtifactError(
+                f"graph {entry.key}: {', '.join(missing)} missing from {folder}; copy the whole artifact folder or "
+                "re-export it"
+            )
+        path = folder / entry.main_file
+        logger.info("opening %s with %s from %s", entry.key, self.name, path)
+        run, native = self._load(path, entry)
+        return Graph(entry, run, self.name, native)
+
+    def _load(self, path, entry):
+        raise NotImplementedError

@@ -1,0 +1,92 @@
+"""MindSpore Lite backend: runs the manifest's "mindir" graphs with ``mindspore_lite.Model`` (CPU or Ascend).
+
+No mindspore-lite wheel installs on Python 3.11 from PyPI (only 2.0.0 for CPython 3.7 exists there); install the
+wheel for your Python from mindspore.cn. Constructing this backend without it raises BackendUnavailableError.
+"""
+
+import logging
+
+from ..manifest import ArtifactError
+from .base import Backend, BackendUnavailableError, register_backend
+
+logger = logging.getLogger(__name__)
+
+# device argument -> MindSpore Lite context target
+DEVICE_TARGETS = {
+    "cpu": "cpu",
+    "gpu": "gpu",
+    "cuda": "gpu",
+    "ascend": "ascend",
+    "npu": "ascend",
+}
+
+
+def _import_mindspore_lite():
+    try:
+        import mindspore_lite
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"the mindspore_lite backend needs the mindspore_lite package, which cannot be imported ({exc}). PyPI only "
+            "has mindspore-lite 2.0.0 for CPython 3.7, so no wheel installs on this Python: install the wheel for your "
+            "Python and device from https://www.mindspore.cn/lite, or use backend='mindspore' (same MindIR graphs) "
+            "or backend='onnxruntime'"
+        ) from exc
+    return mindspore_lite
+
+
+@register_backend
+class MindSporeLiteBackend(Backend):
+    """``device`` "cpu" (default) or "ascend"; ``num_threads`` sets the CPU thread count; ``device_id`` the card."""
+
+    name = "mindspore_lite"
+    format = "mindir"
+
+    def __init__(self, device="cpu", num_threads=None, device_id=None):
+        key = str(device).lower()
+        if key not in DEVICE_TARGETS:
+            raise ValueError(
+                f"device {device!r} is not supported by the mindspore_lite backend; use one of {sorted(DEVICE_TARGETS)}"
+            )
+        self.target = DEVICE_TARGETS[key]
+        self.num_threads = num_threads
+        self.device_id = device_id
+        self.mslite = _import_mindspore_lite()
+
+    def __repr__(self):
+        return f"MindSporeLiteBackend(target={self.target!r}, num_threads={self.num_threads})"
+
+    def context(self):
+        context = self.mslite.Context()
+        context.target = [self.target]
+        if self.num_threads:
+            context.cpu.thread_num = int(self.num_threads)
+        if self.device_id is not None and self.target != "cpu":
+            getattr(context, self.target).device_id = int(self.device_id)
+        return context
+
+    def _load(self, path, entry):
+        model = self.mslite.Model()
+        model.build_from_file(str(path), self.mslite.ModelType.MINDIR, self.context())
+        tensors = model.get_inputs()
+        names = [t.name for t in tensors]
+        want = [s.name for s in entry.inputs]
+        if sorted(names) != sorted(want):
+            # MindIR input names may be positional (e.g. "x", "x1"); fall back to the manifest's order then.
+            if len(names) != len(want):
+                raise ArtifactError(
+                    f"{path} has {len(names)} inputs {names} but the manifest entry {entry.key} lists {want}; "
+                    "re-export the artifact"
+                )
+            logger.info("%s: MindIR input names %s differ from the manifest's %s; feeding by position", path, names,
+                        want)
+            order = list(range(len(want)))
+        else:
+            order = [want.index(n) for n in names]
+
+        def run(arrays):
+            inputs = model.get_inputs()
+            for tensor, index in zip(inputs, order):
+                tensor.set_data_from_numpy(arrays[index])
+            return [o.get_data_to_numpy() for o in model.predict(inputs)]
+
+        return run, model

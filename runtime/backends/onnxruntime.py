@@ -1,0 +1,95 @@
+"""ONNX Runtime backend: runs the manifest's "onnx" graphs (external weight files are found next to the graph)."""
+
+import logging
+
+from ..manifest import ArtifactError
+from .base import Backend, BackendUnavailableError, register_backend
+
+logger = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+# device -> execution providers in order of preference (ONNX Runtime falls back along the list).
+DEVICE_PROVIDERS = {
+    "cpu": [CPU],
+    "cuda": [CUDA, CPU],
+    "gpu": [CUDA, CPU],
+}
+
+
+def _import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "the onnxruntime backend needs the onnxruntime package: pip install onnxruntime (or onnxruntime-gpu)"
+        ) from exc
+    return onnxruntime
+
+
+@register_backend
+class OnnxRuntimeBackend(Backend):
+    """``device`` "cpu" (default) or "cuda"; ``providers`` overrides it; ``num_threads`` sets intra-op threads."""
+
+    name = "onnxruntime"
+    format = "onnx"
+
+    def __init__(self, device="cpu", num_threads=None, providers=None):
+        self.ort = _import_onnxruntime()
+        self.num_threads = num_threads
+        self.providers = self._choose_providers(device, providers)
+
+    def __repr__(self):
+        return f"OnnxRuntimeBackend(providers={self.providers}, num_threads={self.num_threads})"
+
+    def _choose_providers(self, device, providers):
+        available = self.ort.get_available_providers()
+        if providers is None:
+            key = str(device).lower()
+            if key not in DEVICE_PROVIDERS:
+                raise ValueError(
+                    f"device {device!r} is not supported by the onnxruntime backend; use one of "
+                    f"{sorted(DEVICE_PROVIDERS)} or pass providers=[...]"
+                )
+            wanted = DEVICE_PROVIDERS[key]
+        else:
+            wanted = [providers] if isinstance(providers, str) else list(providers)
+        chosen = [p for p in wanted if p in available]
+        dropped = [p for p in wanted if p not in available]
+        if dropped:
+            logger.warning(
+                "execution providers %s are not available in this onnxruntime build (it has %s); using %s",
+                dropped, available, chosen,
+            )
+        if not chosen:
+            raise BackendUnavailableError(
+                f"none of the execution providers {wanted} is available in this onnxruntime (it has {available}); "
+                "install the matching onnxruntime package (e.g. onnxruntime-gpu for CUDA) or use device='cpu'"
+            )
+        return chosen
+
+    def session_options(self):
+        options = self.ort.SessionOptions()
+        options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.num_threads:
+            options.intra_op_num_threads = int(self.num_threads)
+        return options
+
+    def _load(self, path, entry):
+        session = self.ort.InferenceSession(str(path), sess_options=self.session_options(), providers=self.providers)
+        have_inputs = {i.name for i in session.get_inputs()}
+        have_outputs = {o.name for o in session.get_outputs()}
+        want_inputs = {s.name for s in entry.inputs}
+        want_outputs = [s.name for s in entry.outputs]
+        if have_inputs != want_inputs or not set(want_outputs) <= have_outputs:
+            raise ArtifactError(
+                f"{path} has inputs {sorted(have_inputs)} and outputs {sorted(have_outputs)} but the manifest entry "
+                f"{entry.key} lists inputs {sorted(want_inputs)} and outputs {want_outputs}; re-export the artifact"
+            )
+        input_names = [s.name for s in entry.inputs]
+
+        def run(arrays):
+            return session.run(want_outputs, dict(zip(input_names, arrays)))
+
+        return run, session

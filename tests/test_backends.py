@@ -1,0 +1,343 @@
+"""Backends: the registry, the exact feed checks, ONNX Runtime / MindSpore runs, MindSpore Lite wiring, isolation."""
+
+import subprocess
+import sys
+import textwrap
+import types
+
+import numpy as np
+import pytest
+
+from framegraph.runtime.backends import (
+    BackendUnavailableError,
+    GraphInputError,
+    OnnxRuntimeBackend,
+    available_backends,
+    backends_for_format,
+    load_backend,
+)
+from framegraph.runtime.manifest import ArtifactError, GraphEntry, Manifest, TensorSpec, file_entry
+
+SHAPE = [1, 2, 3]
+INPUTS = [TensorSpec("sample", "float32", SHAPE), TensorSpec("timestep", "float32", [])]
+OUTPUTS = [TensorSpec("out", "float32", SHAPE), TensorSpec("doubled", "float32", SHAPE)]
+BUCKET = {"num_frames": 2}
+
+
+def expected(sample, timestep):
+    return {"out": sample * timestep + np.float32(1.0), "doubled": sample * np.float32(2.0)}
+
+
+def feeds(seed=0):
+    rng = np.random.default_rng(seed)
+    return {"sample": rng.standard_normal(SHAPE).astype(np.float32), "timestep": np.array(3.0, dtype=np.float32)}
+
+
+def build_onnx(path):
+    """out = sample * timestep + 1, doubled = sample * 2 (tiny graph written with the onnx helper API)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    nodes = [
+        helper.make_node("Mul", ["sample", "timestep"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "one"], ["out"]),
+        helper.make_node("Mul", ["sample", "two"], ["doubled"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, SHAPE),
+         helper.make_tensor_value_info("timestep", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, SHAPE),
+         helper.make_tensor_value_info("doubled", TensorProto.FLOAT, SHAPE)],
+        initializer=[one, two],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def write_artifact(folder, graph_file, fmt, inputs=INPUTS, outputs=OUTPUTS, extra_files=()):
+    entry = GraphEntry(
+        name="unet", format=fmt, bucket=dict(BUCKET),
+        files=[file_entry(folder, graph_file), *(file_entry(folder, f) for f in extra_files)],
+        inputs=list(inputs), outputs=list(outputs),
+    )
+    Manifest(pipeline="test", source={}, toolchain={}, constants={}, scheduler={}, defaults={},
+             graphs=[entry]).save(folder)
+    return Manifest.load(folder).find("unet", fmt, **BUCKET)
+
+
+@pytest.fixture
+def onnx_artifact(tmp_path):
+    build_onnx(tmp_path / "unet.onnx")
+    return tmp_path, write_artifact(tmp_path, "unet.onnx", "onnx")
+
+
+@pytest.fixture
+def onnx_graph(onnx_artifact):
+    folder, entry = onnx_artifact
+    return load_backend("onnxruntime").open(folder, entry)
+
+
+# -- registry ---------------------------------------------------------------------------------------------------
+def test_registry_lists_the_backends_by_format():
+    assert available_backends() == ["mindspore", "mindspore_lite", "onnxruntime"]
+    assert backends_for_format("onnx") == ["onnxruntime"]
+    assert backends_for_format("mindir") == ["mindspore", "mindspore_lite"]
+
+
+def test_unknown_backend_names_the_available_ones():
+    with pytest.raises(ValueError, match=r"unknown backend 'tensorrt'; available: mindspore, mindspore_lite, onnx"):
+        load_backend("tensorrt")
+
+
+# -- ONNX Runtime -----------------------------------------------------------------------------------------------
+def test_onnxruntime_runs_and_keys_outputs_by_manifest_names(onnx_graph):
+    inputs = feeds()
+    out = onnx_graph(**inputs)
+    assert list(out) == ["out", "doubled"]
+    for name, ref in expected(**inputs).items():
+        assert out[name].dtype == np.float32 and out[name].shape == tuple(SHAPE)
+        np.testing.assert_allclose(out[name], ref, rtol=1e-6, atol=1e-6)
+
+
+def test_onnxruntime_session_options(onnx_artifact):
+    folder, entry = onnx_artifact
+    backend = load_backend("onnxruntime", num_threads=1)
+    assert backend.providers == ["CPUExecutionProvider"]
+    options = backend.open(folder, entry).native.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert str(options.graph_optimization_level).endswith("ORT_ENABLE_ALL")
+
+
+def test_onnxruntime_devices(caplog):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        assert load_backend("onnxruntime", device="cuda").providers[0] == "CUDAExecutionProvider"
+    else:
+        assert load_backend("onnxruntime", device="cuda").providers == ["CPUExecutionProvider"]
+        assert "CUDAExecutionProvider" in caplog.text
+        with pytest.raises(BackendUnavailableError, match="none of the execution providers"):
+            load_backend("onnxruntime", providers=["CUDAExecutionProvider"])
+    with pytest.raises(ValueError, match="device 'tpu' is not supported by the onnxruntime backend"):
+        load_backend("onnxruntime", device="tpu")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda f: f.pop("timestep"), r"missing: \['timestep'\], unexpected: none"),
+        (lambda f: f.update(latents=f["sample"]), r"missing: none, unexpected: \['latents'\]"),
+        (lambda f: f.update(sample=f["sample"].astype(np.float64)),
+         r"input 'sample' expected dtype float32, shape \[1, 2, 3\], got dtype float64, shape \[1, 2, 3\]"),
+        (lambda f: f.update(sample=f["sample"][..., :2]),
+         r"input 'sample' expected dtype float32, shape \[1, 2, 3\], got dtype float32, shape \[1, 2, 2\]"),
+        (lambda f: f.update(timestep=np.array([3.0], dtype=np.float32)),
+         r"input 'timestep' expected dtype float32, shape \[\], got dtype float32, shape \[1\]"),
+        (lambda f: f.update(timestep=3.0), r"input 'timestep' must be a numpy array .* got a float"),
+    ],
+    ids=["missing", "unexpected", "dtype", "shape", "scalar-shape", "not-an-array"],
+)
+def test_feeds_are_checked_exactly(onnx_graph, change, message):
+    bad = feeds()
+    change(bad)
+    with pytest.raises(GraphInputError, match=message) as info:
+        onnx_graph(**bad)
+    assert "graph unet/onnx/num_frames=2" in str(info.value)
+
+
+def test_numpy_scalars_are_accepted(onnx_graph):
+    inputs = feeds()
+    out = onnx_graph(sample=inputs["sample"], timestep=np.float32(3.0))
+    np.testing.assert_allclose(out["out"], expected(**inputs)["out"], rtol=1e-6)
+
+
+def test_format_mismatch_and_missing_file(onnx_artifact, tmp_path):
+    folder, entry = onnx_artifact
+    backend = OnnxRuntimeBackend()
+    entry.format = "mindir"
+    with pytest.raises(ArtifactError, match="runs 'onnx' graphs"):
+        backend.open(folder, entry)
+    entry.format = "onnx"
+    (folder / "unet.onnx").rename(folder / "moved.onnx")
+    with pytest.raises(ArtifactError, match="unet.onnx missing from"):
+        backend.open(folder, entry)
+
+
+def test_manifest_that_disagrees_with_the_graph_is_refused(tmp_path):
+    build_onnx(tmp_path / "unet.onnx")
+    renamed = [TensorSpec("latents", "float32", SHAPE), INPUTS[1]]
+    entry = write_artifact(tmp_path, "unet.onnx", "onnx", inputs=renamed)
+    with pytest.raises(ArtifactError, match=r"has inputs \['sample', 'timestep'\].*lists inputs \['latents', 'time"):
+        load_backend("onnxruntime").open(tmp_path, entry)
+
+
+def test_outputs_that_disagree_with_the_manifest_are_refused(tmp_path):
+    build_onnx(tmp_path / "unet.onnx")
+    wrong = [TensorSpec("out", "float32", [1, 2, 4]), OUTPUTS[1]]
+    graph = load_backend("onnxruntime").open(tmp_path, write_artifact(tmp_path, "unet.onnx", "onnx", outputs=wrong))
+    with pytest.raises(ArtifactError, match=r"output 'out' is dtype float32, shape \[1, 2, 3\] but the manifest"):
+        graph(**feeds())
+
+
+def test_runtime_imports_and_runs_onnx_without_mindspore_torch_diffusers(onnx_artifact):
+    folder, _ = onnx_artifact
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["mindspore"] = None  # any import of mindspore now fails
+        import numpy as np
+        import framegraph.runtime, framegraph.runtime.backends, framegraph.runtime.image, framegraph.runtime.video
+        from framegraph.runtime.backends import load_backend
+        from framegraph.runtime.manifest import Manifest
+        folder = sys.argv[1]
+        graph = load_backend("onnxruntime").open(folder, Manifest.load(folder).find("unet", "onnx", num_frames=2))
+        out = graph(sample=np.ones((1, 2, 3), np.float32), timestep=np.array(2.0, np.float32))
+        assert float(out["out"].max()) == 3.0, out
+        try:
+            load_backend("mindspore")
+        except ImportError as exc:
+            print("mindspore refused:", type(exc).__name__)
+        heavy = sorted(m for m, module in sys.modules.items()
+                       if module is not None and m.split(".")[0] in ("torch", "diffusers", "mindspore", "mindspore_lite"))
+        print("heavy:", heavy)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "mindspore refused: BackendUnavailableError" in result.stdout
+    assert "heavy: []" in result.stdout
+
+
+# -- MindSpore --------------------------------------------------------------------------------------------------
+@pytest.mark.mindspore
+def test_mindspore_backend_runs_an_exported_mindir(ms, tmp_path):
+    class Tiny(ms.nn.Cell):
+        def construct(self, sample, timestep):
+            return sample * timestep + 1.0, sample * 2.0
+
+    inputs = feeds(1)
+    ms.export(Tiny(), *(ms.Tensor(inputs[s.name]) for s in INPUTS), file_name=str(tmp_path / "unet"),
+              file_format="MINDIR")
+    entry = write_artifact(tmp_path, "unet.mindir", "mindir")
+    graph = load_backend("mindspore", device="cpu").open(tmp_path, entry)
+    out = graph(**inputs)
+    assert list(out) == ["out", "doubled"]
+    for name, ref in expected(**inputs).items():
+        np.testing.assert_allclose(out[name], ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(GraphInputError, match="input 'sample' expected dtype float32"):
+        graph(sample=inputs["sample"].astype(np.float16), timestep=inputs["timestep"])
+
+
+@pytest.mark.mindspore
+def test_mindspore_backend_runs_a_split_mindir(ms, tmp_path, monkeypatch):
+    """Big graphs export as NAME_graph.mindir + NAME_variables/; the manifest's first file is the graph file."""
+    import mindspore.train.serialization as serialization
+
+    class Scaled(ms.nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.weight = ms.Parameter(ms.Tensor(np.arange(6, dtype=np.float32).reshape(1, 2, 3)), name="weight")
+
+        def construct(self, sample, timestep):
+            return sample * timestep + self.weight, sample * 2.0
+
+    monkeypatch.setattr(serialization, "TOTAL_SAVE", 0)  # force the split layout that graphs over 1 GB get
+    inputs = feeds(4)
+    ms.export(Scaled(), *(ms.Tensor(inputs[s.name]) for s in INPUTS), file_name=str(tmp_path / "unet"),
+              file_format="MINDIR")
+    variables = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "unet_variables").iterdir())
+    assert not (tmp_path / "unet.mindir").exists() and variables
+    entry = write_artifact(tmp_path, "unet_graph.mindir", "mindir", extra_files=variables)
+    out = load_backend("mindspore").open(tmp_path, entry)(**inputs)
+    weight = np.arange(6, dtype=np.float32).reshape(1, 2, 3)
+    np.testing.assert_allclose(out["out"], inputs["sample"] * inputs["timestep"] + weight, rtol=1e-6, atol=1e-6)
+
+
+def test_mindspore_backend_rejects_unknown_device():
+    with pytest.raises(ValueError, match="device 'tpu' is not supported by the mindspore backend"):
+        load_backend("mindspore", device="tpu")
+
+
+# -- MindSpore Lite ---------------------------------------------------------------------------------------------
+def _mindspore_lite_importable():
+    try:
+        import mindspore_lite  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_mindspore_lite_importable(), reason="mindspore_lite is installed here")
+def test_mindspore_lite_missing_is_a_clear_import_error():
+    with pytest.raises(ImportError, match="PyPI only has mindspore-lite 2.0.0 for CPython 3.7") as info:
+        load_backend("mindspore_lite")
+    assert isinstance(info.value, BackendUnavailableError)
+
+
+@pytest.mark.skipif(not _mindspore_lite_importable(),
+                    reason="mindspore_lite does not import (no wheel for this Python on PyPI)")
+def test_mindspore_lite_backend_runs_an_exported_mindir(ms, tmp_path):
+    class Tiny(ms.nn.Cell):
+        def construct(self, sample, timestep):
+            return sample * timestep + 1.0, sample * 2.0
+
+    inputs = feeds(2)
+    ms.export(Tiny(), *(ms.Tensor(inputs[s.name]) for s in INPUTS), file_name=str(tmp_path / "unet"),
+              file_format="MINDIR")
+    out = load_backend("mindspore_lite").open(tmp_path, write_artifact(tmp_path, "unet.mindir", "mindir"))(**inputs)
+    for name, ref in expected(**inputs).items():
+        np.testing.assert_allclose(out[name], ref, rtol=1e-6, atol=1e-6)
+
+
+def _fake_mindspore_lite(calls):
+    """A stand-in with mindspore_lite's Python API (Context, Model, ModelType), computing the tiny graph in numpy."""
+
+    class Tensor:
+        def __init__(self, name):
+            self.name, self.data = name, None
+
+        def set_data_from_numpy(self, array):
+            self.data = array
+
+        def get_data_to_numpy(self):
+            return self.data
+
+    class Model:
+        def build_from_file(self, path, model_type, context):
+            calls.append((path, model_type, context.target, context.cpu.thread_num))
+            self.inputs = [Tensor("timestep"), Tensor("sample")]  # deliberately not in manifest order
+
+        def get_inputs(self):
+            return self.inputs
+
+        def predict(self, inputs):
+            values = {t.name: t.data for t in inputs}
+            ref = expected(values["sample"], values["timestep"])
+            outputs = [Tensor("out"), Tensor("doubled")]
+            for t in outputs:
+                t.set_data_from_numpy(ref[t.name])
+            return outputs
+
+    class Context:
+        def __init__(self):
+            self.target = None
+            self.cpu = types.SimpleNamespace(thread_num=None)
+
+    return types.SimpleNamespace(Context=Context, Model=Model, ModelType=types.SimpleNamespace(MINDIR="MINDIR"))
+
+
+def test_mindspore_lite_wiring_with_a_stand_in_module(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setitem(sys.modules, "mindspore_lite", _fake_mindspore_lite(calls))
+    (tmp_path / "unet.mindir").write_bytes(b"not a real graph")
+    entry = write_artifact(tmp_path, "unet.mindir", "mindir")
+    graph = load_backend("mindspore_lite", device="cpu", num_threads=2).open(tmp_path, entry)
+    assert calls == [(str(tmp_path / "unet.mindir"), "MINDIR", ["cpu"], 2)]
+    inputs = feeds(3)
+    out = graph(**inputs)
+    for name, ref in expected(**inputs).items():
+        np.testing.assert_array_equal(out[name], ref)
