@@ -1,0 +1,144 @@
+"""Each export-safe layer: (a) computes what PyTorch computes (numpy references of the torch definitions) and
+(b) exports through MindSpore's ONNX exporter with onnxruntime's output equal to MindSpore's."""
+
+import math
+
+import numpy as np
+import pytest
+
+from helpers import onnx_roundtrip
+
+RNG = np.random.default_rng(0)
+
+
+def _erf(x):
+    return np.vectorize(math.erf)(x)
+
+
+def _ref_group_norm(x, groups, w, b, eps):
+    n, c = x.shape[:2]
+    h = x.reshape(n, groups, -1).astype(np.float64)
+    h = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + eps)
+    shape = (1, c) + (1,) * (x.ndim - 2)
+    return h.reshape(x.shape) * w.reshape(shape) + b.reshape(shape)
+
+
+def _ref_layer_norm(x, w, b, eps):
+    x = x.astype(np.float64)
+    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * w + b
+
+
+def _ref_conv2d(x, w, b, stride, pad):
+    n, c, h, wd = x.shape
+    o, _, k, _ = w.shape
+    x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad))).astype(np.float64)
+    oh, ow = (h + 2 * pad - k) // stride + 1, (wd + 2 * pad - k) // stride + 1
+    out = np.zeros((n, o, oh, ow))
+    for i in range(k):
+        for j in range(k):
+            patch = x[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride]
+            out += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j])
+    return out + b.reshape(1, o, 1, 1)
+
+
+def _ref_temporal_conv(x, w, b):
+    # torch Conv3d(kernel (3,1,1), padding (1,0,0)) on [B, C, F, H, W]
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0), (0, 0))).astype(np.float64)
+    f = x.shape[2]
+    out = sum(np.einsum("bcfhw,oc->bofhw", xp[:, :, k:k + f], w[:, :, k, 0, 0]) for k in range(3))
+    return out + b.reshape(1, -1, 1, 1, 1)
+
+
+def _ref_timesteps(t, dim):
+    half = dim // 2
+    freqs = np.exp(-math.log(10000) * np.arange(half) / half)
+    args = t[:, None] * freqs[None]
+    return np.concatenate([np.cos(args), np.sin(args)], -1)
+
+
+def _set_params(net, ms):
+    params = {}
+    for name, p in net.parameters_and_names():
+        value = RNG.standard_normal(p.shape).astype(np.float32)
+        p.set_data(ms.Tensor(value))
+        params[name] = value
+    return params
+
+
+def _cases(ms, layers):
+    from mindspore import nn
+
+    class Fn(nn.Cell):
+        def __init__(self, fn):
+            super().__init__()
+            self.fn = fn
+
+        def construct(self, x):
+            return self.fn(x)
+
+    class Attn(nn.Cell):
+        def construct(self, x):
+            return layers.attention(x, x * 0.5, x * 2.0, 2)
+
+    def ref_attention(x, p):
+        b, l, d = x.shape
+        q, k, v = [y.reshape(b, l, 2, d // 2).transpose(0, 2, 1, 3).astype(np.float64) for y in (x, x * 0.5, x * 2)]
+        s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(d // 2)
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+        return (s @ v).transpose(0, 2, 1, 3).reshape(b, l, d)
+
+    return {
+        "gelu": (Fn(layers.gelu), (2, 5, 7), lambda x, p: 0.5 * x * (1 + _erf(x / math.sqrt(2)))),
+        "quick_gelu": (Fn(layers.quick_gelu), (2, 5, 7), lambda x, p: x / (1 + np.exp(-1.702 * x))),
+        "silu": (Fn(layers.silu), (2, 5, 7), lambda x, p: x / (1 + np.exp(-x))),
+        "group_norm": (layers.GroupNorm(4, 8, 1e-6), (2, 8, 3, 5),
+                       lambda x, p: _ref_group_norm(x, 4, p["weight"], p["bias"], 1e-6)),
+        "group_norm_5d": (layers.GroupNorm(2, 8, 1e-5), (2, 8, 3, 5, 4),
+                          lambda x, p: _ref_group_norm(x, 2, p["weight"], p["bias"], 1e-5)),
+        "layer_norm": (layers.LayerNorm(8), (2, 3, 8), lambda x, p: _ref_layer_norm(x, p["weight"], p["bias"], 1e-5)),
+        "linear": (layers.Linear(8, 6), (2, 3, 8), lambda x, p: x @ p["weight"].T + p["bias"]),
+        "conv2d": (layers.Conv2d(4, 6, 3, padding=1), (2, 4, 8, 8),
+                   lambda x, p: _ref_conv2d(x, p["weight"], p["bias"], 1, 1)),
+        "conv2d_stride2": (layers.Conv2d(4, 6, 3, stride=2, padding=1), (2, 4, 8, 8),
+                           lambda x, p: _ref_conv2d(x, p["weight"], p["bias"], 2, 1)),
+        "temporal_conv3d": (layers.TemporalConv3d(4, 6), (2, 4, 5, 3, 2),
+                            lambda x, p: _ref_temporal_conv(x, p["weight"], p["bias"])),
+        "upsample2x": (layers.Upsample2x(), (2, 3, 4, 5), lambda x, p: x.repeat(2, axis=2).repeat(2, axis=3)),
+        "pad_right_bottom": (layers.PadRightBottom(), (2, 3, 4, 5),
+                             lambda x, p: np.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1)))),
+        "timesteps": (layers.Timesteps(8), (3,), lambda x, p: _ref_timesteps(x.astype(np.float64), 8)),
+        "attention": (Attn(), (2, 6, 8), ref_attention),
+    }
+
+
+CASE_NAMES = ["gelu", "quick_gelu", "silu", "group_norm", "group_norm_5d", "layer_norm", "linear", "conv2d",
+              "conv2d_stride2", "temporal_conv3d", "upsample2x", "pad_right_bottom", "timesteps", "attention"]
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_layer_equals_torch_definition_and_exports_to_onnx(ms, case, tmp_path):
+    from framegraph.models import layers
+
+    net, shape, reference = _cases(ms, layers)[case]
+    params = _set_params(net, ms)
+    x = (RNG.standard_normal(shape) * 3).astype(np.float32)
+    out = net(ms.Tensor(x)).asnumpy()
+    ref = reference(x, params)
+    scale = max(1.0, float(np.abs(ref).max()))
+    assert out.shape == ref.shape
+    assert np.abs(out - ref).max() <= 2e-6 * scale, f"{case}: MindSpore vs reference"
+    (onnx_out,), path = onnx_roundtrip(net, [x], tmp_path / f"{case}.onnx")
+    assert onnx_out.shape == out.shape
+    assert np.abs(onnx_out - out).max() <= 2e-6 * scale, f"{case}: onnxruntime vs MindSpore"
+
+
+def test_gelu_is_exact_not_tanh(ms):
+    from framegraph.models import layers
+
+    x = np.linspace(-8, 8, 20001).astype(np.float32)
+    out = layers.gelu(ms.Tensor(x)).asnumpy().astype(np.float64)
+    exact = 0.5 * x * (1 + _erf(x / math.sqrt(2)))
+    tanh = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    assert np.abs(out - exact).max() < 1e-6
+    assert np.abs(tanh - exact).max() > 1e-4  # the tanh form would fail the bound above
