@@ -1,0 +1,94 @@
+"""``framegraph``: ``generate`` a video from an artifact, or run the bundled ``demo``."""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("framegraph")
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODEL = PACKAGE_ROOT / "tests" / "fixtures" / "svd-tiny"
+DEMO_SIZE = 32
+DEMO_FRAMES = 4
+
+
+def _generate_args(p):
+    p.add_argument("--num-frames", type=int, default=None)
+    p.add_argument("--steps", type=int, default=25, help="num_inference_steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fps", type=int, default=7)
+    p.add_argument("--motion-bucket-id", type=int, default=127)
+    p.add_argument("--noise-aug-strength", type=float, default=0.02)
+    p.add_argument("--min-guidance-scale", type=float, default=1.0)
+    p.add_argument("--max-guidance-scale", type=float, default=3.0)
+    p.add_argument("--decode-chunk-size", type=int, default=None)
+    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "mindspore", "mindspore_lite"))
+    p.add_argument("--device", default=None, help="MindSpore device: CPU, GPU or Ascend")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads")
+    p.add_argument("--output-type", default="pil", choices=("pil", "np"), help="frames handed to the writer")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="framegraph", description="Run compiled video diffusion artifacts.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="render a video from an artifact folder")
+    gen.add_argument("artifacts", help="artifact folder written by svd-export")
+    gen.add_argument("--image", required=True, help="conditioning image (path or URL)")
+    gen.add_argument("--out", required=True, help="output .mp4 or .gif")
+    _generate_args(gen)
+    demo = sub.add_parser("demo", help="export the bundled tiny model and render a video from the bundled image")
+    demo.add_argument("--out", default="out/demo", help="folder for the artifact and the video")
+    return parser
+
+
+def generate(artifacts, image, out, args):
+    from framegraph.runtime import StableVideoDiffusionPipeline, export_to_video, load_image
+
+    pipe = StableVideoDiffusionPipeline.from_artifacts(artifacts, backend=args.backend, device=args.device,
+                                                       num_threads=args.threads)
+    pipe.set_progress_bar_config(desc="generate", unit="step")
+    result = pipe(
+        load_image(image), num_frames=args.num_frames, num_inference_steps=args.steps, generator=args.seed,
+        fps=args.fps, motion_bucket_id=args.motion_bucket_id, noise_aug_strength=args.noise_aug_strength,
+        min_guidance_scale=args.min_guidance_scale, max_guidance_scale=args.max_guidance_scale,
+        decode_chunk_size=args.decode_chunk_size, output_type=args.output_type,
+    )
+    return export_to_video(result.frames[0], out, fps=args.fps)
+
+
+def demo(out):
+    try:
+        from framegraph.export.cli import main as export_main
+    except ImportError as exc:
+        raise SystemExit(f"the demo exports the bundled model and needs MindSpore: pip install -e '.[export]' ({exc})")
+    if not (DEMO_MODEL / "pipeline" / "model_index.json").is_file():
+        raise SystemExit(f"bundled demo model not found at {DEMO_MODEL}; run the demo from a source checkout")
+    out = Path(out)
+    artifact = out / "artifact"
+    code = export_main([str(DEMO_MODEL / "pipeline"), "--out", str(artifact), "--frames", str(DEMO_FRAMES),
+                        "--height", str(DEMO_SIZE), "--width", str(DEMO_SIZE), "--formats", "onnx"])
+    if code:
+        raise SystemExit(code)
+    args = build_parser().parse_args(["generate", str(artifact), "--image", "x", "--out", "x"])
+    args.steps = 10
+    return generate(artifact, DEMO_MODEL / "input.png", out / "video.mp4", args)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "demo":
+            path = demo(args.out)
+        else:
+            path = generate(args.artifacts, args.image, args.out, args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return 2
+    print(f"video written to {Path(path).resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pipelines over compiled graphs, one file per diffusers pipeline."""

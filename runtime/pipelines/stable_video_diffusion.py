@@ -1,0 +1,214 @@
+"""StableVideoDiffusionPipeline over compiled graphs: diffusers' call signature, defaults and outputs."""
+
+import dataclasses
+import logging
+
+import numpy as np
+
+from framegraph.runtime.artifact import Artifact
+from framegraph.runtime.pipelines.common import ProgressBar, check_latents, chunks, make_rng, randn
+from framegraph.runtime.schedulers import load_scheduler
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_KIND = "stable-video-diffusion"
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+@dataclasses.dataclass
+class StableVideoDiffusionPipelineOutput:
+    frames: object
+
+
+class StableVideoDiffusionPipeline:
+    """Image-to-video with the graphs of an ``svd-export`` artifact (no torch, no MindSpore for ONNX)."""
+
+    def __init__(self, artifact, scheduler):
+        self.artifact = artifact
+        self.scheduler = scheduler
+        self.progress_bar_config = {}
+        self.batch = int(artifact.manifest.options.get("batch", 1))
+
+    @classmethod
+    def from_artifacts(cls, path, backend="onnxruntime", providers=None, device=None, num_threads=None,
+                       verify=True):
+        artifact = Artifact(path, PIPELINE_KIND, backend, verify=verify, providers=providers, device=device,
+                            num_threads=num_threads)
+        return cls(artifact, load_scheduler(artifact.manifest.scheduler))
+
+    def set_progress_bar_config(self, **kwargs):
+        self.progress_bar_config = kwargs
+
+    # -- checks ------------------------------------------------------------------------------------------------
+    def _check_call(self, height, width, num_frames, num_inference_steps, fps, motion_bucket_id,
+                    noise_aug_strength, decode_chunk_size, num_videos_per_prompt, output_type, sigmas):
+        sizes = sorted({(g.bucket["height"], g.bucket["width"]) for g in self.artifact.manifest.graphs
+                        if g.name == "unet" and g.format == self.artifact.format})
+        if (height, width) not in sizes:
+            raise ValueError(
+                f"height={height}, width={width} has no exported bucket; available: "
+                f"{', '.join(f'{h}x{w}' for h, w in sizes)} — re-export with --height {height} --width {width}"
+            )
+        frames = self.artifact.buckets("unet", "num_frames")
+        if num_frames not in frames:
+            raise ValueError(
+                f"num_frames={num_frames} has no exported bucket; available: {', '.join(map(str, frames))} — "
+                f"re-export with --frames {num_frames}"
+            )
+        if sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        if not isinstance(fps, (int, np.integer)) or fps < 1:
+            raise ValueError(f"fps must be an integer >= 1 (the model is conditioned on fps - 1), got {fps!r}")
+        if not isinstance(motion_bucket_id, (int, np.integer)) or not 0 <= motion_bucket_id <= 1023:
+            raise ValueError(f"motion_bucket_id must be an integer in [0, 1023], got {motion_bucket_id!r}")
+        if not isinstance(noise_aug_strength, (int, float)) or not 0.0 <= noise_aug_strength <= 10.0:
+            raise ValueError(f"noise_aug_strength must be a number in [0, 10], got {noise_aug_strength!r}")
+        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt must be an integer >= 1, got {num_videos_per_prompt!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if output_type != "latent":
+            chunk = min(decode_chunk_size, num_frames)
+            needed = {chunk} | ({num_frames % chunk} if num_frames % chunk else set())
+            have = self.artifact.buckets("vae_decoder", "chunk")
+            if not isinstance(decode_chunk_size, int) or decode_chunk_size < 1 or not needed <= set(have):
+                raise ValueError(
+                    f"decode_chunk_size={decode_chunk_size!r} needs decoder graphs for chunks {sorted(needed)}; this "
+                    f"artifact has chunks {have} — pass one of them or re-export with --decode-chunk-sizes "
+                    f"{decode_chunk_size}"
+                )
+
+    # -- stages ------------------------------------------------------------------------------------------------
+    def _encode_image(self, images, num_videos_per_prompt, cfg):
+        from framegraph.runtime.image import clip_pixel_values
+
+        c = self.artifact.constants
+        pixels = clip_pixel_values(images, c["image_mean"], c["image_std"], size=c["clip_image_size"])
+        graph = self.artifact.graph("image_encoder", batch=self.batch)
+        embeds = np.concatenate([graph(pixel_values=p)["image_embeds"] for p in chunks(pixels, self.batch)])
+        embeds = np.repeat(embeds[:, None, :], num_videos_per_prompt, axis=0)  # (B*n, 1, D), diffusers' order
+        if cfg:
+            embeds = np.concatenate([np.zeros_like(embeds), embeds])
+        return embeds
+
+    def _encode_vae_image(self, image, num_videos_per_prompt, cfg, height, width):
+        graph = self.artifact.graph("vae_encoder", batch=self.batch, height=height, width=width)
+        latents = np.concatenate([graph(sample=x)["latent"] for x in chunks(image, self.batch)])
+        latents = np.tile(latents, (num_videos_per_prompt, 1, 1, 1))  # diffusers repeats the whole batch
+        if cfg:
+            latents = np.concatenate([np.zeros_like(latents), latents])
+        return latents
+
+    def _unet(self, latent_model_input, t, embeds, added_time_ids, cfg, num_frames, height, width):
+        """Run the UNet on a [2N or N, F, C, h, w] batch, graph batch by graph batch."""
+        n = latent_model_input.shape[0] // (2 if cfg else 1)
+        graph_batch = self.batch * (2 if cfg else 1)
+        graph = self.artifact.graph("unet", num_frames=num_frames, batch=graph_batch, height=height, width=width)
+        timestep = np.asarray(t, dtype=np.float32).reshape(())
+        outputs = []
+        for start in range(0, n, self.batch):
+            idx = np.arange(start, start + self.batch)
+            if cfg:
+                idx = np.concatenate([idx, idx + n])
+            out = graph(sample=latent_model_input[idx], timestep=timestep, encoder_hidden_states=embeds[idx],
+                        added_time_ids=added_time_ids[idx])["noise_pred"]
+            outputs.append(out)
+        if not cfg:
+            return np.concatenate(outputs)
+        half = self.batch
+        return np.concatenate([o[:half] for o in outputs] + [o[half:] for o in outputs])
+
+    def decode_latents(self, latents, num_frames, decode_chunk_size, height, width, progress=None):
+        """Decode [N, F, C, h, w] latents video by video in chunks of ``decode_chunk_size`` frames."""
+        latents = latents / self.artifact.constants["vae_scaling_factor"]
+        videos = []
+        for video in latents:
+            frames = []
+            for start in range(0, num_frames, decode_chunk_size):
+                chunk = video[start:start + decode_chunk_size]
+                graph = self.artifact.graph("vae_decoder", chunk=chunk.shape[0], height=height, width=width)
+                frames.append(graph(latents=np.ascontiguousarray(chunk))["sample"])
+                if progress:
+                    progress("decode")
+            videos.append(np.concatenate(frames))
+        return np.stack(videos).transpose(0, 2, 1, 3, 4).astype(np.float32)  # (N, C, F, H, W) like diffusers
+
+    # -- call --------------------------------------------------------------------------------------------------
+    def __call__(self, image, height=None, width=None, num_frames=None, num_inference_steps=25, sigmas=None,
+                 min_guidance_scale=1.0, max_guidance_scale=3.0, fps=7, motion_bucket_id=127,
+                 noise_aug_strength=0.02, decode_chunk_size=None, num_videos_per_prompt=1, generator=None,
+                 latents=None, output_type="pil", callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",), return_dict=True, image_noise=None,
+                 progress=None):
+        from framegraph.runtime.image import as_image_list, postprocess_video, vae_pixel_values
+
+        defaults = self.artifact.defaults
+        height = height or defaults["height"]
+        width = width or defaults["width"]
+        num_frames = num_frames if num_frames is not None else defaults["num_frames"]
+        decode_chunk_size = decode_chunk_size if decode_chunk_size is not None else num_frames
+        self._check_call(height, width, num_frames, num_inference_steps, fps, motion_bucket_id, noise_aug_strength,
+                         decode_chunk_size, num_videos_per_prompt, output_type, sigmas)
+        for name in callback_on_step_end_tensor_inputs:
+            if name != "latents":
+                raise ValueError(f"callback_on_step_end_tensor_inputs may only name 'latents', got {name!r}")
+        images = as_image_list(image)
+        batch_size = len(images)
+        n = batch_size * num_videos_per_prompt
+        cfg = max_guidance_scale > 1
+        rng = make_rng(generator)
+
+        embeds = self._encode_image(images, num_videos_per_prompt, cfg)
+        pixels = vae_pixel_values(images, height, width)
+        if image_noise is None:
+            image_noise = randn(rng, pixels.shape)
+        elif tuple(np.shape(image_noise)) != pixels.shape:
+            raise ValueError(f"image_noise must have shape {pixels.shape}, got {np.shape(image_noise)}")
+        pixels = (pixels + noise_aug_strength * np.asarray(image_noise, dtype=np.float32)).astype(np.float32)
+        image_latents = self._encode_vae_image(pixels, num_videos_per_prompt, cfg, height, width)
+        image_latents = np.repeat(image_latents[:, None], num_frames, axis=1)
+
+        added = np.array([[fps - 1, motion_bucket_id, noise_aug_strength]], dtype=np.float32)
+        added_time_ids = np.tile(added, (n * (2 if cfg else 1), 1))
+
+        if sigmas is not None:
+            self.scheduler.set_timesteps(sigmas=sigmas)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps)
+        timesteps = self.scheduler.timesteps
+        c = self.artifact.constants
+        f = c["vae_scale_factor"]
+        shape = (n, num_frames, c["unet_in_channels"] // 2, height // f, width // f)
+        if latents is None:
+            latents = randn(rng, shape)
+        else:
+            latents = check_latents(latents, shape)
+        latents = (latents * self.scheduler.init_noise_sigma).astype(np.float32)
+
+        guidance = np.linspace(min_guidance_scale, max_guidance_scale, num_frames, dtype=np.float32)
+        guidance = np.tile(guidance[None], (n, 1))[:, :, None, None, None]
+
+        bar = ProgressBar(len(timesteps), progress, **self.progress_bar_config)
+        for i, t in enumerate(timesteps):
+            model_input = np.concatenate([latents] * 2) if cfg else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            model_input = np.concatenate([model_input, image_latents], axis=2).astype(np.float32)
+            noise_pred = self._unet(model_input, t, embeds, added_time_ids, cfg, num_frames, height, width)
+            if cfg:
+                uncond, cond = noise_pred[:n], noise_pred[n:]
+                noise_pred = uncond + guidance * (cond - uncond)
+            latents = self.scheduler.step(noise_pred, t, latents).prev_sample.astype(np.float32)
+            if callback_on_step_end is not None:
+                outputs = callback_on_step_end(self, i, t, {"latents": latents}) or {}
+                latents = outputs.pop("latents", latents)
+            bar.step("denoise")
+
+        if output_type == "latent":
+            frames = latents
+        else:
+            video = self.decode_latents(latents, num_frames, decode_chunk_size, height, width, bar.step)
+            frames = postprocess_video(video, output_type)
+        bar.close()
+        if not return_dict:
+            return (frames,)
+        return StableVideoDiffusionPipelineOutput(frames=frames)
