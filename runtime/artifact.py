@@ -8,9 +8,6 @@ from framegraph.runtime.manifest import ArtifactError, Manifest, verify_files
 
 logger = logging.getLogger(__name__)
 
-BACKEND_FORMATS = {"onnxruntime": "onnx", "mindspore": "mindir", "mindspore_lite": "mindir"}
-
-
 class Artifact:
     """``Artifact(path, pipeline_kind, backend)``; ``graph(name, **bucket)`` returns a callable graph."""
 
@@ -26,20 +23,18 @@ class Artifact:
                 f"{self.path} holds a {self.manifest.pipeline!r} artifact, not {pipeline_kind!r}; "
                 "load it with the matching pipeline class"
             )
-        if backend not in BACKEND_FORMATS:
-            raise ValueError(f"backend={backend!r} is not one of {sorted(BACKEND_FORMATS)}")
-        self.format = BACKEND_FORMATS[backend]
+        self.backend = load_backend(backend, **backend_options)
+        self.format = self.backend.format
         if self.format not in self.manifest.formats():
             raise ArtifactError(
                 f"{self.path} has no {self.format} graphs (it has {self.manifest.formats()}), which backend="
-                f"{backend!r} needs; re-export with --formats {self.format}"
+                f"{self.backend.name!r} needs; re-export with --formats {self.format}"
             )
         files = {f.path: f for f in self.manifest.files}
         for g in self.manifest.graphs:
             if g.format == self.format:
                 files.update({f.path: f for f in g.files})
         verify_files(self.path, files.values(), check_hash=verify)
-        self.backend = load_backend(backend, **backend_options)
         self._graphs = {}
         self._lock = threading.Lock()
 

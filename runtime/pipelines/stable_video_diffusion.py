@@ -32,8 +32,9 @@ class StableVideoDiffusionPipeline:
     @classmethod
     def from_artifacts(cls, path, backend="onnxruntime", providers=None, device=None, num_threads=None,
                        verify=True):
-        artifact = Artifact(path, PIPELINE_KIND, backend, verify=verify, providers=providers, device=device,
-                            num_threads=num_threads)
+        options = {k: v for k, v in (("providers", providers), ("device", device), ("num_threads", num_threads))
+                   if v is not None}
+        artifact = Artifact(path, PIPELINE_KIND, backend, verify=verify, **options)
         return cls(artifact, load_scheduler(artifact.manifest.scheduler))
 
     def set_progress_bar_config(self, **kwargs):
