@@ -97,8 +97,6 @@ def export_svd(pipeline, out, options, source_name=None, progress=None):
 
 
 def _export_component_graphs(writer, pipeline, component, graph_names, specs, plan, options, progress):
-    from framegraph.models.autoencoder_kl_temporal_decoder import VaeDecoderGraph, VaeEncoderGraph
-
     wanted = {name: [b for n, b in plan if n == name] for name in graph_names}
     reused = {}
     for name in graph_names:
@@ -110,7 +108,14 @@ def _export_component_graphs(writer, pipeline, component, graph_names, specs, pl
                     progress(f"{name} (reused)")
     if len(reused) == len(graph_names):
         return [e for name in graph_names for e in reused[name]]
-    net = pipeline.build(component)
+    entries = _export_built(writer, pipeline.build(component), graph_names, reused, specs, wanted, options, progress)
+    gc.collect()  # the component's weights are freed before the next one is built
+    return entries
+
+
+def _export_built(writer, net, graph_names, reused, specs, wanted, options, progress):
+    from framegraph.models.autoencoder_kl_temporal_decoder import VaeDecoderGraph, VaeEncoderGraph
+
     cells = {
         "image_encoder": lambda bucket: net,
         "unet": lambda bucket: net,
@@ -124,8 +129,6 @@ def _export_component_graphs(writer, pipeline, component, graph_names, specs, pl
             continue
         entries += export_component(writer, specs[name], cells[name], wanted[name], options.formats, options.dtype,
                                     options.check, progress)
-    del net, cells
-    gc.collect()
     return entries
 
 

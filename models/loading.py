@@ -154,11 +154,28 @@ def count_parameters(net):
     return int(sum(int(np.prod(p.shape)) for p in net.get_parameters()))
 
 
+def build_uninitialised(model_cls, config):
+    """Build a model without filling its parameters (for loading or counting): seconds instead of minutes at
+    real size."""
+    from mindspore.nn.utils import no_init_parameters
+
+    with no_init_parameters():
+        return model_cls.from_config(config)
+
+
 def load_component(model_cls, folder, variant=None, dtype="float32"):
-    """Build ``model_cls`` from ``folder/config.json`` and load its weights (every key and shape checked)."""
+    """Build ``model_cls`` from ``folder/config.json`` and load its weights (every key and shape checked).
+
+    A model class may define ``convert_state_dict(state)`` for layouts older libraries wrote (e.g. transformers 4's
+    ``text_model.`` prefix); it must return a state dict in the model's own key layout.
+    """
     folder = Path(folder)
-    net = model_cls.from_config(read_config(folder))
+    config = read_config(folder)  # a missing config.json fails before any weights are read
+    net = build_uninitialised(model_cls, config)
     state = read_state_dict(folder, variant)
+    convert = getattr(model_cls, "convert_state_dict", None)
+    if convert is not None:
+        state = convert(state)
     load_state_dict_into(net, state, dtype)
     logger.info("loaded %s from %s (%d tensors, %s)", model_cls.__name__, folder, len(state), dtype)
     return net

@@ -1,7 +1,5 @@
 """svd-export on the tiny fixture: manifest, graph signatures, checks, golden reproduction, safe writes."""
 
-import json
-import os
 import shutil
 import signal
 import subprocess
