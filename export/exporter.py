@@ -1,6 +1,10 @@
-"""Export one component's graphs (all its buckets, all formats), each checked against the MindSpore model."""
+"""Export one component's graphs (all its buckets, all formats), then check each against the MindSpore model.
 
-import gc
+Exporting and checking are two passes so that the caller can free the MindSpore model in between: at real size
+the model, an ONNX Runtime session and a loaded MindIR each hold a full copy of the weights.
+"""
+
+import dataclasses
 import logging
 
 from framegraph.export import check
@@ -21,42 +25,58 @@ def planned_keys(name, buckets, formats):
     return [graph_key(name, fmt, b) for b in buckets for fmt in formats]
 
 
+@dataclasses.dataclass
+class ExportedGraph:
+    """A written graph awaiting its check: the MindSpore reference outputs are kept, the model is not."""
+
+    entry: GraphEntry
+    files: list
+    inputs: list
+    reference: list
+    label: str
+
+
 def export_component(writer, spec, make_cell, buckets, formats, dtype, run_check=True, progress=None):
-    """Export ``make_cell(bucket)`` (a MindSpore cell) for every bucket in every format into ``writer``; returns the GraphEntries."""
+    """Export ``make_cell(bucket)`` (a MindSpore cell) for every bucket in every format into ``writer``."""
     import mindspore as ms
 
     name = spec.name
     weights = SharedWeights(writer.path(f"{name}/weights.bin")) if "onnx" in formats else None
-    pending = []  # (entry, [paths]) - file hashes are taken once the shared weights file is complete
+    exported = []
     for bucket in buckets:
         tag = bucket_tag(bucket)
         cell = make_cell(bucket)
         inputs = spec.sample_inputs(bucket, dtype)
         ms_inputs = [ms.Tensor(x) for x in inputs]
         in_specs, out_specs = spec.input_specs(bucket, dtype), spec.output_specs(bucket, dtype)
-        names = [t.name for t in in_specs]
         reference = check.run_mindspore(cell, inputs) if run_check else None
         for fmt in formats:
-            label = f"{name}[{tag}].{fmt}"
             if fmt == "onnx":
-                path = export_onnx(cell, ms_inputs, writer.path(f"{name}/{name}_{tag}.onnx"), names,
-                                   [t.name for t in out_specs], weights)
+                path = export_onnx(cell, ms_inputs, writer.path(f"{name}/{name}_{tag}.onnx"),
+                                   [t.name for t in in_specs], [t.name for t in out_specs], weights)
                 files = [path, weights.path]
-                outputs = check.run_onnx(path, names, inputs) if run_check else None
             else:
                 files = export_mindir(cell, ms_inputs, writer.path(f"{name}/{name}_{tag}.mindir"))
-                config = write_converter_config(writer.path(f"{name}/{name}_{tag}.converter.cfg"), in_specs)
-                files = files + [config]
-                outputs = check.run_mindir(files[0], inputs) if run_check else None
-            error = check.compare(label, outputs, reference, dtype) if run_check else None
+                files.append(write_converter_config(writer.path(f"{name}/{name}_{tag}.converter.cfg"), in_specs))
             entry = GraphEntry(name=name, format=fmt, bucket=dict(bucket), files=[], inputs=in_specs,
-                               outputs=out_specs, max_abs_error=error, tolerance=check.TOLERANCE[dtype])
-            pending.append((entry, files))
-            gc.collect()
+                               outputs=out_specs, tolerance=check.TOLERANCE[dtype])
+            exported.append(ExportedGraph(entry, files, inputs, reference, f"{name}[{tag}].{fmt}"))
             if progress:
-                progress(label)
+                progress(f"{name}[{tag}].{fmt}")
+    return exported
+
+
+def check_exported(writer, exported, dtype, run_check=True):
+    """Run every exported graph on its sample inputs, compare with the reference, and hash its files."""
     entries = []
-    for entry, files in pending:
-        entry.files = [writer.entry(p) for p in files]
+    for graph in exported:
+        entry = graph.entry
+        if run_check:
+            if entry.format == "onnx":
+                outputs = check.run_onnx(graph.files[0], [t.name for t in entry.inputs], graph.inputs)
+            else:
+                outputs = check.run_mindir(graph.files[0], graph.inputs)
+            entry.max_abs_error = check.compare(graph.label, outputs, graph.reference, dtype)
+        entry.files = [writer.entry(p) for p in graph.files]
         entries.append(entry)
     return entries

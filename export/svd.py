@@ -8,7 +8,7 @@ import shutil
 
 from framegraph import __version__
 from framegraph.export.artifact import ArtifactWriter
-from framegraph.export.exporter import export_component, planned_keys
+from framegraph.export.exporter import check_exported, export_component, planned_keys
 from framegraph.export.svd_specs import svd_buckets, svd_dims, svd_graph_specs
 from framegraph.runtime.manifest import Manifest
 
@@ -108,9 +108,10 @@ def _export_component_graphs(writer, pipeline, component, graph_names, specs, pl
                     progress(f"{name} (reused)")
     if len(reused) == len(graph_names):
         return [e for name in graph_names for e in reused[name]]
-    entries = _export_built(writer, pipeline.build(component), graph_names, reused, specs, wanted, options, progress)
-    gc.collect()  # the component's weights are freed before the next one is built
-    return entries
+    exported = _export_built(writer, pipeline.build(component), graph_names, reused, specs, wanted, options, progress)
+    gc.collect()  # the MindSpore model is freed before its graphs are loaded for the check
+    return [e for name in graph_names for e in reused.get(name, [])] + check_exported(
+        writer, exported, options.dtype, options.check)
 
 
 def _export_built(writer, net, graph_names, reused, specs, wanted, options, progress):
@@ -122,14 +123,12 @@ def _export_built(writer, net, graph_names, reused, specs, wanted, options, prog
         "vae_encoder": lambda bucket: VaeEncoderGraph(net),
         "vae_decoder": lambda bucket: VaeDecoderGraph(net, bucket["chunk"]),
     }
-    entries = []
+    exported = []
     for name in graph_names:
-        if name in reused:
-            entries += reused[name]
-            continue
-        entries += export_component(writer, specs[name], cells[name], wanted[name], options.formats, options.dtype,
-                                    options.check, progress)
-    return entries
+        if name not in reused:
+            exported += export_component(writer, specs[name], cells[name], wanted[name], options.formats,
+                                         options.dtype, options.check, progress)
+    return exported
 
 
 def _manifest(pipeline, configs, dims, options, graphs, source_name, source_hash, writer):

@@ -56,6 +56,23 @@ class MindSporeBackend(Backend):
         self.ms = _import_mindspore()
         self.num_threads = num_threads
         self.ms.set_context(mode=self.ms.GRAPH_MODE)
+        if self._device_already(device_id):
+            logger.debug("MindSpore already runs on %s in this process", self.device_target)
+        else:
+            self._set_device(device_id)
+        if num_threads and self.device_target == "CPU":
+            self._set_cpu_threads(int(num_threads))
+
+    def _device_already(self, device_id):
+        """MindSpore fixes its device once kernels have run; reusing the same device is fine."""
+        try:
+            same_target = self.ms.get_context("device_target") == self.device_target
+            same_id = device_id is None or int(self.ms.get_context("device_id")) == int(device_id)
+        except (RuntimeError, ValueError):
+            return False
+        return same_target and same_id
+
+    def _set_device(self, device_id):
         try:
             if device_id is None:
                 self.ms.set_device(self.device_target)
@@ -66,8 +83,6 @@ class MindSporeBackend(Backend):
                 f"MindSpore cannot use device_target={self.device_target!r} here ({str(exc).splitlines()[0]}); install "
                 "the MindSpore build for that device or use device='cpu'"
             ) from exc
-        if num_threads and self.device_target == "CPU":
-            self._set_cpu_threads(int(num_threads))
 
     def __repr__(self):
         return f"MindSporeBackend(device_target={self.device_target!r}, num_threads={self.num_threads})"
