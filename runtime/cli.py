@@ -39,7 +39,35 @@ def build_parser():
     _generate_args(gen)
     demo = sub.add_parser("demo", help="export the bundled tiny model and render a video from the bundled image")
     demo.add_argument("--out", default="out/demo", help="folder for the artifact and the video")
+    _serve_parser(sub)
     return parser
+
+
+def _serve_parser(sub):
+    serve = sub.add_parser("serve", help="serve an artifact over HTTP (needs the serve extra)")
+    serve.add_argument("artifacts", help="artifact folder written by svd-export")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1, help="jobs run at the same time")
+    serve.add_argument("--max-queue", type=int, default=16, help="jobs that may wait; more are refused (429)")
+    serve.add_argument("--sessions", default="shared", choices=("shared", "per_worker"),
+                       help="one graph session shared by all workers, or one per worker")
+    serve.add_argument("--no-verify", dest="verify", action="store_false",
+                       help="trusted fast start: skip the sha256 check of the artifact files (sizes still checked)")
+    serve.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "mindspore", "mindspore_lite"))
+    serve.add_argument("--device", default=None, help="cpu, cuda (onnxruntime); CPU, GPU, Ascend (MindSpore)")
+    serve.add_argument("--threads", type=int, default=None, help="intra-op threads per session")
+
+
+def serve(args):
+    try:
+        from framegraph.runtime.server import serve as run_server
+    except ImportError as exc:
+        raise SystemExit(str(exc))
+    options = {k: v for k, v in (("device", args.device), ("num_threads", args.threads)) if v is not None}
+    run_server(args.artifacts, host=args.host, port=args.port, workers=args.workers, max_queue=args.max_queue,
+               sessions=args.sessions, verify=args.verify, backend=args.backend, **options)
+    return 0
 
 
 def generate(artifacts, image, out, args):
@@ -79,6 +107,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "serve":
+            return serve(args)
         if args.command == "demo":
             path = demo(args.out)
         else:
