@@ -5,7 +5,8 @@ import logging
 import sys
 
 from framegraph.export.components import PipelineFolder
-from framegraph.export.registry import exporter_for
+from framegraph.export.pipeline_export import ExportOptions
+from framegraph.export.registry import run_export
 from framegraph.models.loading import resolve_model_path
 
 logger = logging.getLogger("framegraph.export")
@@ -32,8 +33,8 @@ def build_parser():
     p.add_argument("--out", required=True, help="artifact folder to write (replaced atomically when done)")
     p.add_argument("--frames", type=_ints, default=None, help="frame-count buckets, e.g. 14,25 "
                    "(default: unet.config.num_frames)")
-    p.add_argument("--height", type=int, default=None, help="video height (default 576 for SVD)")
-    p.add_argument("--width", type=int, default=None, help="video width (default 1024 for SVD)")
+    p.add_argument("--height", type=int, default=None, help="video height (default: the pipeline's, 576 for SVD)")
+    p.add_argument("--width", type=int, default=None, help="video width (default: the pipeline's, 1024 for SVD)")
     p.add_argument("--batch", type=int, default=1, help="videos per graph call (default 1)")
     p.add_argument("--formats", type=_formats, default=("onnx", "mindir"), help="onnx,mindir (default both)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="compute dtype of the graphs")
@@ -58,8 +59,11 @@ def main(argv=None):
         folder = resolve_model_path(args.model)
         pipeline = PipelineFolder(folder, variant=args.variant, dtype=args.dtype,
                                   random_weights=args.random_weights, seed=args.seed)
-        exporter = exporter_for(pipeline.pipeline_class)
-        out = exporter.run(pipeline, args, source_name=args.model)
+        options = ExportOptions(
+            frames=args.frames, height=args.height, width=args.width, batch=args.batch, formats=args.formats,
+            dtype=args.dtype, decode_chunk_sizes=args.decode_chunk_sizes, check=args.check,
+        )
+        out = run_export(pipeline, args.out, options, source_name=args.model)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         logger.error("%s", exc)
         return 2

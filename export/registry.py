@@ -1,40 +1,33 @@
 """Exporters keyed by the pipeline class in model_index.json (no elif chains on architecture names)."""
 
-import dataclasses
+import importlib
 
 from tqdm import tqdm
 
+# diffusers pipeline class -> (framegraph.export module, recipe function)
+RECIPES = {
+    "StableVideoDiffusionPipeline": ("svd", "svd_recipe"),
+    "TextToVideoSDPipeline": ("t2v", "t2v_recipe"),
+}
 
-@dataclasses.dataclass(frozen=True)
-class Exporter:
-    pipeline_class: str
-    run: object  # callable(pipeline, args, source_name) -> artifact path
+
+def recipe_for(pipeline, options):
+    name = pipeline.pipeline_class
+    if name not in RECIPES:
+        raise ValueError(f"framegraph cannot export pipeline class {name!r}; supported: {sorted(RECIPES)}")
+    module, function = RECIPES[name]
+    return getattr(importlib.import_module(f"framegraph.export.{module}"), function)(pipeline, options)
 
 
-def _run_svd(pipeline, args, source_name):
-    from framegraph.export.svd import SvdExportOptions, export_svd
-    from framegraph.export.svd_specs import svd_buckets
+def run_export(pipeline, out, options, source_name=None, show_progress=True):
+    """Export with a progress bar (one tick per graph and format)."""
+    from framegraph.export.pipeline_export import export_pipeline
 
-    options = SvdExportOptions(
-        frames=args.frames, height=args.height or 576, width=args.width or 1024, batch=args.batch,
-        formats=args.formats, dtype=args.dtype, decode_chunk_sizes=args.decode_chunk_sizes, check=args.check,
-    )
-    frames = options.frames or [int(pipeline.config("unet").get("num_frames", 25))]
-    total = len(svd_buckets(frames, options.height, options.width, options.batch, options.decode_chunk_sizes))
-    with tqdm(total=total * len(options.formats), desc="svd-export", unit="graph") as bar:
+    recipe = recipe_for(pipeline, options)
+    total = len(recipe.plan) * len(options.formats)
+    with tqdm(total=total, desc="svd-export", unit="graph", disable=not show_progress) as bar:
         def progress(label):
             bar.set_postfix_str(label)
             bar.update(1)
 
-        return export_svd(pipeline, args.out, options, source_name=source_name, progress=progress)
-
-
-EXPORTERS = {e.pipeline_class: e for e in (Exporter("StableVideoDiffusionPipeline", _run_svd),)}
-
-
-def exporter_for(pipeline_class):
-    if pipeline_class not in EXPORTERS:
-        raise ValueError(
-            f"framegraph cannot export pipeline class {pipeline_class!r}; supported: {sorted(EXPORTERS)}"
-        )
-    return EXPORTERS[pipeline_class]
+        return export_pipeline(pipeline, out, options, recipe, source_name, progress)

@@ -9,6 +9,11 @@ import importlib
 _EXPORTS = {
     "StableVideoDiffusionPipeline": "framegraph.runtime.pipelines.stable_video_diffusion",
     "StableVideoDiffusionPipelineOutput": "framegraph.runtime.pipelines.stable_video_diffusion",
+    "TextToVideoSDPipeline": "framegraph.runtime.pipelines.text_to_video_synth",
+    "TextToVideoSDPipelineOutput": "framegraph.runtime.pipelines.text_to_video_synth",
+    "EulerDiscreteScheduler": "framegraph.runtime.schedulers",
+    "DDIMScheduler": "framegraph.runtime.schedulers",
+    "DPMSolverMultistepScheduler": "framegraph.runtime.schedulers",
     "export_to_video": "framegraph.runtime.video",
     "load_image": "framegraph.runtime.image",
     "Artifact": "framegraph.runtime.artifact",

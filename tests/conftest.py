@@ -55,8 +55,9 @@ SVD_EXPORT = {"frames": [2, 3], "height": 32, "width": 32, "decode_chunk_sizes":
 def svd_artifact(tmp_path_factory, ms, svd_tiny):
     """The tiny SVD exported once per session (ONNX + MindIR, frame buckets 2 and 3, decode chunks 1 and 2)."""
     from framegraph.export.components import PipelineFolder
-    from framegraph.export.svd import SvdExportOptions, export_svd
+    from framegraph.export.pipeline_export import ExportOptions
+    from framegraph.export.svd import export_svd
 
     out = tmp_path_factory.mktemp("artifacts") / "svd-tiny"
-    options = SvdExportOptions(formats=("onnx", "mindir"), **SVD_EXPORT)
+    options = ExportOptions(formats=("onnx", "mindir"), **SVD_EXPORT)
     return export_svd(PipelineFolder(svd_tiny), out, options)

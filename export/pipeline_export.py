@@ -1,0 +1,169 @@
+"""Export of a whole pipeline folder, driven by a recipe: which components, which graphs, which buckets.
+
+Each pipeline kind (``svd.py``, ``t2v.py``) builds a :class:`Recipe`; this module builds one component at a time,
+exports and checks its graphs, copies the side files and writes the manifest last.
+"""
+
+import dataclasses
+import gc
+import json
+import logging
+import shutil
+
+from framegraph import __version__
+from framegraph.export.artifact import ArtifactWriter
+from framegraph.export.exporter import check_exported, export_component, planned_keys
+from framegraph.runtime.manifest import FORMATS, Manifest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ExportOptions:
+    frames: list = None  # frame-count buckets; default from the model config
+    height: int = None
+    width: int = None
+    batch: int = 1
+    formats: tuple = FORMATS
+    dtype: str = "float32"
+    decode_chunk_sizes: list = None
+    check: bool = True
+
+    def fingerprint(self, source_hash):
+        fields = dataclasses.asdict(self)
+        fields.pop("check")
+        fields["formats"] = list(fields["formats"])
+        return json.dumps({"framegraph": __version__, "source": source_hash, **fields}, sort_keys=True)
+
+
+@dataclasses.dataclass
+class Recipe:
+    """What one pipeline kind exports. ``components``: (component folder, {graph name: cell factory}), where a
+    cell factory takes the built model and a bucket and returns the cell to trace."""
+
+    kind: str
+    components: list
+    specs: dict
+    plan: list  # [(graph name, bucket)]
+    constants: dict
+    defaults: dict
+    copied_files: tuple
+    size_multiple: int
+
+
+def validate_options(options, size_multiple, folder):
+    for name in ("height", "width"):
+        value = getattr(options, name)
+        if not isinstance(value, int) or value <= 0 or value % size_multiple:
+            raise ValueError(f"--{name} {value} must be a positive multiple of {size_multiple} for {folder}")
+    if not options.frames or any(f < 1 for f in options.frames):
+        raise ValueError(f"--frames must be positive integers, got {options.frames}")
+    if options.decode_chunk_sizes and any(n < 1 for n in options.decode_chunk_sizes):
+        raise ValueError(f"--decode-chunk-sizes must be positive integers, got {options.decode_chunk_sizes}")
+    if options.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {options.batch}")
+    if not options.formats or set(options.formats) - set(FORMATS):
+        raise ValueError(f"--formats must be a subset of {','.join(FORMATS)}; got {','.join(options.formats)}")
+    if options.dtype not in ("float32", "float16"):
+        raise ValueError(f"--dtype must be float32 or float16, got {options.dtype}")
+
+
+def export_pipeline(pipeline, out, options, recipe, source_name=None, progress=None):
+    """Export ``pipeline`` (a PipelineFolder) following ``recipe`` into the artifact folder ``out``."""
+    import mindspore as ms
+
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    validate_options(options, recipe.size_multiple, pipeline.folder)
+    source_hash = pipeline.weights_hash([c for c, _ in recipe.components])
+    writer = ArtifactWriter(out, options.fingerprint(source_hash))
+    try:
+        graphs = []
+        for component, factories in recipe.components:
+            graphs += _component_graphs(writer, pipeline, component, factories, recipe, options, progress)
+        for rel in recipe.copied_files:
+            source = pipeline.folder / rel
+            if source.is_dir():
+                shutil.copytree(source, writer.path(rel), dirs_exist_ok=True)
+            elif source.is_file():
+                shutil.copy2(source, writer.path(rel))
+        manifest = _manifest(pipeline, recipe, options, graphs, source_name, source_hash, writer)
+        return writer.commit(manifest)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _component_graphs(writer, pipeline, component, factories, recipe, options, progress):
+    wanted = {name: [b for n, b in recipe.plan if n == name] for name in factories}
+    reused = {}
+    for name in factories:
+        entries = writer.reuse_component(name, planned_keys(name, wanted[name], options.formats))
+        if entries is not None:
+            reused[name] = entries
+            for _ in entries if progress else ():
+                progress(f"{name} (reused)")
+    exported = []
+    if len(reused) < len(factories):
+        exported = _export_built(writer, pipeline.build(component), factories, reused, recipe, wanted, options,
+                                 progress)
+        gc.collect()  # the MindSpore model is freed before its graphs are loaded for the check
+    checked = check_exported(writer, exported, options.dtype, options.check)
+    return [e for name in factories for e in reused.get(name, [])] + checked
+
+
+def _export_built(writer, net, factories, reused, recipe, wanted, options, progress):
+    exported = []
+    for name, factory in factories.items():
+        if name not in reused:
+            exported += export_component(writer, recipe.specs[name], lambda bucket, f=factory: f(net, bucket),
+                                         wanted[name], options.formats, options.dtype, options.check, progress)
+    return exported
+
+
+def _manifest(pipeline, recipe, options, graphs, source_name, source_hash, writer):
+    import mindspore as ms
+    import onnx
+
+    scheduler = json.loads((pipeline.folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    onnx_graphs = [g for g in graphs if g.format == "onnx"]
+    files = []
+    for rel in recipe.copied_files:
+        path = writer.stage / rel
+        files += [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return Manifest(
+        pipeline=recipe.kind,
+        source={
+            "model": source_name or str(pipeline.folder),
+            "weights_sha256": source_hash,
+            "random_weights": pipeline.random_weights,
+            "variant": pipeline.variant,
+            "class_name": pipeline.pipeline_class,
+        },
+        toolchain={
+            "framegraph": __version__,
+            "mindspore": ms.__version__,
+            "onnx": onnx.__version__,
+            "onnx_opset": _opset(writer, onnx_graphs),
+        },
+        constants=recipe.constants,
+        scheduler=scheduler,
+        defaults=recipe.defaults,
+        dtype=options.dtype,
+        graphs=graphs,
+        files=[writer.entry(p) for p in files],
+        options={
+            "frames": list(options.frames),
+            "batch": options.batch,
+            "formats": list(options.formats),
+            "decode_chunk_sizes": sorted({g.bucket["chunk"] for g in graphs if g.name == "vae_decoder"}),
+            "checked": options.check,
+        },
+    )
+
+
+def _opset(writer, onnx_graphs):
+    if not onnx_graphs:
+        return None
+    from framegraph.export.onnx_graph import opset_version
+
+    return opset_version(writer.stage / onnx_graphs[0].main_file)

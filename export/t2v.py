@@ -1,0 +1,64 @@
+"""The text-to-video (ModelScope / VideoFusion) recipe: text encoder, UNet per frame bucket, per-frame VAE
+decoder per slice size."""
+
+import logging
+
+from framegraph.export.pipeline_export import Recipe, export_pipeline
+from framegraph.export.t2v_specs import t2v_buckets, t2v_dims, t2v_graph_specs
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_KIND = "text-to-video-sd"
+COPIED_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokenizer")
+# diffusers' TextToVideoSDPipeline.__call__ defaults.
+CALL_DEFAULTS = {"num_frames": 16, "num_inference_steps": 50, "guidance_scale": 9.0, "eta": 0.0}
+
+
+def _itself(net, bucket):
+    return net
+
+
+def _vae_decoder(net, bucket):
+    from framegraph.models.autoencoder_kl import VaeDecoderGraph
+
+    return VaeDecoderGraph(net)
+
+
+def t2v_recipe(pipeline, options):
+    configs = {c: pipeline.config(c) for c in ("text_encoder", "vae", "unet")}
+    dims = t2v_dims(configs["text_encoder"], configs["vae"], configs["unet"])
+    default_size = int(configs["unet"].get("sample_size", 32)) * dims["vae_scale_factor"]
+    options.frames = options.frames or [CALL_DEFAULTS["num_frames"]]
+    options.height = options.height or default_size
+    options.width = options.width or default_size
+    default_frames = CALL_DEFAULTS["num_frames"]
+    return Recipe(
+        kind=PIPELINE_KIND,
+        components=[
+            ("text_encoder", {"text_encoder": _itself}),
+            ("vae", {"vae_decoder": _vae_decoder}),
+            ("unet", {"unet": _itself}),
+        ],
+        specs=t2v_graph_specs(dims),
+        plan=t2v_buckets(options.frames, options.height, options.width, options.batch, options.decode_chunk_sizes),
+        constants={
+            "vae_scaling_factor": float(configs["vae"].get("scaling_factor", 0.18215)),
+            "latent_channels": dims["latent_channels"],
+            "vae_scale_factor": dims["vae_scale_factor"],
+            "unet_in_channels": dims["unet_in_channels"],
+            "max_length": dims["max_length"],
+        },
+        defaults={
+            "height": options.height,
+            "width": options.width,
+            **CALL_DEFAULTS,
+            "num_frames": default_frames if default_frames in options.frames else options.frames[0],
+        },
+        copied_files=COPIED_FILES,
+        size_multiple=dims["vae_scale_factor"] * 2 ** dims["unet_downsamples"],
+    )
+
+
+def export_t2v(pipeline, out, options, source_name=None, progress=None):
+    """Export ``pipeline`` (a PipelineFolder of a text-to-video model) to the artifact folder ``out``."""
+    return export_pipeline(pipeline, out, options, t2v_recipe(pipeline, options), source_name, progress)

@@ -1,0 +1,216 @@
+"""TextToVideoSDPipeline (ModelScope / VideoFusion) over compiled graphs: diffusers' call signature and outputs."""
+
+import dataclasses
+import logging
+
+import numpy as np
+
+from framegraph.runtime.artifact import Artifact
+from framegraph.runtime.pipelines.common import ProgressBar, check_latents, chunks, make_rng, randn
+from framegraph.runtime.schedulers import load_scheduler
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_KIND = "text-to-video-sd"
+OUTPUT_TYPES = ("np", "pil", "latent")
+
+
+@dataclasses.dataclass
+class TextToVideoSDPipelineOutput:
+    frames: object
+
+
+class TextToVideoSDPipeline:
+    """Text-to-video with the graphs of an exported ModelScope artifact. ``pipe.scheduler`` may be replaced, the
+    diffusers way: ``pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``."""
+
+    def __init__(self, artifact, scheduler, tokenizer):
+        self.artifact = artifact
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.progress_bar_config = {}
+        self.batch = int(artifact.manifest.options.get("batch", 1))
+
+    @classmethod
+    def from_artifacts(cls, path, backend="onnxruntime", providers=None, device=None, num_threads=None,
+                       verify=True):
+        from transformers import CLIPTokenizer
+
+        options = {k: v for k, v in (("providers", providers), ("device", device), ("num_threads", num_threads))
+                   if v is not None}
+        artifact = Artifact(path, PIPELINE_KIND, backend, verify=verify, **options)
+        tokenizer = CLIPTokenizer.from_pretrained(str(artifact.path / "tokenizer"))
+        return cls(artifact, load_scheduler(artifact.manifest.scheduler), tokenizer)
+
+    def set_progress_bar_config(self, **kwargs):
+        self.progress_bar_config = kwargs
+
+    # -- prompt ------------------------------------------------------------------------------------------------
+    def _tokens(self, texts):
+        max_length = self.artifact.constants["max_length"]
+        ids = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
+                             return_tensors="np").input_ids
+        longest = self.tokenizer(texts, padding="longest", return_tensors="np").input_ids
+        if longest.shape[-1] > ids.shape[-1]:
+            logger.warning("prompt truncated to %d tokens (CLIP's limit)", max_length)
+        return ids.astype(np.int64)
+
+    def _embed(self, texts):
+        graph = self.artifact.graph("text_encoder", batch=self.batch)
+        ids = self._tokens(texts)
+        return np.concatenate([graph(input_ids=x)["last_hidden_state"] for x in chunks(ids, self.batch)])
+
+    def encode_prompt(self, prompt, do_classifier_free_guidance, negative_prompt=None, prompt_embeds=None,
+                      negative_prompt_embeds=None):
+        """(prompt_embeds, negative_prompt_embeds) as diffusers computes them (empty negative prompt by default)."""
+        if prompt_embeds is None:
+            texts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds = self._embed(texts)
+        prompt_embeds = np.asarray(prompt_embeds, dtype=np.float32)
+        batch_size = prompt_embeds.shape[0]
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            if negative_prompt is None:
+                negative = [""] * batch_size
+            elif isinstance(negative_prompt, str):
+                negative = [negative_prompt] * batch_size
+            else:
+                negative = list(negative_prompt)
+                if len(negative) != batch_size:
+                    raise ValueError(f"negative_prompt has {len(negative)} entries but prompt has {batch_size}")
+            negative_prompt_embeds = self._embed(negative)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = np.asarray(negative_prompt_embeds, dtype=np.float32)
+            if negative_prompt_embeds.shape != prompt_embeds.shape:
+                raise ValueError(f"negative_prompt_embeds shape {negative_prompt_embeds.shape} must equal "
+                                 f"prompt_embeds shape {prompt_embeds.shape}")
+        return prompt_embeds, negative_prompt_embeds
+
+    # -- checks ------------------------------------------------------------------------------------------------
+    def _check_call(self, prompt, prompt_embeds, height, width, num_frames, num_inference_steps, guidance_scale,
+                    eta, output_type, decode_chunk_size):
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass exactly one of prompt (str or list of str) and prompt_embeds")
+        if prompt is not None and not (isinstance(prompt, str) or (
+                isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt))):
+            raise TypeError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+        sizes = sorted({(g.bucket["height"], g.bucket["width"]) for g in self.artifact.manifest.graphs
+                        if g.name == "unet" and g.format == self.artifact.format})
+        if (height, width) not in sizes:
+            raise ValueError(f"height={height}, width={width} has no exported bucket; available: "
+                             f"{', '.join(f'{h}x{w}' for h, w in sizes)} — re-export with --height {height} "
+                             f"--width {width}")
+        frames = self.artifact.buckets("unet", "num_frames")
+        if num_frames not in frames:
+            raise ValueError(f"num_frames={num_frames} has no exported bucket; available: "
+                             f"{', '.join(map(str, frames))} — re-export with --frames {num_frames}")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        have = self.artifact.buckets("vae_decoder", "chunk")
+        if decode_chunk_size is not None and decode_chunk_size not in have:
+            raise ValueError(f"decode_chunk_size={decode_chunk_size!r} has no decoder graph; this artifact has "
+                             f"{have} — pass one of them or re-export with --decode-chunk-sizes {decode_chunk_size}")
+
+    # -- stages ------------------------------------------------------------------------------------------------
+    def _unet(self, model_input, t, embeds, cfg, num_frames, height, width):
+        n = model_input.shape[0] // (2 if cfg else 1)
+        graph = self.artifact.graph("unet", num_frames=num_frames, batch=self.batch * (2 if cfg else 1),
+                                    height=height, width=width)
+        timestep = np.asarray(t, dtype=np.float32).reshape(())
+        outputs = []
+        for start in range(0, n, self.batch):
+            idx = np.arange(start, start + self.batch)
+            if cfg:
+                idx = np.concatenate([idx, idx + n])
+            outputs.append(graph(sample=model_input[idx], timestep=timestep,
+                                 encoder_hidden_states=embeds[idx])["noise_pred"])
+        if not cfg:
+            return np.concatenate(outputs)
+        half = self.batch
+        return np.concatenate([o[:half] for o in outputs] + [o[half:] for o in outputs])
+
+    def decode_latents(self, latents, height, width, decode_chunk_size=None, progress=None):
+        """[B, C, F, h, w] latents -> [B, 3, F, H, W] video, decoding ``decode_chunk_size`` frames at a time (VAE
+        slicing; frames are independent, so the result does not depend on the slice)."""
+        chunk = decode_chunk_size or max(self.artifact.buckets("vae_decoder", "chunk"))
+        graph = self.artifact.graph("vae_decoder", chunk=chunk, height=height, width=width)
+        latents = latents / self.artifact.constants["vae_scaling_factor"]
+        b, c, f, h, w = latents.shape
+        frames = latents.transpose(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        decoded = []
+        for start in range(0, b * f, chunk):
+            piece = frames[start:start + chunk]
+            real = piece.shape[0]
+            if real < chunk:  # the static graph takes exactly ``chunk`` frames: pad, then drop the padding
+                piece = np.concatenate([piece, np.zeros((chunk - real, c, h, w), piece.dtype)])
+            decoded.append(graph(latents=np.ascontiguousarray(piece))["sample"][:real])
+            if progress:
+                progress("decode")
+        video = np.concatenate(decoded)
+        return video.reshape(b, f, *video.shape[1:]).transpose(0, 2, 1, 3, 4).astype(np.float32)
+
+    # -- call --------------------------------------------------------------------------------------------------
+    def __call__(self, prompt=None, height=None, width=None, num_frames=16, num_inference_steps=50,
+                 guidance_scale=9.0, negative_prompt=None, eta=0.0, generator=None, latents=None,
+                 prompt_embeds=None, negative_prompt_embeds=None, output_type="np", callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",), return_dict=True, decode_chunk_size=None,
+                 progress=None):
+        from framegraph.runtime.image import postprocess_video
+
+        height = height or self.artifact.defaults["height"]
+        width = width or self.artifact.defaults["width"]
+        self._check_call(prompt, prompt_embeds, height, width, num_frames, num_inference_steps, guidance_scale,
+                         eta, output_type, decode_chunk_size)
+        for name in callback_on_step_end_tensor_inputs:
+            if name != "latents":
+                raise ValueError(f"callback_on_step_end_tensor_inputs may only name 'latents', got {name!r}")
+        cfg = guidance_scale > 1.0
+        rng = make_rng(generator)
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(prompt, cfg, negative_prompt, prompt_embeds,
+                                                                   negative_prompt_embeds)
+        embeds = np.concatenate([negative_prompt_embeds, prompt_embeds]) if cfg else prompt_embeds
+        n = prompt_embeds.shape[0]
+
+        self.scheduler.set_timesteps(num_inference_steps)
+        timesteps = self.scheduler.timesteps
+        c = self.artifact.constants
+        f = c["vae_scale_factor"]
+        shape = (n, c["unet_in_channels"], num_frames, height // f, width // f)
+        latents = randn(rng, shape) if latents is None else check_latents(latents, shape)
+        latents = (latents * self.scheduler.init_noise_sigma).astype(np.float32)
+        step_kwargs = {"eta": eta, "generator": rng} if "eta" in _step_parameters(self.scheduler) else {}
+
+        bar = ProgressBar(len(timesteps), progress, **self.progress_bar_config)
+        for i, t in enumerate(timesteps):
+            model_input = np.concatenate([latents] * 2) if cfg else latents
+            model_input = self.scheduler.scale_model_input(model_input, t).astype(np.float32)
+            noise_pred = self._unet(model_input, t, embeds, cfg, num_frames, height, width)
+            if cfg:
+                uncond, text = noise_pred[:n], noise_pred[n:]
+                noise_pred = uncond + guidance_scale * (text - uncond)
+            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample.astype(np.float32)
+            if callback_on_step_end is not None:
+                outputs = callback_on_step_end(self, i, t, {"latents": latents}) or {}
+                latents = outputs.pop("latents", latents)
+            bar.step("denoise")
+
+        if output_type == "latent":
+            video = latents
+        else:
+            video = postprocess_video(self.decode_latents(latents, height, width, decode_chunk_size, bar.step),
+                                      output_type)
+        bar.close()
+        if not return_dict:
+            return (video,)
+        return TextToVideoSDPipelineOutput(frames=video)
+
+
+def _step_parameters(scheduler):
+    import inspect
+
+    return inspect.signature(scheduler.step).parameters
