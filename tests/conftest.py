@@ -61,3 +61,17 @@ def svd_artifact(tmp_path_factory, ms, svd_tiny):
     out = tmp_path_factory.mktemp("artifacts") / "svd-tiny"
     options = ExportOptions(formats=("onnx", "mindir"), **SVD_EXPORT)
     return export_svd(PipelineFolder(svd_tiny), out, options)
+
+
+T2V_EXPORT = {"frames": [4], "height": 32, "width": 32, "decode_chunk_sizes": [3]}
+
+
+@pytest.fixture(scope="session")
+def t2v_artifact(tmp_path_factory, ms, t2v_tiny):
+    """The tiny text-to-video model exported once per session (ONNX + MindIR, 4 frames, decode slices of 3)."""
+    from framegraph.export.components import PipelineFolder
+    from framegraph.export.pipeline_export import ExportOptions
+    from framegraph.export.t2v import export_t2v
+
+    out = tmp_path_factory.mktemp("artifacts") / "t2v-tiny"
+    return export_t2v(PipelineFolder(t2v_tiny), out, ExportOptions(formats=("onnx", "mindir"), **T2V_EXPORT))

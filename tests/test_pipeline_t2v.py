@@ -1,0 +1,119 @@
+"""Text-to-video: the exported tiny ModelScope pipeline against diffusers' golden outputs."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import FIXTURES
+from framegraph.runtime.manifest import Manifest
+from helpers import assert_close_scaled
+
+META = json.loads((FIXTURES / "t2v-tiny" / "golden.json").read_text())
+
+
+@pytest.fixture(scope="module", params=["onnxruntime", "mindspore"])
+def pipe(request, t2v_artifact):
+    from framegraph.runtime import TextToVideoSDPipeline
+
+    p = TextToVideoSDPipeline.from_artifacts(t2v_artifact, backend=request.param)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _frames(pipe, t2v_golden, **overrides):
+    kwargs = dict(META["pipeline_call"], latents=t2v_golden["pipeline.latents"])
+    kwargs.update(overrides)
+    return pipe(META["prompt"], **kwargs).frames
+
+
+def test_ddim_equals_diffusers(pipe, t2v_golden):
+    out = _frames(pipe, t2v_golden)
+    assert out.shape == t2v_golden["pipeline.frames_ddim"].shape
+    assert np.abs(out - t2v_golden["pipeline.frames_ddim"]).max() <= 2e-3
+
+
+def test_ddim_negative_prompt_equals_diffusers(pipe, t2v_golden):
+    out = _frames(pipe, t2v_golden, negative_prompt=META["negative_prompt_case"])
+    assert np.abs(out - t2v_golden["pipeline.frames_ddim_negative"]).max() <= 2e-3
+
+
+def test_dpmsolver_switched_the_diffusers_way_equals_diffusers(pipe, t2v_golden):
+    from framegraph.runtime import DDIMScheduler, DPMSolverMultistepScheduler
+
+    ddim = pipe.scheduler
+    try:
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        out = _frames(pipe, t2v_golden, num_inference_steps=META["dpmsolver_steps"])
+    finally:
+        pipe.scheduler = ddim
+    assert isinstance(ddim, DDIMScheduler)
+    assert np.abs(out - t2v_golden["pipeline.frames_dpmsolver"]).max() <= 2e-3
+
+
+def test_exported_graphs_reproduce_component_goldens(t2v_artifact, t2v_golden):
+    m = Manifest.load(t2v_artifact)
+    assert m.pipeline == "text-to-video-sd"
+    g = t2v_golden
+
+    def session(name, **bucket):
+        return ort.InferenceSession(str(t2v_artifact / m.find(name, "onnx", **bucket).main_file),
+                                    providers=["CPUExecutionProvider"])
+
+    text = session("text_encoder", batch=1)
+    for i in range(2):
+        out = text.run(None, {"input_ids": g["text_encoder.input_ids"][i:i + 1].astype(np.int64)})[0]
+        assert_close_scaled(out, g["text_encoder.last_hidden_state"][i:i + 1], name="last_hidden_state")
+    unet = session("unet", num_frames=4, batch=2)
+    out = unet.run(None, {"sample": g["unet.sample"], "timestep": np.asarray(g["unet.timestep"], np.float32).reshape(()),
+                          "encoder_hidden_states": g["unet.encoder_hidden_states"]})[0]
+    assert_close_scaled(out, g["unet.out"], name="unet.out")
+    dec = session("vae_decoder", chunk=3)
+    latents = g["vae_decode.latents"]
+    out = np.concatenate([dec.run(None, {"latents": latents[:3]})[0],
+                          dec.run(None, {"latents": np.concatenate([latents[3:], np.zeros_like(latents[:2])])})[0][:1]])
+    assert_close_scaled(out, g["vae_decode.sample"], name="vae_decode.sample")
+    assert (t2v_artifact / "tokenizer" / "vocab.json").is_file()
+
+
+def test_vae_slicing_does_not_change_frames(t2v_artifact, t2v_golden):
+    from framegraph.runtime import TextToVideoSDPipeline
+
+    pipe = TextToVideoSDPipeline.from_artifacts(t2v_artifact)
+    pipe.set_progress_bar_config(disable=True)
+    latents = np.random.default_rng(0).standard_normal((2, 4, 4, 32, 32)).astype(np.float32)
+    events = []
+    video = pipe.decode_latents(latents, 32, 32, decode_chunk_size=3, progress=events.append)
+    assert video.shape == (2, 3, 4, 32, 32)
+    assert events == ["decode"] * 3  # 8 frames in slices of 3
+    single = pipe.decode_latents(latents[1:], 32, 32)
+    np.testing.assert_allclose(video[1:], single, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    ({"num_frames": 5}, "num_frames"),
+    ({"height": 64}, "height"),
+    ({"num_inference_steps": 0}, "num_inference_steps"),
+    ({"eta": 2.0}, "eta"),
+    ({"output_type": "gif"}, "output_type"),
+    ({"decode_chunk_size": 2}, "decode_chunk_size"),
+    ({"latents": np.zeros((1, 4, 4, 8, 8), np.float32)}, "latents"),
+])
+def test_bad_arguments_name_the_argument(t2v_artifact, kwargs, argument):
+    from framegraph.runtime import TextToVideoSDPipeline
+
+    pipe = TextToVideoSDPipeline.from_artifacts(t2v_artifact, verify=False)
+    call = {"num_frames": 4, "num_inference_steps": 1, **kwargs}
+    with pytest.raises(ValueError, match=argument):
+        pipe("a prompt", **call)
+
+
+def test_prompt_type_is_checked(t2v_artifact):
+    from framegraph.runtime import TextToVideoSDPipeline
+
+    pipe = TextToVideoSDPipeline.from_artifacts(t2v_artifact, verify=False)
+    with pytest.raises(TypeError, match="prompt"):
+        pipe(123, num_frames=4, num_inference_steps=1)
+    with pytest.raises(ValueError, match="prompt"):
+        pipe(num_frames=4, num_inference_steps=1)
