@@ -100,6 +100,17 @@ def rename_io(model, input_names, output_names):
                 node.output[i] = mapping[name]
 
 
+def fix_conv_pads(model):
+    """MindSpore writes a Conv's ``pads`` as (top, bottom, left, right); ONNX reads (top, left, bottom, right)."""
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        for attr in node.attribute:
+            if attr.name == "pads" and len(attr.ints) == 4:
+                top, bottom, left, right = attr.ints
+                attr.ints[:] = [top, left, bottom, right]
+
+
 def export_onnx(cell, inputs, path, input_names, output_names, weights):
     """Export ``cell`` on sample ``inputs`` (MindSpore tensors) to ``path`` with weights in ``weights``."""
     import mindspore as ms
@@ -115,6 +126,7 @@ def export_onnx(cell, inputs, path, input_names, output_names, weights):
     ms.onnx.export(cell, *inputs, file_name=str(raw))
     model = onnx.load(str(raw), load_external_data=False)
     rename_io(model, input_names, output_names)
+    fix_conv_pads(model)
     externalize(model, stage, path.parent, weights)
     onnx.save(model, str(path))
     for leftover in stage.iterdir():

@@ -68,15 +68,20 @@ class Linear(nn.Cell):
 
 
 class Conv2d(nn.Cell):
-    """``torch.nn.Conv2d`` with symmetric integer padding."""
+    """``torch.nn.Conv2d``; ``padding`` is an int or MindSpore's (top, bottom, left, right) zero padding.
+
+    MindSpore's ONNX exporter writes Conv pads in that order, while ONNX reads (top, left, bottom, right): the
+    export post-pass (``framegraph.export.onnx_graph.fix_conv_pads``) reorders them, so asymmetric padding is safe.
+    """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
         super().__init__()
         self.weight = _param((out_channels, in_channels, kernel_size, kernel_size), Normal(0.02), "weight")
         self.bias = _param((out_channels,), Zero(), "bias") if bias else None
-        pad_mode = "pad" if padding else "valid"
+        pad = tuple(padding) if isinstance(padding, (tuple, list)) else (padding,) * 4
+        pad_mode = "pad" if any(pad) else "valid"
         self.conv = ops.Conv2D(
-            out_channels, (kernel_size, kernel_size), pad_mode=pad_mode, pad=(padding,) * 4, stride=(stride, stride)
+            out_channels, (kernel_size, kernel_size), pad_mode=pad_mode, pad=pad, stride=(stride, stride)
         )
         self.bias_add = ops.BiasAdd()
 
@@ -90,8 +95,9 @@ class Conv2d(nn.Cell):
 class TemporalConv3d(nn.Cell):
     """``torch.nn.Conv3d(in, out, kernel_size=(3, 1, 1), padding=(1, 0, 0))`` on [B, C, F, H, W].
 
-    Computed as a (3, 1) 2-D convolution over [B, C, F, H*W] with explicit zero frames at both ends, because
-    MindSpore's ONNX exporter misplaces Conv3d padding. The weight keeps the checkpoint's 5-D shape.
+    Computed as a (3, 1) 2-D convolution over [B, C, F, H*W] padded by one frame at both ends, because
+    MindSpore's ONNX exporter misplaces Conv3d padding (2-D pads are reordered by the export post-pass; see
+    ``Conv2d``). The weight keeps the checkpoint's 5-D shape.
     """
 
     def __init__(self, in_channels, out_channels, bias=True):
@@ -99,14 +105,12 @@ class TemporalConv3d(nn.Cell):
         self.out_channels = out_channels
         self.weight = _param((out_channels, in_channels, 3, 1, 1), Normal(0.02), "weight")
         self.bias = _param((out_channels,), Zero(), "bias") if bias else None
-        self.conv = ops.Conv2D(out_channels, (3, 1), pad_mode="valid")
+        self.conv = ops.Conv2D(out_channels, (3, 1), pad_mode="pad", pad=(1, 1, 0, 0))
         self.bias_add = ops.BiasAdd()
 
     def construct(self, x):
         b, c, f, h, w = x.shape
         x = x.reshape(b, c, f, h * w)
-        edge = ops.zeros((b, c, 1, h * w), x.dtype)
-        x = ops.concat((edge, x, edge), 2)
         weight = self.weight.reshape(self.out_channels, c, 3, 1)
         y = self.conv(x, weight)
         if self.bias is not None:
@@ -171,15 +175,6 @@ class Upsample2x(nn.Cell):
     def construct(self, x):
         h, w = x.shape[-2:]
         return ops.ResizeNearestNeighbor((h * 2, w * 2))(x)
-
-
-class PadRightBottom(nn.Cell):
-    """``F.pad(x, (0, 1, 0, 1))``: one zero column on the right and one zero row at the bottom of [N, C, H, W]."""
-
-    def construct(self, x):
-        n, c, h, w = x.shape
-        x = ops.concat((x, ops.zeros((n, c, h, 1), x.dtype)), 3)
-        return ops.concat((x, ops.zeros((n, c, 1, w + 1), x.dtype)), 2)
 
 
 def softmax(x):

@@ -141,8 +141,8 @@ class GEGLU(nn.Cell):
         self.proj = Linear(dim_in, dim_out * 2)
 
     def construct(self, x):
-        h = self.proj(x)
-        return h[..., : self.dim_out] * gelu(h[..., self.dim_out :])
+        value, gate = ops.split(self.proj(x), [self.dim_out, self.dim_out], -1)  # exports as two Slices
+        return value * gelu(gate)
 
 
 class FeedForward(nn.Cell):

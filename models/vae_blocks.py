@@ -8,7 +8,7 @@ SiLU activations, ``time_embedding_norm="default"`` without a time embedding, Gr
 
 from mindspore import nn
 
-from .layers import Conv2d, GroupNorm, Linear, PadRightBottom, Upsample2x, attention, silu
+from .layers import Conv2d, GroupNorm, Linear, Upsample2x, attention, silu
 
 _ACTIVATIONS = ("silu", "swish")
 
@@ -69,15 +69,15 @@ class AttentionBlock(nn.Cell):
 
 
 class Downsample2D(nn.Cell):
-    """The VAE encoder's ``Downsample2D(padding=0)``: zero pad (0, 1, 0, 1), then a 3x3 stride-2 convolution."""
+    """The VAE encoder's ``Downsample2D(padding=0)``: a 3x3 stride-2 convolution over the input padded with one
+    zero row at the bottom and one zero column on the right (``F.pad(x, (0, 1, 0, 1))``)."""
 
     def __init__(self, channels, out_channels=None):
         super().__init__()
-        self.pad = PadRightBottom()
-        self.conv = Conv2d(channels, out_channels or channels, 3, stride=2)
+        self.conv = Conv2d(channels, out_channels or channels, 3, stride=2, padding=(0, 1, 0, 1))
 
     def construct(self, x):
-        return self.conv(self.pad(x))
+        return self.conv(x)
 
 
 class Upsample2D(nn.Cell):

@@ -15,12 +15,19 @@ def assert_close_scaled(out, ref, rel=1e-4, name="output"):
 
 
 def onnx_roundtrip(net, inputs, path):
-    """Export ``net`` (a MindSpore cell) to ONNX at ``path`` and run it in onnxruntime on ``inputs`` (numpy)."""
+    """Export ``net`` (a MindSpore cell) to ONNX at ``path`` with framegraph's post-pass fixes of the exporter's
+    output (Conv pads order), and run it in onnxruntime on ``inputs`` (numpy)."""
     import mindspore as ms
+    import onnx
     import onnxruntime as ort
+
+    from framegraph.export.onnx_graph import fix_conv_pads
 
     stem = str(path)[: -len(".onnx")] if str(path).endswith(".onnx") else str(path)
     ms.export(net, *[ms.Tensor(x) for x in inputs], file_name=stem, file_format="ONNX")
+    model = onnx.load(stem + ".onnx")
+    fix_conv_pads(model)
+    onnx.save(model, stem + ".onnx")
     session = ort.InferenceSession(stem + ".onnx", providers=["CPUExecutionProvider"])
     feeds = {i.name: x for i, x in zip(session.get_inputs(), inputs)}
     return session.run(None, feeds), stem + ".onnx"

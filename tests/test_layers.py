@@ -29,10 +29,12 @@ def _ref_layer_norm(x, w, b, eps):
 
 
 def _ref_conv2d(x, w, b, stride, pad):
-    n, c, h, wd = x.shape
+    """torch's conv2d after zero padding; ``pad`` is an int or (top, bottom, left, right)."""
+    top, bottom, left, right = pad if isinstance(pad, tuple) else (pad,) * 4
     o, _, k, _ = w.shape
-    x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad))).astype(np.float64)
-    oh, ow = (h + 2 * pad - k) // stride + 1, (wd + 2 * pad - k) // stride + 1
+    x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right))).astype(np.float64)
+    n, c, h, wd = x.shape
+    oh, ow = (h - k) // stride + 1, (wd - k) // stride + 1
     out = np.zeros((n, o, oh, ow))
     for i in range(k):
         for j in range(k):
@@ -105,15 +107,16 @@ def _cases(ms, layers):
         "temporal_conv3d": (layers.TemporalConv3d(4, 6), (2, 4, 5, 3, 2),
                             lambda x, p: _ref_temporal_conv(x, p["weight"], p["bias"])),
         "upsample2x": (layers.Upsample2x(), (2, 3, 4, 5), lambda x, p: x.repeat(2, axis=2).repeat(2, axis=3)),
-        "pad_right_bottom": (layers.PadRightBottom(), (2, 3, 4, 5),
-                             lambda x, p: np.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1)))),
+        # F.pad(x, (0, 1, 0, 1)) then a stride-2 conv: the VAE encoder's downsampler
+        "conv2d_pad_right_bottom": (layers.Conv2d(4, 6, 3, stride=2, padding=(0, 1, 0, 1)), (2, 4, 8, 9),
+                                    lambda x, p: _ref_conv2d(x, p["weight"], p["bias"], 2, (0, 1, 0, 1))),
         "timesteps": (layers.Timesteps(8), (3,), lambda x, p: _ref_timesteps(x.astype(np.float64), 8)),
         "attention": (Attn(), (2, 6, 8), ref_attention),
     }
 
 
 CASE_NAMES = ["gelu", "quick_gelu", "silu", "group_norm", "group_norm_5d", "layer_norm", "linear", "conv2d",
-              "conv2d_stride2", "temporal_conv3d", "upsample2x", "pad_right_bottom", "timesteps", "attention"]
+              "conv2d_stride2", "temporal_conv3d", "upsample2x", "conv2d_pad_right_bottom", "timesteps", "attention"]
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
