@@ -17,6 +17,7 @@ _EXPORTS = {
     "export_to_video": "framegraph.runtime.video",
     "load_image": "framegraph.runtime.image",
     "Artifact": "framegraph.runtime.artifact",
+    "Engine": "framegraph.runtime.engine",
     "ArtifactError": "framegraph.runtime.manifest",
 }
 

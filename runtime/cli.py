@@ -54,6 +54,8 @@ def _serve_parser(sub):
                        help="one graph session shared by all workers, or one per worker")
     serve.add_argument("--no-verify", dest="verify", action="store_false",
                        help="trusted fast start: skip the sha256 check of the artifact files (sizes still checked)")
+    serve.add_argument("--no-warmup", dest="warmup", action="store_false",
+                       help="open graphs at their first request instead of running each once before serving")
     serve.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "mindspore", "mindspore_lite"))
     serve.add_argument("--device", default=None, help="cpu, cuda (onnxruntime); CPU, GPU, Ascend (MindSpore)")
     serve.add_argument("--threads", type=int, default=None, help="intra-op threads per session")
@@ -66,7 +68,7 @@ def serve(args):
         raise SystemExit(str(exc))
     options = {k: v for k, v in (("device", args.device), ("num_threads", args.threads)) if v is not None}
     run_server(args.artifacts, host=args.host, port=args.port, workers=args.workers, max_queue=args.max_queue,
-               sessions=args.sessions, verify=args.verify, backend=args.backend, **options)
+               sessions=args.sessions, verify=args.verify, warmup=args.warmup, backend=args.backend, **options)
     return 0
 
 

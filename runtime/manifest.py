@@ -107,11 +107,11 @@ class Manifest:
         return path
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d, source="manifest"):
         version = d.get("schema_version")
         if version != SCHEMA_VERSION:
             raise ArtifactError(
-                f"manifest schema_version {version!r} is not supported by this framegraph (it reads "
+                f"{source}: schema_version {version!r} is not supported by this framegraph (it reads "
                 f"{SCHEMA_VERSION}); re-export the artifact with this version (svd-export) or install the framegraph "
                 "version that wrote it."
             )
@@ -130,7 +130,7 @@ class Manifest:
                 schema_version=version,
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(f"manifest is malformed ({type(exc).__name__}: {exc}); re-export the artifact") from exc
+            raise ArtifactError(f"{source} is malformed ({type(exc).__name__}: {exc}); re-export the artifact") from exc
 
     @classmethod
     def load(cls, folder):
@@ -147,7 +147,7 @@ class Manifest:
             raise ArtifactError(f"{path} is not valid JSON ({exc}); re-export the artifact") from exc
         if not isinstance(data, dict):
             raise ArtifactError(f"{path} is not a framegraph manifest; re-export the artifact")
-        return cls.from_dict(data)
+        return cls.from_dict(data, source=str(path))
 
     # -- queries -----------------------------------------------------------------------------------------------
     def find(self, name, fmt, **bucket):

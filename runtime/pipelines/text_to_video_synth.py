@@ -2,6 +2,7 @@
 
 import dataclasses
 import logging
+import threading
 
 import numpy as np
 
@@ -28,6 +29,7 @@ class TextToVideoSDPipeline:
         self.artifact = artifact
         self.scheduler = scheduler
         self.tokenizer = tokenizer
+        self._tokenizer_lock = threading.Lock()  # the fast tokenizer keeps padding settings between calls
         self.progress_bar_config = {}
         self.batch = int(artifact.manifest.options.get("batch", 1))
 
@@ -48,9 +50,10 @@ class TextToVideoSDPipeline:
     # -- prompt ------------------------------------------------------------------------------------------------
     def _tokens(self, texts):
         max_length = self.artifact.constants["max_length"]
-        ids = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
-                             return_tensors="np").input_ids
-        longest = self.tokenizer(texts, padding="longest", return_tensors="np").input_ids
+        with self._tokenizer_lock:
+            ids = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
+                                 return_tensors="np").input_ids
+            longest = self.tokenizer(texts, padding="longest", return_tensors="np").input_ids
         if longest.shape[-1] > ids.shape[-1]:
             logger.warning("prompt truncated to %d tokens (CLIP's limit)", max_length)
         return ids.astype(np.int64)
