@@ -4,7 +4,7 @@ decode chunk."""
 import json
 import logging
 
-from framegraph.export.pipeline_export import Recipe, export_pipeline
+from framegraph.export.pipeline_export import Recipe, export_pipeline, validate_options
 from framegraph.export.svd_specs import svd_buckets, svd_dims, svd_graph_specs
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ def svd_recipe(pipeline, options):
     options.frames = options.frames or [unet_frames]
     options.height = options.height or DEFAULT_HEIGHT
     options.width = options.width or DEFAULT_WIDTH
+    validate_options(options, 1, pipeline.folder)  # counts and formats; the size multiple is checked on export
     preprocessor = {}
     path = pipeline.folder / "feature_extractor" / "preprocessor_config.json"
     if path.is_file():

@@ -3,7 +3,7 @@ decoder per slice size."""
 
 import logging
 
-from framegraph.export.pipeline_export import Recipe, export_pipeline
+from framegraph.export.pipeline_export import Recipe, export_pipeline, validate_options
 from framegraph.export.t2v_specs import t2v_buckets, t2v_dims, t2v_graph_specs
 
 logger = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ def t2v_recipe(pipeline, options):
     options.frames = options.frames or [CALL_DEFAULTS["num_frames"]]
     options.height = options.height or default_size
     options.width = options.width or default_size
+    validate_options(options, 1, pipeline.folder)  # counts and formats; the size multiple is checked on export
     default_frames = CALL_DEFAULTS["num_frames"]
     return Recipe(
         kind=PIPELINE_KIND,
