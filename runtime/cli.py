@@ -15,14 +15,17 @@ DEMO_FRAMES = 4
 
 def _generate_args(p):
     p.add_argument("--num-frames", type=int, default=None)
-    p.add_argument("--steps", type=int, default=25, help="num_inference_steps")
+    p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=int, default=7)
+    p.add_argument("--fps", type=int, default=7, help="video frame rate (SVD also conditions on it)")
     p.add_argument("--motion-bucket-id", type=int, default=127)
     p.add_argument("--noise-aug-strength", type=float, default=0.02)
     p.add_argument("--min-guidance-scale", type=float, default=1.0)
     p.add_argument("--max-guidance-scale", type=float, default=3.0)
     p.add_argument("--decode-chunk-size", type=int, default=None)
+    p.add_argument("--guidance-scale", type=float, default=None, help="text-to-video guidance (default 9.0)")
+    p.add_argument("--negative-prompt", default=None, help="text-to-video negative prompt")
+    p.add_argument("--eta", type=float, default=0.0, help="text-to-video DDIM eta")
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "mindspore", "mindspore_lite"))
     p.add_argument("--device", default=None, help="MindSpore device: CPU, GPU or Ascend")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads")
@@ -34,7 +37,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="render a video from an artifact folder")
     gen.add_argument("artifacts", help="artifact folder written by svd-export")
-    gen.add_argument("--image", required=True, help="conditioning image (path or URL)")
+    gen.add_argument("--image", default=None, help="conditioning image, path or URL (image-to-video artifacts)")
+    gen.add_argument("--prompt", default=None, help="text prompt (text-to-video artifacts)")
     gen.add_argument("--out", required=True, help="output .mp4 or .gif")
     _generate_args(gen)
     demo = sub.add_parser("demo", help="export the bundled tiny model and render a video from the bundled image")
@@ -72,19 +76,48 @@ def serve(args):
     return 0
 
 
-def generate(artifacts, image, out, args):
-    from framegraph.runtime import StableVideoDiffusionPipeline, export_to_video, load_image
+def _image_to_video(artifacts, args):
+    from framegraph.runtime import StableVideoDiffusionPipeline, load_image
 
+    if args.image is None:
+        raise ValueError(f"{artifacts} is an image-to-video artifact: pass --image")
     pipe = StableVideoDiffusionPipeline.from_artifacts(artifacts, backend=args.backend, device=args.device,
                                                        num_threads=args.threads)
     pipe.set_progress_bar_config(desc="generate", unit="step")
-    result = pipe(
-        load_image(image), num_frames=args.num_frames, num_inference_steps=args.steps, generator=args.seed,
-        fps=args.fps, motion_bucket_id=args.motion_bucket_id, noise_aug_strength=args.noise_aug_strength,
+    kwargs = {} if args.steps is None else {"num_inference_steps": args.steps}
+    return pipe(
+        load_image(args.image), num_frames=args.num_frames, generator=args.seed, fps=args.fps,
+        motion_bucket_id=args.motion_bucket_id, noise_aug_strength=args.noise_aug_strength,
         min_guidance_scale=args.min_guidance_scale, max_guidance_scale=args.max_guidance_scale,
-        decode_chunk_size=args.decode_chunk_size, output_type=args.output_type,
-    )
-    return export_to_video(result.frames[0], out, fps=args.fps)
+        decode_chunk_size=args.decode_chunk_size, output_type=args.output_type, **kwargs,
+    ).frames[0]
+
+
+def _text_to_video(artifacts, args):
+    from framegraph.runtime import TextToVideoSDPipeline
+
+    if args.prompt is None:
+        raise ValueError(f"{artifacts} is a text-to-video artifact: pass --prompt")
+    pipe = TextToVideoSDPipeline.from_artifacts(artifacts, backend=args.backend, device=args.device,
+                                                num_threads=args.threads)
+    pipe.set_progress_bar_config(desc="generate", unit="step")
+    kwargs = {k: v for k, v in (("num_frames", args.num_frames), ("num_inference_steps", args.steps),
+                                ("guidance_scale", args.guidance_scale)) if v is not None}
+    return pipe(args.prompt, negative_prompt=args.negative_prompt, eta=args.eta, generator=args.seed,
+                decode_chunk_size=args.decode_chunk_size, output_type=args.output_type, **kwargs).frames[0]
+
+
+GENERATORS = {"stable-video-diffusion": _image_to_video, "text-to-video-sd": _text_to_video}
+
+
+def generate(artifacts, out, args):
+    from framegraph.runtime import export_to_video
+    from framegraph.runtime.manifest import Manifest
+
+    kind = Manifest.load(artifacts).pipeline
+    if kind not in GENERATORS:
+        raise ValueError(f"{artifacts} holds a {kind!r} artifact, which framegraph generate cannot run")
+    return export_to_video(GENERATORS[kind](artifacts, args), out, fps=args.fps)
 
 
 def demo(out):
@@ -100,9 +133,9 @@ def demo(out):
                         "--height", str(DEMO_SIZE), "--width", str(DEMO_SIZE), "--formats", "onnx"])
     if code:
         raise SystemExit(code)
-    args = build_parser().parse_args(["generate", str(artifact), "--image", "x", "--out", "x"])
-    args.steps = 10
-    return generate(artifact, DEMO_MODEL / "input.png", out / "video.mp4", args)
+    args = build_parser().parse_args(["generate", str(artifact), "--image", str(DEMO_MODEL / "input.png"),
+                                      "--out", str(out / "video.mp4"), "--steps", "10"])
+    return generate(artifact, args.out, args)
 
 
 def main(argv=None):
@@ -114,7 +147,7 @@ def main(argv=None):
         if args.command == "demo":
             path = demo(args.out)
         else:
-            path = generate(args.artifacts, args.image, args.out, args)
+            path = generate(args.artifacts, args.out, args)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
