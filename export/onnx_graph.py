@@ -77,6 +77,35 @@ def externalize(model, source_dir, target_dir, weights):
             entry.key, entry.value = key, value
 
 
+def parameters_to_initializers(model, cell, num_inputs, target_dir, weights):
+    """Turn the graph inputs after the first ``num_inputs`` (the cell's parameters) into external initializers."""
+    from onnx import TensorProto, helper
+
+    params = {p.name: p for p in cell.get_parameters()}
+    params.update(dict(cell.parameters_and_names()))
+    rel = os.path.relpath(weights.path, target_dir)
+    graph = model.graph
+    keep = []
+    for i, value in enumerate(graph.input):
+        if i < num_inputs:
+            keep.append(value)
+            continue
+        if value.name not in params:
+            raise RuntimeError(f"exported graph input {value.name!r} is neither a spec input nor a parameter")
+        array = params[value.name].asnumpy()
+        offset, length = weights.add(value.name, array.tobytes())
+        tensor = TensorProto(name=value.name, dims=list(array.shape),
+                             data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                             data_location=TensorProto.EXTERNAL)
+        for key, val in (("location", rel), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, val
+        graph.initializer.append(tensor)
+        del array
+    del graph.input[:]
+    graph.input.extend(keep)
+
+
 def rename_io(model, input_names, output_names):
     """Give the graph's inputs and outputs the spec's names, rewiring every node that uses them."""
     graph = model.graph
@@ -123,11 +152,14 @@ def export_onnx(cell, inputs, path, input_names, output_names, weights):
     raw = stage / "graph.onnx"
     # Names are set here rather than by the exporter, which renames a graph output without renaming the node
     # output that feeds it when that name is shared inside the graph (seen on the temporal VAE decoder).
-    ms.onnx.export(cell, *inputs, file_name=str(raw))
+    # Parameters are exported as graph inputs (export_params=False) and written by ``parameters_to_initializers``
+    # one at a time: the exporter's own weight serialisation holds extra full copies of the weights in memory.
+    ms.onnx.export(cell, *inputs, file_name=str(raw), export_params=False)
     model = onnx.load(str(raw), load_external_data=False)
+    externalize(model, stage, path.parent, weights)  # large constants the exporter folded
+    parameters_to_initializers(model, cell, len(input_names), path.parent, weights)
     rename_io(model, input_names, output_names)
     fix_conv_pads(model)
-    externalize(model, stage, path.parent, weights)
     onnx.save(model, str(path))
     for leftover in stage.iterdir():
         leftover.unlink()
