@@ -26,7 +26,7 @@ def _param(shape, init, name):
 
 def _erf_abs(a):
     """erf(a) for a >= 0 from exp/mul/div only (ONNX-exportable), accurate to 1.5e-7 absolute."""
-    t = ops.ones_like(a) / (1.0 + _ERF_P * a)
+    t = ops.div(1.0, 1.0 + _ERF_P * a)  # a scalar numerator: ones_like would be folded into a full-size constant
     poly = t * (_ERF_A[0] + t * (_ERF_A[1] + t * (_ERF_A[2] + t * (_ERF_A[3] + t * _ERF_A[4]))))
     return 1.0 - poly * ops.exp(-a * a)
 
