@@ -1,0 +1,468 @@
+"""Benchmark diffusers eager (PyTorch CPU, fp32) against framegraph on ONNX Runtime and MindSpore, side by side.
+
+    python scripts/bench.py --model ../shared/configs/svd-xt --height 128 --width 128 --frames 4 --steps 3 \\
+        --json out.json
+
+One run, same random weights for every engine:
+  1. a diffusers-format pipeline with seeded random weights is made from the config folder (``--model``) by
+     ``scripts/make_random_pipeline.py`` into ``WORK/pipeline`` (reused when its configs and seed match);
+  2. it is exported with framegraph (the formats the engines need, at the requested size and frame count) into
+     ``WORK/artifact-HxW-fF-FORMATS``, unless an up-to-date export is there (same pipeline, options and framegraph
+     export/model sources); export time, peak RSS and artifact size are reported. ``--export-mode staged``
+     (default) runs framegraph's export one component per process (its artifact writer reuses the components
+     already exported), ``cli`` runs ``python -m framegraph.export`` once for everything;
+  3. the fp32 GEMM peak of this machine is measured (numpy and torch, 4096^3, best of 5; before and after the
+     engines) and the UNet FLOPs of one denoising step are counted (torch FlopCounterMode, one diffusers UNet call
+     at the guidance batch of 2);
+  4. each engine runs in its own process (``scripts/bench_engines.py``) on the same input image, latents and
+     conditioning-image noise, guidance on; step ends are timed with ``callback_on_step_end``; peak RSS is the
+     process's own (``wait4`` rusage); frames are compared with diffusers'.
+
+Columns: load_s (from_pretrained / from_artifacts + opening the graphs the call uses), first_step_s (call start to
+the end of step 1: includes image / prompt encoding), step_s_median (median of steps 2..N), total_s (pipeline call,
+image in -> frames out, decode included), peak_rss_gb, GFLOP/step (UNet, guidance batch), GFLOP/s
+(GFLOP/step / step_s_median), eff (GFLOP/s / fp32 GEMM GFLOP/s), max|d| (max abs difference of the frames in [0, 1]
+from diffusers').
+
+Real-size models (svd-xt, text-to-video-ms-1.7b) need up to ~10-20 GB per process: on a shared machine run this under
+``flock /tmp/realsize.lock python scripts/bench.py ...`` so that only one real-size job runs at a time.
+Benchmark tool only: needs the ``bench`` extra (torch, diffusers, psutil) and, for export / MindSpore, ``export``.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger("bench")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent
+INPUT_IMAGE = ROOT / "tests" / "fixtures" / "svd-tiny" / "input.png"
+ENGINES = ("diffusers", "onnxruntime", "mindspore")
+ENGINE_FORMAT = {"onnxruntime": "onnx", "mindspore": "mindir"}
+KINDS = {"StableVideoDiffusionPipeline": "svd", "TextToVideoSDPipeline": "t2v"}
+GIB = 1024 ** 3
+DEFAULT_PROMPT = "a squirrel eating a burger in a painting"
+
+
+# -- subprocesses ----------------------------------------------------------------------------------------------
+def run_process(command, timeout=None, env=None):
+    """Run ``command`` in its own process group; return (exit code, wall s, peak RSS GB, timed out).
+
+    Peak RSS comes from ``wait4``: the child's own maximum (and that of its own waited-for children), not the
+    machine's or this process's. On timeout the group gets SIGTERM, then SIGKILL."""
+    logger.info("$ %s", " ".join(map(str, command)))
+    start = time.perf_counter()
+    proc = subprocess.Popen([str(c) for c in command], start_new_session=True, env=env)
+    try:
+        return _wait(proc, start, timeout)
+    except BaseException:  # interrupted: do not leave the worker running in its own session
+        _kill_group(proc.pid, signal.SIGKILL)
+        raise
+
+
+def _wait(proc, start, timeout):
+    timed_out = False
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if timeout is not None and time.perf_counter() - start > timeout and not timed_out:
+            logger.warning("time limit of %.0f s reached: stopping %s", timeout, " ".join(map(str, proc.args[:3])))
+            timed_out = True
+            _kill_group(proc.pid, signal.SIGTERM)
+            deadline = time.perf_counter() + 15
+            while time.perf_counter() < deadline:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                time.sleep(0.2)
+            if not pid:
+                _kill_group(proc.pid, signal.SIGKILL)
+                pid, status, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.2)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, wall, usage.ru_maxrss * 1024 / GIB, timed_out
+
+
+def _kill_group(pid, sig):
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def worker_env(threads):
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[name] = str(threads)
+    return env
+
+
+def run_worker(worker, spec_path, result_path, threads, timeout=None):
+    result_path = Path(result_path)
+    result_path.unlink(missing_ok=True)
+    code, wall, peak, timed_out = run_process(
+        [sys.executable, SCRIPTS / "bench_engines.py", worker, "--spec", spec_path, "--result", result_path],
+        timeout=timeout, env=worker_env(threads))
+    result = json.loads(result_path.read_text()) if result_path.is_file() else {"status": "no result"}
+    if timed_out:
+        result["status"] = f"stopped at the {timeout:.0f} s limit ({result.get('status')})"
+    elif code == -signal.SIGKILL:
+        result["status"] = f"killed by SIGKILL (out of memory? see dmesg) ({result.get('status')})"
+    elif code != 0 and result.get("status") != "failed":
+        result["status"] = f"exit code {code} ({result.get('status')})"
+    result.update(exit_code=code, wall_s=round(wall, 2), peak_rss_gb=round(peak, 3))
+    return result
+
+
+# -- 1. random-weight pipeline ---------------------------------------------------------------------------------
+def make_pipeline(model, folder, seed):
+    stamp = folder / "bench_pipeline.json"
+    before = stamp.stat().st_mtime if stamp.is_file() else None
+    code, wall, peak, _ = run_process([sys.executable, SCRIPTS / "make_random_pipeline.py", model, folder,
+                                       "--seed", seed])
+    if code != 0:
+        raise SystemExit(f"making the random-weight pipeline failed (exit code {code})")
+    reused = before is not None and stamp.stat().st_mtime == before
+    return {"path": str(folder), "seed": seed, "reused": reused, "wall_s": round(wall, 1),
+            "peak_rss_gb": round(peak, 2), "size_gb": round(folder_bytes(folder) / GIB, 3),
+            "stamp": json.loads(stamp.read_text())}
+
+
+# -- 2. export -------------------------------------------------------------------------------------------------
+def framegraph_sources_hash():
+    """sha256 of framegraph's export and model sources (what decides the exported bytes) and its version."""
+    h = hashlib.sha256(metadata.version("framegraph").encode())
+    for sub in ("export", "models", "runtime/manifest.py"):
+        path = ROOT / sub
+        for p in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            h.update(p.relative_to(ROOT).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def export_artifact(args, pipeline, formats):
+    """Reuse an up-to-date artifact holding ``formats`` (or more), else export one holding exactly ``formats``."""
+    base = f"artifact-{args.height}x{args.width}-f{args.frames}"
+    wanted = {"pipeline": pipeline["stamp"], "height": args.height, "width": args.width, "frames": args.frames,
+              "check": args.export_check, "framegraph_sources": framegraph_sources_hash()}
+    for stamp_path in sorted(args.work_dir.glob(f"{base}-*.bench.json")):
+        artifact = stamp_path.with_name(stamp_path.name[:-len(".bench.json")])
+        previous = json.loads(stamp_path.read_text())
+        if (artifact / "manifest.json").is_file() and set(formats) <= set(previous["formats"]) and all(
+                previous.get(k) == v for k, v in wanted.items()):
+            logger.info("reusing the export in %s (same pipeline, options and framegraph sources)", artifact)
+            return {**previous["figures"], "path": str(artifact), "reused": True}
+    artifact = args.work_dir / f"{base}-{'+'.join(sorted(formats))}"
+    stamp_path = artifact.with_name(artifact.name + ".bench.json")
+    if args.skip_export:
+        if not (artifact / "manifest.json").is_file():
+            raise SystemExit(f"--skip-export: {artifact} has no manifest.json; run once without --skip-export")
+        logger.warning("--skip-export: using %s as is (it may not match the pipeline or options)", artifact)
+        return {"path": str(artifact), "reused": True, "up_to_date": False}
+    stamp_path.unlink(missing_ok=True)
+    if args.export_mode == "cli":
+        command = [sys.executable, "-m", "framegraph.export", pipeline["path"], "--out", artifact,
+                   "--frames", args.frames, "--height", args.height, "--width", args.width,
+                   "--formats", ",".join(formats)] + ([] if args.export_check else ["--no-check"])
+        code, wall, peak, timed_out = run_process(command, timeout=args.export_timeout)
+        figures = {"command": " ".join(map(str, command))}
+    else:
+        code, wall, peak, timed_out, figures = staged_export(args, pipeline, artifact, formats)
+    figures.update(export_s=round(wall, 1), peak_rss_gb=round(peak, 2), formats=list(formats),
+                   checked=args.export_check, mode=args.export_mode, exit_code=code)
+    if code != 0:
+        figures["status"] = "timed out" if timed_out else (
+            "killed by SIGKILL (out of memory? see dmesg)" if code == -signal.SIGKILL else f"failed (exit code {code})")
+        logger.error("export %s", figures["status"])
+        return {**figures, "path": str(artifact), "reused": False}
+    figures.update(status="ok", artifact_gb=round(folder_bytes(artifact) / GIB, 3),
+                   artifact_gb_by_format=artifact_sizes(artifact))
+    stamp_path.write_text(json.dumps({**wanted, "formats": list(formats), "figures": figures}, indent=1))
+    return {**figures, "path": str(artifact), "reused": False}
+
+
+def staged_export(args, pipeline, artifact, formats):
+    """framegraph's export, one component per process (``bench_engines.py export``); returns run_process's
+    figures summed (time) and maxed (peak RSS) over the stages, and the per-stage figures."""
+    runs = args.work_dir / "runs"
+    stages, total, peak, stage = [], 0.0, 0.0, 0
+    while True:
+        spec = {"pipeline": pipeline["path"], "out": str(artifact), "frames": args.frames, "height": args.height,
+                "width": args.width, "formats": list(formats), "check": args.export_check, "stage": stage}
+        spec_path = runs / f"export-stage{stage}.json"
+        spec_path.write_text(json.dumps(spec, indent=1))
+        timeout = None if args.export_timeout is None else max(1.0, args.export_timeout - total)
+        r = run_worker("export", spec_path, runs / f"export-stage{stage}.result.json", args.threads, timeout)
+        total += r["wall_s"]
+        peak = max(peak, r["peak_rss_gb"])
+        stages.append({k: r.get(k) for k in ("component", "wall_s", "peak_rss_gb", "status", "error")})
+        logger.info("export stage %d (%s): %.0f s, peak RSS %.2f GB, %s", stage, r.get("component"), r["wall_s"],
+                    r["peak_rss_gb"], r.get("status"))
+        if r.get("status") != "ok":
+            timed_out = "limit" in str(r.get("status"))
+            return r.get("exit_code") or 1, total, peak, timed_out, {"stages": stages}
+        stage += 1
+        if stage >= r["stages"]:
+            return 0, total, peak, False, {"stages": stages}
+
+
+def artifact_sizes(artifact):
+    """Bytes per format from the manifest (shared files counted once per format)."""
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    sizes = {}
+    for fmt in sorted({g["format"] for g in manifest["graphs"]}):
+        files = {f["path"]: f.get("size", 0) for g in manifest["graphs"] if g["format"] == fmt for f in g["files"]}
+        files = {p: (artifact / p).stat().st_size for p in files if (artifact / p).is_file()}
+        sizes[fmt] = round(sum(files.values()) / GIB, 3)
+    return sizes
+
+
+def folder_bytes(path):
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).exists() else 0
+
+
+# -- 3. inputs -------------------------------------------------------------------------------------------------
+def read_config(folder, component):
+    return json.loads((Path(folder) / component / "config.json").read_text())
+
+
+def make_inputs(args, kind, pipeline_dir, runs):
+    """Shared inputs: the conditioning image (resized to the video size), latents, conditioning-image noise."""
+    from PIL import Image
+
+    vae, unet = read_config(pipeline_dir, "vae"), read_config(pipeline_dir, "unet")
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    h, w, f = args.height // scale, args.width // scale, args.frames
+    rng = np.random.default_rng(args.seed)
+    arrays = {}
+    if kind == "svd":
+        arrays["latents"] = rng.standard_normal((1, f, unet["in_channels"] // 2, h, w), dtype=np.float32)
+        arrays["image_noise"] = rng.standard_normal((1, 3, args.height, args.width), dtype=np.float32)
+    else:
+        arrays["latents"] = rng.standard_normal((1, unet["in_channels"], f, h, w), dtype=np.float32)
+    np.savez(runs / "inputs.npz", **arrays)
+    image = runs / "input.png"
+    Image.open(INPUT_IMAGE).convert("RGB").resize((args.width, args.height), Image.BICUBIC).save(image)
+    spec = {
+        "kind": kind, "pipeline": str(pipeline_dir), "height": args.height, "width": args.width, "frames": f,
+        "steps": args.steps, "threads": args.threads, "inputs": str(runs / "inputs.npz"), "image": str(image),
+        "outputs": str(runs), "vae_scale_factor": scale,
+    }
+    if kind == "svd":
+        spec.update(min_guidance_scale=1.0, max_guidance_scale=args.guidance_scale or 3.0)
+    else:
+        spec.update(prompt=args.prompt, guidance_scale=args.guidance_scale or 9.0,
+                    max_length=int(read_config(pipeline_dir, "text_encoder").get("max_position_embeddings", 77)))
+    return spec
+
+
+# -- 4. figures ------------------------------------------------------------------------------------------------
+def derive(engines, gflop_per_step, gemm_peak, steps, reference_result=None):
+    """Add GFLOP/s, efficiency, estimates for unfinished runs and the difference from diffusers' frames
+    (``reference_result``: diffusers' result when it did not run in this invocation)."""
+    reference = _outputs(engines.get("diffusers") or reference_result)
+    for name, r in engines.items():
+        median = r.get("step_s_median")
+        if gflop_per_step and median:
+            r["gflop_per_step"] = gflop_per_step
+            r["gflops"] = round(gflop_per_step / median, 1)
+            if gemm_peak:
+                r["efficiency"] = round(r["gflops"] / gemm_peak, 3)
+        if r.get("status") != "ok" and r.get("first_step_s") is not None:
+            done = r.get("steps_done", 0)
+            r["estimated_denoise_s"] = round(r["first_step_s"] + median * (steps - 1), 1)
+            logger.info("%s finished %d of %d steps; all steps would take about %.0f s (decode not included)",
+                        name, done, steps, r["estimated_denoise_s"])
+        outputs = _outputs(r)
+        if reference is not None and outputs is not None and name != "diffusers":
+            for key in ("frames", "latents"):
+                a, b = outputs[key], reference[key]
+                if a.shape == b.shape:
+                    r[f"max_abs_diff_{key}_vs_diffusers"] = float(np.abs(a - b).max())
+                else:
+                    r[f"max_abs_diff_{key}_vs_diffusers"] = f"shape {list(a.shape)} vs {list(b.shape)}"
+
+
+def earlier_result(path, spec):
+    """An earlier run's result for the same spec (same weights, inputs and settings), else None."""
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    same = {k: v for k, v in (result.get("spec") or {}).items() if k != "artifact"} == {
+        k: v for k, v in spec.items() if k != "artifact"}
+    if result.get("status") != "ok" or not same:
+        return None
+    logger.info("comparing with diffusers' frames from an earlier run (%s)", result.get("frames_file"))
+    return result
+
+
+def _outputs(result):
+    if not result or result.get("status") != "ok" or not result.get("frames_file"):
+        return None
+    with np.load(result["frames_file"]) as data:
+        return {k: data[k] for k in ("frames", "latents")}
+
+
+COLUMNS = [("engine", "engine", "{}"), ("load_s", "load_s", "{:.1f}"), ("first_step_s", "first_step_s", "{:.2f}"),
+           ("step_s_median", "step_s_median", "{:.2f}"), ("total_s", "total_s", "{:.1f}"),
+           ("peak_rss_gb", "peak_rss_gb", "{:.2f}"), ("GFLOP/step", "gflop_per_step", "{:.1f}"),
+           ("GFLOP/s", "gflops", "{:.1f}"), ("eff", "efficiency", "{:.0%}"),
+           ("max|d| vs diffusers", "max_abs_diff_frames_vs_diffusers", "{:.2e}"), ("status", "status", "{}")]
+
+
+def table(engines):
+    rows = [[h for h, _, _ in COLUMNS]]
+    for name, r in engines.items():
+        row = []
+        for header, key, fmt in COLUMNS:
+            value = name if key == "engine" else r.get(key)
+            if name == "diffusers" and key.startswith("max_abs_diff"):
+                value = "(reference)"
+            row.append("-" if value is None else fmt.format(value) if not isinstance(value, str) else value)
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def machine():
+    info = {"cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "loadavg_start": os.getloadavg()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        info["mem_total_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1)
+    except (OSError, ValueError):
+        pass
+    return info
+
+
+def versions():
+    out = {}
+    for name in ("framegraph", "torch", "diffusers", "transformers", "onnxruntime", "mindspore", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+# -- main ------------------------------------------------------------------------------------------------------
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="diffusers-format config folder (model_index.json + component "
+                   "config.json files), e.g. ../shared/configs/svd-xt")
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
+    p.add_argument("--height", type=int, default=128)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--frames", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="threads per engine "
+                   "(default: all cores)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="SVD max_guidance_scale (default 3.0) or "
+                   "text-to-video guidance_scale (default 9.0); must be > 1 (guidance on)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text-to-video prompt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the shared inputs")
+    p.add_argument("--work-dir", type=Path, default=None, help="cache folder (default ./out/bench/MODEL-NAME)")
+    p.add_argument("--skip-export", action="store_true", help="use the artifact in the work dir as it is")
+    p.add_argument("--export-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="let the export check every graph against MindSpore (framegraph's default; slow at real size)")
+    p.add_argument("--export-mode", choices=("staged", "cli"), default="staged",
+                   help="staged (default): framegraph's export with one component per process (the UNet alone), "
+                   "which keeps the peak RSS down; cli: one `python -m framegraph.export` process for everything "
+                   "(at real size its peak RSS can exceed this machine's memory)")
+    p.add_argument("--timeout", type=float, default=None, help="time limit per engine process, seconds; an engine "
+                   "stopped by it reports the steps it finished and an estimate")
+    p.add_argument("--export-timeout", type=float, default=None, help="time limit of the export, seconds")
+    p.add_argument("--json", type=Path, default=None, help="write all figures to this JSON file")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [bench] %(message)s")
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if not engines or set(engines) - set(ENGINES):
+        raise SystemExit(f"--engines must be a subset of {','.join(ENGINES)}, got {args.engines!r}")
+    if args.guidance_scale is not None and args.guidance_scale <= 1:
+        raise SystemExit("--guidance-scale must be > 1: the benchmark runs with classifier-free guidance on")
+    model = Path(args.model).resolve()
+    index = json.loads((model / "model_index.json").read_text())
+    kind = KINDS.get(index.get("_class_name"))
+    if kind is None:
+        raise SystemExit(f"{model}: pipeline class {index.get('_class_name')!r} is not one of {sorted(KINDS)}")
+    name = model.parent.name if model.name == "pipeline" else model.name
+    args.work_dir = (args.work_dir or ROOT / "out" / "bench" / name).resolve()
+    runs = args.work_dir / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    report = {"model": str(model), "kind": kind, "settings": {
+        "height": args.height, "width": args.width, "frames": args.frames, "steps": args.steps,
+        "threads": args.threads, "dtype": "float32", "seed": args.seed, "engines": engines},
+        "machine": machine(), "versions": versions()}
+
+    report["pipeline"] = make_pipeline(model, args.work_dir / "pipeline", args.seed)
+    formats = [ENGINE_FORMAT[e] for e in ENGINES if e in engines and e in ENGINE_FORMAT]
+    if formats:
+        report["export"] = export_artifact(args, report["pipeline"], formats)
+    spec = make_inputs(args, kind, args.work_dir / "pipeline", runs)
+    spec["artifact"] = report.get("export", {}).get("path")
+    report["settings"].update({k: spec[k] for k in spec if "guidance" in k or k == "prompt"})
+    spec_path = runs / "spec.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+
+    gemm = [run_worker("gemm", spec_path, runs / "gemm-before.json", args.threads)]
+    report["unet_flops"] = run_worker("flops", spec_path, runs / "flops.json", args.threads)
+    results = {}
+    for engine in engines:
+        if engine in ENGINE_FORMAT and report["export"].get("status", "ok") != "ok":
+            results[engine] = {"status": f"not run: export {report['export']['status']}"}
+            continue
+        results[engine] = run_worker(engine, spec_path, runs / f"{engine}.json", args.threads, args.timeout)
+    gemm.append(run_worker("gemm", spec_path, runs / "gemm-after.json", args.threads))
+    peaks = [g.get("peak_gflops") for g in gemm if g.get("peak_gflops")]
+    report["gemm"] = {"peak_gflops": max(peaks) if peaks else None, "runs": gemm,
+                      "method": "fp32 4096^3 matmul, numpy and torch, best of 5, before and after the engines"}
+    earlier = None
+    if "diffusers" not in engines:
+        earlier = earlier_result(runs / "diffusers.json", spec)
+        report["diffusers_reference"] = earlier and {k: earlier.get(k) for k in ("frames_file", "finished_at")}
+    derive(results, report["unet_flops"].get("unet_gflop_per_step"), report["gemm"]["peak_gflops"], args.steps,
+           earlier)
+    report["engines"] = results
+    report["machine"]["loadavg_end"] = os.getloadavg()
+
+    export = report.get("export")
+    print(f"\n{kind} {name}: {args.height}x{args.width}, {args.frames} frames, {args.steps} steps, guidance on, "
+          f"fp32, {args.threads} threads; load average {report['machine']['loadavg_start'][0]:.1f} at start")
+    if export:
+        print(f"export ({'reused' if export.get('reused') else 'this run'}): {export.get('export_s', '-')} s, peak "
+              f"RSS {export.get('peak_rss_gb', '-')} GB, artifact {export.get('artifact_gb', '-')} GB "
+              f"{export.get('artifact_gb_by_format', '')} [{export.get('status', 'ok')}]")
+    print(f"fp32 GEMM peak: {report['gemm']['peak_gflops']} GFLOP/s; UNet "
+          f"{report['unet_flops'].get('unet_gflop_per_step')} GFLOP per step (batch 2, FlopCounterMode)\n")
+    print(table(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+        print(f"\nfigures written to {args.json}")
+    return 0 if all(r.get("status") == "ok" for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""Worker side of ``scripts/bench.py``: one engine (or one measurement) per process, so its peak RSS is its own.
+
+    python scripts/bench_engines.py WORKER --spec SPEC.json --result RESULT.json
+
+WORKER is one of:
+  diffusers     diffusers pipeline, PyTorch eager, fp32 (``from_pretrained`` on the random-weight folder)
+  onnxruntime   framegraph runtime on the artifact's ONNX graphs
+  mindspore     framegraph runtime on the artifact's MindIR graphs
+  gemm          fp32 GEMM peak of this machine (numpy and torch, square matmuls, best of a few)
+  flops         UNet FLOPs of one denoising step (torch FlopCounterMode on one diffusers UNet call)
+  export        one stage of a staged framegraph export (one component per process)
+
+The result JSON is rewritten after every stage and step, so a worker stopped by the time limit still leaves what it
+measured. Engines also save their frames and final latents to ``SPEC["outputs"]/ENGINE.npz`` for the comparison.
+torch and diffusers are imported only by the diffusers, gemm and flops workers; MindSpore only by the mindspore
+and export workers.
+"""
+
+import argparse
+import json
+import logging
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger("bench_engines")
+
+GIB = 1024 ** 3
+
+
+def rss_peak_gb():
+    """Peak RSS of this process so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+class Result:
+    """The worker's figures, written atomically to ``path`` whenever they change."""
+
+    def __init__(self, path, **fields):
+        self.path = Path(path)
+        self.data = {"status": "started", **fields}
+        self.write()
+
+    def update(self, **fields):
+        self.data.update(fields)
+        self.write()
+
+    def write(self):
+        self.data["peak_rss_gb_so_far"] = round(rss_peak_gb(), 3)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)
+
+
+class StepTimer:
+    """Times one pipeline call from its start to each step's end (``callback_on_step_end``) and to its return."""
+
+    def __init__(self, result):
+        self.result = result
+        self.start = None
+        self.marks = []
+        self.latents = None
+
+    def begin(self):
+        self.start = time.perf_counter()
+
+    def step(self, latents):
+        self.marks.append(time.perf_counter())
+        self.latents = np.array(latents, dtype=np.float32, copy=True)
+        durations = self.durations()
+        logger.info("step %d: %.2f s", len(durations), durations[-1])
+        self.result.update(step_s=[round(d, 4) for d in durations], steps_done=len(durations), **self.summary())
+
+    def durations(self):
+        times = [self.start] + self.marks
+        return [b - a for a, b in zip(times, times[1:])]
+
+    def summary(self):
+        durations = self.durations()
+        steady = durations[1:] or durations
+        return {"first_step_s": round(durations[0], 3), "step_s_median": round(statistics.median(steady), 3)}
+
+    def end(self):
+        stop = time.perf_counter()
+        return {"total_s": round(stop - self.start, 3), "decode_s": round(stop - self.marks[-1], 3)}
+
+
+# -- engines ---------------------------------------------------------------------------------------------------
+def run_engine(engine, spec, result):
+    inputs = np.load(spec["inputs"])
+    from PIL import Image
+
+    image = Image.open(spec["image"]).convert("RGB") if spec["kind"] == "svd" else None
+    start = time.perf_counter()
+    load = ENGINE_IMPORTS[engine]()  # libraries are imported before the load clock starts
+    result.update(import_s=round(time.perf_counter() - start, 3))
+    start = time.perf_counter()
+    pipe, call = load(spec, inputs, image, result)
+    result.update(load_s=round(time.perf_counter() - start, 3), rss_after_load_gb=round(rss_peak_gb(), 3),
+                  status="loaded")
+    timer = StepTimer(result)
+    timer.begin()
+    frames = call(pipe, timer)
+    result.update(**timer.end(), **timer.summary())
+    frames = np.asarray(frames, dtype=np.float32)
+    out = Path(spec["outputs"]) / f"{engine}.npz"
+    np.savez(out, frames=frames, latents=timer.latents)
+    result.update(status="ok", frames_shape=list(frames.shape), frames_file=str(out), spec=spec,
+                  finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def _import_diffusers():
+    import diffusers  # noqa: F401
+    import torch  # noqa: F401
+
+    return _diffusers
+
+
+def _diffusers(spec, inputs, image, result):
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    if spec["kind"] == "svd":
+        from diffusers import StableVideoDiffusionPipeline as Pipeline
+    else:
+        from diffusers import TextToVideoSDPipeline as Pipeline
+    start = time.perf_counter()
+    pipe = Pipeline.from_pretrained(spec["pipeline"])  # fp32
+    pipe.set_progress_bar_config(disable=True)
+    result.update(from_pretrained_s=round(time.perf_counter() - start, 3), torch=torch.__version__,
+                  torch_threads=torch.get_num_threads())
+    latents = torch.from_numpy(inputs["latents"])
+    if spec["kind"] == "svd":
+        return pipe, lambda p, timer: _diffusers_svd(p, timer, spec, image, latents, inputs["image_noise"])
+
+    def call(p, timer):
+        with torch.no_grad():
+            frames = p(spec["prompt"], height=spec["height"], width=spec["width"], num_frames=spec["frames"],
+                       num_inference_steps=spec["steps"], guidance_scale=spec["guidance_scale"], latents=latents,
+                       output_type="np", callback=lambda i, t, lat: timer.step(lat.numpy()), callback_steps=1).frames
+        return frames
+
+    return pipe, call
+
+
+def _diffusers_svd(pipe, timer, spec, image, latents, image_noise):
+    """diffusers draws the conditioning-image noise with ``randn_tensor(image.shape)`` before the latents (which
+    are given): return the shared ``image_noise`` for that one draw."""
+    import torch
+    from diffusers.pipelines.stable_video_diffusion import pipeline_stable_video_diffusion as module
+
+    original = module.randn_tensor
+    noise = torch.from_numpy(image_noise)
+
+    def randn_tensor(shape, *args, **kwargs):
+        if tuple(shape) == tuple(noise.shape):
+            return noise.clone()
+        raise RuntimeError(f"unexpected random draw of shape {tuple(shape)}: latents should have been given")
+
+    def on_step_end(p, i, t, kwargs):
+        timer.step(kwargs["latents"].numpy())
+        return {}
+
+    module.randn_tensor = randn_tensor
+    try:
+        with torch.no_grad():
+            return pipe(image, height=spec["height"], width=spec["width"], num_frames=spec["frames"],
+                        num_inference_steps=spec["steps"], min_guidance_scale=spec["min_guidance_scale"],
+                        max_guidance_scale=spec["max_guidance_scale"], latents=latents, output_type="np",
+                        callback_on_step_end=on_step_end).frames
+    finally:
+        module.randn_tensor = original
+
+
+def _framegraph(backend):
+    def load(spec, inputs, image, result):
+        from framegraph.runtime import StableVideoDiffusionPipeline, TextToVideoSDPipeline
+
+        cls = StableVideoDiffusionPipeline if spec["kind"] == "svd" else TextToVideoSDPipeline
+        start = time.perf_counter()
+        pipe = cls.from_artifacts(spec["artifact"], backend=backend, num_threads=spec["threads"])
+        pipe.set_progress_bar_config(disable=True)
+        result.update(from_artifacts_s=round(time.perf_counter() - start, 3))
+        # Graphs open lazily on first use; open the ones this call uses now, so that load_s means "ready to run"
+        # on every engine (from_artifacts_s is the lazy part alone).
+        start = time.perf_counter()
+        for name, bucket in _graphs_used(pipe, spec):
+            pipe.artifact.graph(name, **bucket)
+        result.update(open_graphs_s=round(time.perf_counter() - start, 3))
+
+        def call(p, timer):
+            def on_step_end(pipe, i, t, kwargs):
+                timer.step(kwargs["latents"])
+                return {}
+
+            common = dict(height=spec["height"], width=spec["width"], num_frames=spec["frames"],
+                          num_inference_steps=spec["steps"], latents=inputs["latents"], output_type="np",
+                          callback_on_step_end=on_step_end)
+            if spec["kind"] == "svd":
+                return p(image, min_guidance_scale=spec["min_guidance_scale"],
+                         max_guidance_scale=spec["max_guidance_scale"], image_noise=inputs["image_noise"],
+                         **common).frames
+            return p(spec["prompt"], guidance_scale=spec["guidance_scale"], **common).frames
+
+        return pipe, call
+
+    return load
+
+
+def _graphs_used(pipe, spec):
+    h, w, f = spec["height"], spec["width"], spec["frames"]
+    batch = pipe.batch
+    unet = ("unet", {"num_frames": f, "batch": 2 * batch, "height": h, "width": w})  # guidance on: 2x batch
+    if spec["kind"] == "svd":
+        return [("image_encoder", {"batch": batch}), ("vae_encoder", {"batch": batch, "height": h, "width": w}),
+                unet, ("vae_decoder", {"chunk": f, "height": h, "width": w})]
+    chunk = max(pipe.artifact.buckets("vae_decoder", "chunk"))
+    return [("text_encoder", {"batch": batch}), unet, ("vae_decoder", {"chunk": chunk, "height": h, "width": w})]
+
+
+def _import_framegraph(backend):
+    def load():
+        import framegraph.runtime.pipelines.stable_video_diffusion  # noqa: F401
+        import framegraph.runtime.pipelines.text_to_video_synth  # noqa: F401
+        import onnxruntime  # noqa: F401
+
+        if backend == "mindspore":
+            import mindspore  # noqa: F401
+        return _framegraph(backend)
+
+    return load
+
+
+ENGINES = ("diffusers", "onnxruntime", "mindspore")
+ENGINE_IMPORTS = {
+    "diffusers": _import_diffusers,
+    "onnxruntime": _import_framegraph("onnxruntime"),
+    "mindspore": _import_framegraph("mindspore"),
+}
+
+
+# -- measurements ----------------------------------------------------------------------------------------------
+def run_gemm(spec, result, n=4096, repeats=5):
+    """Best-of-``repeats`` fp32 ``n``^3 matmul with numpy's BLAS and with torch (2 n^3 FLOP each)."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    flop = 2.0 * n ** 3
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    figures = {}
+    for name, matmul in (("numpy", lambda: a @ b), ("torch", lambda: torch.mm(ta, tb))):
+        matmul()  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            matmul()
+            best = min(best, time.perf_counter() - start)
+        figures[f"{name}_gflops"] = round(flop / best / 1e9, 1)
+        logger.info("%s %d^3 fp32 matmul: best %.3f s, %.1f GFLOP/s", name, n, best, flop / best / 1e9)
+    result.update(n=n, repeats=repeats, threads=spec["threads"], **figures,
+                  peak_gflops=max(figures.values()), status="ok")
+
+
+def run_flops(spec, result):
+    """Count one UNet call at the step's batch (2 with guidance on) with torch's FlopCounterMode.
+
+    Attention runs through diffusers' ``AttnProcessor`` (explicit baddbmm/bmm) for the count, because the counter
+    has no formula for the CPU SDPA kernel (``_scaled_dot_product_flash_attention_for_cpu``) and would leave the
+    attention matmuls out. Counted: matmul, bmm/baddbmm, addmm and convolutions, 2 FLOP per multiply-add; element-
+    wise ops (norms, activations, softmax) are not counted."""
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.set_num_threads(spec["threads"])
+    folder = Path(spec["pipeline"]) / "unet"
+    h, w, f = spec["height"] // spec["vae_scale_factor"], spec["width"] // spec["vae_scale_factor"], spec["frames"]
+    batch = 2  # classifier-free guidance: the unconditional and conditional halves run as one batch
+    if spec["kind"] == "svd":
+        from diffusers import UNetSpatioTemporalConditionModel as UNet
+
+        unet = UNet.from_pretrained(folder).eval()  # fp32
+        config = unet.config
+        args = (torch.randn(batch, f, config.in_channels, h, w), torch.tensor(1.0))
+        kwargs = {"encoder_hidden_states": torch.randn(batch, 1, config.cross_attention_dim),
+                  "added_time_ids": torch.tensor([[6.0, 127.0, 0.02]] * batch)}
+    else:
+        from diffusers import UNet3DConditionModel as UNet
+
+        unet = UNet.from_pretrained(folder).eval()  # fp32
+        config = unet.config
+        args = (torch.randn(batch, config.in_channels, f, h, w), torch.tensor(999))
+        kwargs = {"encoder_hidden_states": torch.randn(batch, spec["max_length"], config.cross_attention_dim)}
+    unet.set_attn_processor(AttnProcessor())
+    counter = FlopCounterMode(display=False)
+    start = time.perf_counter()
+    with torch.no_grad(), counter:
+        unet(*args, **kwargs, return_dict=False)
+    by_op = {str(op): n / 1e9 for op, n in counter.get_flop_counts()["Global"].items()}
+    total = counter.get_total_flops() / 1e9
+    logger.info("UNet batch %d: %.1f GFLOP (%s)", batch, total, ", ".join(f"{k} {v:.1f}" for k, v in by_op.items()))
+    result.update(unet_gflop_per_step=round(total, 2), unet_batch=batch, by_op_gflop={k: round(v, 2) for k, v in
+                  by_op.items()}, forward_s=round(time.perf_counter() - start, 2),
+                  parameters_m=round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
+                  method="torch.utils.flop_counter.FlopCounterMode on one diffusers UNet forward at batch 2 "
+                         "(AttnProcessor, so attention bmm is counted); 2 FLOP per MAC; elementwise ops not counted",
+                  status="ok")
+
+
+def run_export(spec, result):
+    """One stage of a staged export: framegraph's recipe cut to its first ``stage + 1`` components.
+
+    framegraph's artifact writer reuses the graphs of components that an artifact with the same options already
+    holds, so stage k finds stages 0..k-1 done and builds only component k: each component (CLIP, VAE, UNet) is
+    built and exported in a process of its own, which keeps the peak RSS at that of the biggest component."""
+    from framegraph.export.components import PipelineFolder
+    from framegraph.export.pipeline_export import ExportOptions, export_pipeline
+    from framegraph.export.registry import recipe_for
+
+    pipeline = PipelineFolder(spec["pipeline"])
+    options = ExportOptions(frames=[spec["frames"]], height=spec["height"], width=spec["width"],
+                            formats=tuple(spec["formats"]), check=spec["check"])
+    recipe = recipe_for(pipeline, options)
+    stage = spec["stage"]
+    result.update(stages=len(recipe.components), component=recipe.components[stage][0])
+    # The artifact fingerprint hashes the weights of the recipe's components: hash all of them at every stage, so
+    # that the stages share one fingerprint (and the last manifest names the whole pipeline's weights).
+    every = [component for component, _ in recipe.components]
+    full_hash = pipeline.weights_hash(every)
+    pipeline.weights_hash = lambda components: full_hash
+    recipe.components = recipe.components[:stage + 1]
+    names = {name for _, factories in recipe.components for name in factories}
+    recipe.plan = [(name, bucket) for name, bucket in recipe.plan if name in names]
+    start = time.perf_counter()
+    export_pipeline(pipeline, spec["out"], options, recipe, source_name=spec["pipeline"])
+    result.update(export_s=round(time.perf_counter() - start, 2), status="ok")
+
+
+WORKERS = {"gemm": run_gemm, "flops": run_flops, "export": run_export}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("worker", choices=sorted(ENGINES) + sorted(WORKERS))
+    p.add_argument("--spec", required=True, help="JSON written by bench.py")
+    p.add_argument("--result", required=True, help="JSON file to write the figures to")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{args.worker}] %(message)s")
+    spec = json.loads(Path(args.spec).read_text())
+    result = Result(args.result, worker=args.worker, pid=os.getpid())
+    try:
+        if args.worker in ENGINES:
+            run_engine(args.worker, spec, result)
+        else:
+            WORKERS[args.worker](spec, result)
+    except Exception as exc:
+        logger.exception("%s failed", args.worker)
+        result.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
