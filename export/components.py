@@ -75,6 +75,12 @@ class PipelineFolder:
             return net
         return loading.load_component(cls, self.folder / component, self.variant, self.dtype)
 
+    def parameter_bytes(self, component):
+        """Memory the component's parameters take once built (from shapes only; nothing is allocated)."""
+        cls = model_class(self.class_name(component))
+        net = loading.build_uninitialised(cls, self.config(component))
+        return loading.count_parameters(net) * (2 if self.dtype == "float16" else 4)
+
     def weights_hash(self, components):
         """sha256 over the components' configs and weight files (or configs + seed for random weights)."""
         h = hashlib.sha256()

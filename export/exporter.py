@@ -36,12 +36,16 @@ class ExportedGraph:
     label: str
 
 
-def export_component(writer, spec, make_cell, buckets, formats, dtype, run_check=True, progress=None):
-    """Export ``make_cell(bucket)`` (a MindSpore cell) for every bucket in every format into ``writer``."""
+def export_component(writer, spec, make_cell, buckets, formats, dtype, run_check=True, progress=None, weights=None):
+    """Export ``make_cell(bucket)`` (a MindSpore cell) for every bucket in every format into ``writer``.
+
+    ``weights``: the SharedWeights the ONNX graphs write into (default: a new ``<name>/weights.bin``).
+    """
     import mindspore as ms
 
     name = spec.name
-    weights = SharedWeights(writer.path(f"{name}/weights.bin")) if "onnx" in formats else None
+    if weights is None and "onnx" in formats:
+        weights = SharedWeights(writer.path(f"{name}/weights.bin"))
     exported = []
     for bucket in buckets:
         tag = bucket_tag(bucket)
@@ -63,20 +67,29 @@ def export_component(writer, spec, make_cell, buckets, formats, dtype, run_check
             exported.append(ExportedGraph(entry, files, inputs, reference, f"{name}[{tag}].{fmt}"))
             if progress:
                 progress(f"{name}[{tag}].{fmt}")
+    if weights is not None:
+        weights.save_index()
     return exported
 
 
-def check_exported(writer, exported, dtype, run_check=True):
-    """Run every exported graph on its sample inputs, compare with the reference, and hash its files."""
+def check_graph(graph, dtype):
+    """Run one exported graph on its sample inputs; returns its scaled max error against the reference."""
+    entry = graph.entry
+    if entry.format == "onnx":
+        outputs = check.run_onnx(graph.files[0], [t.name for t in entry.inputs], graph.inputs)
+    else:
+        outputs = check.run_mindir(graph.files[0], graph.inputs)
+    return check.compare(graph.label, outputs, graph.reference, dtype)
+
+
+def check_exported(writer, exported, dtype, run_check=True, run=None):
+    """Check every exported graph (``run(check_graph, graph, dtype)`` where given, e.g. in a child process) and
+    hash its files."""
     entries = []
     for graph in exported:
         entry = graph.entry
         if run_check:
-            if entry.format == "onnx":
-                outputs = check.run_onnx(graph.files[0], [t.name for t in entry.inputs], graph.inputs)
-            else:
-                outputs = check.run_mindir(graph.files[0], graph.inputs)
-            entry.max_abs_error = check.compare(graph.label, outputs, graph.reference, dtype)
+            entry.max_abs_error = run(check_graph, graph, dtype) if run else check_graph(graph, dtype)
         entry.files = [writer.entry(p) for p in graph.files]
         entries.append(entry)
     return entries

@@ -7,6 +7,7 @@ the graph file so the artifact folder can be moved.
 """
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -20,11 +21,25 @@ STANDARD_DOMAINS = ("", "ai.onnx")
 class SharedWeights:
     """An append-only external-data file: each distinct tensor (name + bytes) is written once."""
 
-    def __init__(self, path):
+    def __init__(self, path, index_path=None):
+        """``index_path``: where the index is kept between processes (isolated exports append to one file from
+        several child processes); an existing index resumes the file instead of starting it empty."""
         self.path = Path(path)
+        self.index_path = Path(index_path) if index_path else None
         self.index = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_bytes(b"")
+        if self.index_path is not None and self.index_path.is_file() and self.path.is_file():
+            entries = json.loads(self.index_path.read_text(encoding="utf-8"))
+            self.index = {(e["name"], e["sha256"]): (e["offset"], e["length"]) for e in entries}
+        else:
+            self.path.write_bytes(b"")
+
+    def save_index(self):
+        if self.index_path is None:
+            return
+        entries = [{"name": n, "sha256": h, "offset": o, "length": ln} for (n, h), (o, ln) in self.index.items()]
+        self.index_path.parent.mkdir(parents=True, exist_ok=True)
+        self.index_path.write_text(json.dumps(entries), encoding="utf-8")
 
     def add(self, name, data):
         key = (name, hashlib.sha256(data).hexdigest())

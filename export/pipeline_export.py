@@ -11,6 +11,7 @@ import logging
 import shutil
 
 from framegraph import __version__
+from framegraph.export import isolated
 from framegraph.export.artifact import ArtifactWriter
 from framegraph.export.exporter import check_exported, export_component, planned_keys
 from framegraph.runtime.manifest import FORMATS, Manifest
@@ -28,10 +29,12 @@ class ExportOptions:
     dtype: str = "float32"
     decode_chunk_sizes: list = None
     check: bool = True
+    isolate: str = "auto"  # export components in child processes: auto (large ones), always, never
 
     def fingerprint(self, source_hash):
         fields = dataclasses.asdict(self)
         fields.pop("check")
+        fields.pop("isolate")
         fields["formats"] = list(fields["formats"])
         return json.dumps({"framegraph": __version__, "source": source_hash, **fields}, sort_keys=True)
 
@@ -66,6 +69,8 @@ def validate_options(options, size_multiple, folder):
         raise ValueError(f"--formats must be a subset of {','.join(FORMATS)}; got {','.join(options.formats)}")
     if options.dtype not in ("float32", "float16"):
         raise ValueError(f"--dtype must be float32 or float16, got {options.dtype}")
+    if options.isolate not in isolated.ISOLATE_MODES:
+        raise ValueError(f"--isolate must be one of {', '.join(isolated.ISOLATE_MODES)}, got {options.isolate!r}")
 
 
 def export_pipeline(pipeline, out, options, recipe, source_name=None, progress=None):
@@ -86,6 +91,7 @@ def export_pipeline(pipeline, out, options, recipe, source_name=None, progress=N
                 shutil.copytree(source, writer.path(rel), dirs_exist_ok=True)
             elif source.is_file():
                 shutil.copy2(source, writer.path(rel))
+        shutil.rmtree(writer.stage / isolated.SCRATCH, ignore_errors=True)
         manifest = _manifest(pipeline, recipe, options, graphs, source_name, source_hash, writer)
         return writer.commit(manifest)
     except BaseException:
@@ -103,11 +109,16 @@ def _component_graphs(writer, pipeline, component, factories, recipe, options, p
             for _ in entries if progress else ():
                 progress(f"{name} (reused)")
     exported = []
-    if len(reused) < len(factories):
+    todo = [name for name in factories if name not in reused]
+    in_child = bool(todo) and isolated.should_isolate(pipeline, component, options.isolate)
+    if in_child:
+        exported = isolated.export_isolated(pipeline, options, writer.stage, component, todo, wanted, progress)
+    elif todo:
         exported = _export_built(writer, pipeline.build(component), factories, reused, recipe, wanted, options,
                                  progress)
         gc.collect()  # the MindSpore model is freed before its graphs are loaded for the check
-    checked = check_exported(writer, exported, options.dtype, options.check)
+    run = isolated.run_check_in_child if in_child else None
+    checked = check_exported(writer, exported, options.dtype, options.check, run)
     return [e for name in factories for e in reused.get(name, [])] + checked
 
 

@@ -1,4 +1,8 @@
-"""Run a command and report its wall time, the peak RSS of its process tree and the size of an output folder.
+"""Run a command and report its wall time, its peak memory and the size of an output folder.
+
+Peak memory is reported two ways: ``peak_rss_gb``, the largest sum of RSS over the whole process tree (sampled
+every 0.2 s with psutil, so the command's child processes count together), and ``max_process_rss_gb``, the
+largest RSS of any single process (exact, from the kernel's accounting).
 
     python scripts/measure.py --size-of OUT -- svd-export --random-weights ../shared/configs/svd-xt --out OUT ...
 """
@@ -20,6 +24,24 @@ def folder_bytes(path):
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
+def tree_rss(pid):
+    """RSS in bytes of ``pid`` and all its descendants (0 if psutil is missing or the process is gone)."""
+    try:
+        import psutil
+
+        root = psutil.Process(pid)
+        procs = [root] + root.children(recursive=True)
+    except Exception:  # noqa: BLE001 -- psutil missing or the process ended between samples
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except Exception:  # noqa: BLE001 -- a child ended while sampling
+            pass
+    return total
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-of", default=None, help="folder whose size to report after the command")
@@ -29,11 +51,17 @@ def main(argv=None):
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
-    code = subprocess.call(command)
+    proc = subprocess.Popen(command)
+    tree_peak = 0
+    while proc.poll() is None:
+        tree_peak = max(tree_peak, tree_rss(proc.pid))
+        time.sleep(0.2)
+    code = proc.returncode
     wall = time.perf_counter() - start
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     figures = {"command": " ".join(command), "exit_code": code, "wall_s": round(wall, 1),
-               "peak_rss_gb": round(peak_kb / 1024 ** 2, 2)}
+               "peak_rss_gb": round(max(tree_peak, peak_kb * 1024) / 1024 ** 3, 2),
+               "max_process_rss_gb": round(peak_kb / 1024 ** 2, 2)}
     if args.size_of:
         figures["size_gb"] = round(folder_bytes(args.size_of) / 1024 ** 3, 3)
     logger.info(json.dumps(figures, indent=1))

@@ -31,3 +31,16 @@ def onnx_roundtrip(net, inputs, path):
     session = ort.InferenceSession(stem + ".onnx", providers=["CPUExecutionProvider"])
     feeds = {i.name: x for i, x in zip(session.get_inputs(), inputs)}
     return session.run(None, feeds), stem + ".onnx"
+
+
+def fail_with_value_error(text):
+    """Run in an export child process by the isolation tests: an ordinary error."""
+    raise ValueError(text)
+
+
+def kill_own_process():
+    """Run in an export child process by the isolation tests: a death without an error, as the OOM killer does."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,63 @@
+"""Exporting components in child processes (``--isolate``), which real-size exports need to fit in memory."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from framegraph.runtime.manifest import Manifest
+
+
+def test_isolated_export_equals_in_process_export(t2v_artifact, t2v_tiny, tmp_path):
+    from conftest import T2V_EXPORT
+    from framegraph.export.components import PipelineFolder
+    from framegraph.export.pipeline_export import ExportOptions
+    from framegraph.export.t2v import export_t2v
+
+    options = ExportOptions(formats=("onnx",), isolate="always", **T2V_EXPORT)
+    out = export_t2v(PipelineFolder(t2v_tiny), tmp_path / "isolated", options)
+    isolated, in_process = Manifest.load(out), Manifest.load(t2v_artifact)
+    assert not (out / ".scratch").exists()
+    onnx_graphs = [g for g in in_process.graphs if g.format == "onnx"]
+    assert sorted(g.key for g in isolated.graphs) == sorted(g.key for g in onnx_graphs)
+    for reference in onnx_graphs:
+        graph = isolated.find(reference.name, "onnx", **reference.bucket)
+        assert graph.max_abs_error is not None and graph.max_abs_error <= graph.tolerance
+        # children rebuilt the same weights and appended to one shared weights file, in the same order
+        weights = {f.path: f.sha256 for f in graph.files if f.path.endswith("weights.bin")}
+        assert weights == {f.path: f.sha256 for f in reference.files if f.path.endswith("weights.bin")}
+        feeds = {t.name: np.random.default_rng(0).standard_normal(t.shape).astype(t.dtype) for t in graph.inputs}
+        if graph.name == "text_encoder":
+            feeds = {t.name: np.arange(np.prod(t.shape)).reshape(t.shape).astype(t.dtype) % 50 for t in graph.inputs}
+        ours = ort.InferenceSession(str(out / graph.main_file)).run(None, feeds)
+        theirs = ort.InferenceSession(str(t2v_artifact / reference.main_file)).run(None, feeds)
+        for a, b in zip(ours, theirs):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_child_error_is_raised_in_the_parent():
+    from framegraph.export.isolated import run_in_child
+    from helpers import fail_with_value_error
+
+    with pytest.raises(ValueError, match="bad bucket 7"):
+        run_in_child("a test", fail_with_value_error, "bad bucket 7")
+
+
+def test_killed_child_is_reported_with_the_graph_and_signal():
+    from framegraph.export.isolated import ExportChildDied, run_in_child
+    from helpers import kill_own_process
+
+    with pytest.raises(ExportChildDied, match=r"unet\[f4\]\.mindir was killed by SIGKILL.*out of memory"):
+        run_in_child("unet[f4].mindir", kill_own_process)
+
+
+def test_auto_isolates_only_large_components(svd_tiny, monkeypatch):
+    from framegraph.export import isolated
+    from framegraph.export.components import PipelineFolder
+
+    pipeline = PipelineFolder(svd_tiny)
+    assert not isolated.should_isolate(pipeline, "unet", "auto")
+    assert isolated.should_isolate(pipeline, "unet", "always")
+    assert not isolated.should_isolate(pipeline, "unet", "never")
+    monkeypatch.setattr(isolated, "AUTO_MIN_BYTES", pipeline.parameter_bytes("unet"))
+    assert isolated.should_isolate(pipeline, "unet", "auto")
+    assert not isolated.should_isolate(pipeline, "vae", "auto")
