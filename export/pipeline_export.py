@@ -52,6 +52,7 @@ class Recipe:
     defaults: dict
     copied_files: tuple
     size_multiple: int
+    required_files: tuple = ()  # copied files the runtime cannot work without
 
 
 def validate_options(options, size_multiple, folder):
@@ -79,6 +80,7 @@ def export_pipeline(pipeline, out, options, recipe, source_name=None, progress=N
 
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     validate_options(options, recipe.size_multiple, pipeline.folder)
+    _check_required_files(pipeline, recipe)
     source_hash = pipeline.weights_hash([c for c, _ in recipe.components])
     writer = ArtifactWriter(out, options.fingerprint(source_hash))
     try:
@@ -97,6 +99,19 @@ def export_pipeline(pipeline, out, options, recipe, source_name=None, progress=N
     except BaseException:
         writer.abort()
         raise
+
+
+def _check_required_files(pipeline, recipe):
+    missing = [rel for rel in recipe.required_files if not (pipeline.folder / rel).exists()]
+    if not missing:
+        return
+    if not pipeline.random_weights:
+        raise FileNotFoundError(
+            f"{pipeline.folder} has no {', '.join(missing)}, which the runtime needs; export the complete "
+            "diffusers folder (as saved by save_pretrained or downloaded from the hub)"
+        )
+    logger.warning("%s has no %s: the artifact will lack it (random weights, for benchmarks); copy it into the "
+                   "artifact folder to use it", pipeline.folder, ", ".join(missing))
 
 
 def _component_graphs(writer, pipeline, component, factories, recipe, options, progress):

@@ -56,6 +56,7 @@ def t2v_recipe(pipeline, options):
             "num_frames": default_frames if default_frames in options.frames else options.frames[0],
         },
         copied_files=COPIED_FILES,
+        required_files=("tokenizer",),
         size_multiple=dims["vae_scale_factor"] * 2 ** dims["unet_downsamples"],
     )
 

@@ -117,3 +117,42 @@ def test_prompt_type_is_checked(t2v_artifact):
         pipe(123, num_frames=4, num_inference_steps=1)
     with pytest.raises(ValueError, match="prompt"):
         pipe(num_frames=4, num_inference_steps=1)
+
+
+def test_artifact_without_tokenizer_runs_from_embeddings_and_says_why_prompts_fail(t2v_artifact, t2v_golden,
+                                                                                 tmp_path):
+    """A --random-weights export from a config folder (no tokenizer/) still runs from prompt embeddings."""
+    import shutil
+
+    from framegraph.runtime import TextToVideoSDPipeline
+
+    art = tmp_path / "no-tokenizer"
+    shutil.copytree(t2v_artifact, art)
+    shutil.rmtree(art / "tokenizer")
+    manifest = Manifest.load(art)
+    manifest.files = [f for f in manifest.files if not f.path.startswith("tokenizer/")]
+    manifest.save(art)
+    with_tokenizer = TextToVideoSDPipeline.from_artifacts(t2v_artifact, verify=False)
+    pipe = TextToVideoSDPipeline.from_artifacts(art)
+    with pytest.raises(ValueError, match="no tokenizer.*prompt_embeds"):
+        pipe("a prompt", num_frames=4, num_inference_steps=1)
+    embeds, negative = with_tokenizer.encode_prompt(META["prompt"], True)
+    call = dict(META["pipeline_call"], latents=t2v_golden["pipeline.latents"])
+    out = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, **call).frames
+    assert np.abs(out - t2v_golden["pipeline.frames_ddim"]).max() <= 2e-3
+
+
+def test_export_without_tokenizer_fails_before_building_unless_random_weights(t2v_tiny, tmp_path):
+    import shutil
+
+    from framegraph.export.components import PipelineFolder
+    from framegraph.export.pipeline_export import ExportOptions
+    from framegraph.export.t2v import export_t2v
+
+    folder = tmp_path / "pipeline"
+    shutil.copytree(t2v_tiny, folder)
+    shutil.rmtree(folder / "tokenizer")
+    options = ExportOptions(formats=("onnx",), frames=[4], height=32, width=32)
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        export_t2v(PipelineFolder(folder), tmp_path / "art", options)
+    assert not (tmp_path / "art").exists() and not list(tmp_path.glob(".art.partial-*"))

@@ -41,7 +41,11 @@ class TextToVideoSDPipeline:
         options = {k: v for k, v in (("providers", providers), ("device", device), ("num_threads", num_threads))
                    if v is not None}
         artifact = Artifact(path, PIPELINE_KIND, backend, verify=verify, **options)
-        tokenizer = CLIPTokenizer.from_pretrained(str(artifact.path / "tokenizer"))
+        folder = artifact.path / "tokenizer"
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder)) if folder.is_dir() else None
+        if tokenizer is None:
+            logger.warning("%s has no tokenizer/: prompts cannot be encoded, pass prompt_embeds and "
+                           "negative_prompt_embeds", artifact.path)
         return cls(artifact, load_scheduler(artifact.manifest.scheduler), tokenizer)
 
     def set_progress_bar_config(self, **kwargs):
@@ -50,6 +54,12 @@ class TextToVideoSDPipeline:
     # -- prompt ------------------------------------------------------------------------------------------------
     def _tokens(self, texts):
         max_length = self.artifact.constants["max_length"]
+        if self.tokenizer is None:
+            raise ValueError(
+                f"{self.artifact.path} has no tokenizer/ (it was exported from a folder without one, e.g. with "
+                "--random-weights from a config folder): pass prompt_embeds and negative_prompt_embeds, or copy a "
+                f"CLIP tokenizer folder to {self.artifact.path / 'tokenizer'}"
+            )
         with self._tokenizer_lock:
             ids = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
                                  return_tensors="np").input_ids
