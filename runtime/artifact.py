@@ -1,5 +1,6 @@
 """An opened artifact folder: manifest checked, files verified, graphs opened lazily on one backend."""
 
+import gc
 import logging
 import threading
 from pathlib import Path
@@ -9,9 +10,15 @@ from framegraph.runtime.manifest import ArtifactError, Manifest, verify_files
 logger = logging.getLogger(__name__)
 
 class Artifact:
-    """``Artifact(path, pipeline_kind, backend)``; ``graph(name, **bucket)`` returns a callable graph."""
+    """``Artifact(path, pipeline_kind, backend)``; ``graph(name, **bucket)`` returns a callable graph.
 
-    def __init__(self, path, pipeline_kind, backend="onnxruntime", verify=True, **backend_options):
+    Graphs are opened on first use and stay open. With ``low_memory=True`` only the graph last asked for stays
+    open: asking for another closes it first (the compiled analogue of diffusers' model CPU offload). The peak
+    memory is then that of the largest graph instead of the sum, at the cost of reopening the graphs on each call.
+    """
+
+    def __init__(self, path, pipeline_kind, backend="onnxruntime", verify=True, low_memory=False,
+                 **backend_options):
         from framegraph.runtime.backends import load_backend
 
         self.path = Path(path)
@@ -37,6 +44,7 @@ class Artifact:
         verify_files(self.path, files.values(), check_hash=verify)
         self._graphs = {}
         self._lock = threading.Lock()
+        self.low_memory = bool(low_memory)
 
     @property
     def constants(self):
@@ -60,6 +68,19 @@ class Artifact:
         entry = self.manifest.find(name, self.format, **bucket)
         with self._lock:
             if entry.key not in self._graphs:
+                if self.low_memory and self._graphs:
+                    self.close()
                 logger.info("opening %s", entry.key)
                 self._graphs[entry.key] = self.backend.open(self.path, entry)
             return self._graphs[entry.key]
+
+    def open_graphs(self):
+        """Keys of the graphs open now."""
+        return sorted(self._graphs)
+
+    def close(self):
+        """Close every open graph (a graph still running in another thread finishes first)."""
+        if self._graphs:
+            logger.info("closing %s", ", ".join(sorted(self._graphs)))
+        self._graphs.clear()
+        gc.collect()

@@ -6,17 +6,18 @@
 One run, same random weights for every engine:
   1. a diffusers-format pipeline with seeded random weights is made from the config folder (``--model``) by
      ``scripts/make_random_pipeline.py`` into ``WORK/pipeline`` (reused when its configs and seed match);
-  2. it is exported with framegraph (the formats the engines need, at the requested size and frame count) into
-     ``WORK/artifact-HxW-fF-FORMATS``, unless an up-to-date export is there (same pipeline, options and framegraph
-     export/model sources); export time, peak RSS and artifact size are reported. ``--export-mode staged``
-     (default) runs framegraph's export one component per process (its artifact writer reuses the components
-     already exported), ``cli`` runs ``python -m framegraph.export`` once for everything;
+  2. it is exported with framegraph (``python -m framegraph.export``, which exports the large components in child
+     processes) into ``WORK/artifact-HxW-fFRAMES-FORMAT``: ONNX with the measured frame bucket and a second one
+     (``--second-frames``), MindIR with the measured one; an up-to-date export (same pipeline, options and framegraph
+     export/model sources) is reused. Export time, peak RSS (process tree) and artifact size are reported;
   3. the fp32 GEMM peak of this machine is measured (numpy and torch, 4096^3, best of 5; before and after the
      engines) and the UNet FLOPs of one denoising step are counted (torch FlopCounterMode, one diffusers UNet call
      at the guidance batch of 2);
   4. each engine runs in its own process (``scripts/bench_engines.py``) on the same input image, latents and
      conditioning-image noise, guidance on; step ends are timed with ``callback_on_step_end``; peak RSS is the
-     process's own (``wait4`` rusage); frames are compared with diffusers'.
+     process tree's (sampled) or the largest process's (``wait4`` rusage), whichever is larger; frames are compared
+     with diffusers'. ``onnxruntime-lowmem`` is framegraph with ``low_memory=True``; ``onnxruntime-2buckets`` also
+     opens (and runs once) the second frame bucket's UNet, to show what a second bucket costs in memory.
 
 Columns: load_s (from_pretrained / from_artifacts + opening the graphs the call uses), first_step_s (call start to
 the end of step 1: includes image / prompt encoding), step_s_median (median of steps 2..N), total_s (pipeline call,
@@ -34,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,13 +45,17 @@ from pathlib import Path
 
 import numpy as np
 
+from measure import tree_rss
+
 logger = logging.getLogger("bench")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent
 INPUT_IMAGE = ROOT / "tests" / "fixtures" / "svd-tiny" / "input.png"
-ENGINES = ("diffusers", "onnxruntime", "mindspore")
-ENGINE_FORMAT = {"onnxruntime": "onnx", "mindspore": "mindir"}
+ENGINES = ("diffusers", "onnxruntime", "onnxruntime-lowmem", "onnxruntime-2buckets", "mindspore")
+DEFAULT_ENGINES = ("diffusers", "onnxruntime", "onnxruntime-lowmem", "onnxruntime-2buckets", "mindspore")
+ENGINE_FORMAT = {"onnxruntime": "onnx", "onnxruntime-lowmem": "onnx", "onnxruntime-2buckets": "onnx",
+                 "mindspore": "mindir"}
 KINDS = {"StableVideoDiffusionPipeline": "svd", "TextToVideoSDPipeline": "t2v"}
 GIB = 1024 ** 3
 DEFAULT_PROMPT = "a squirrel eating a burger in a painting"
@@ -64,6 +70,7 @@ def run_process(command, timeout=None, env=None):
     logger.info("$ %s", " ".join(map(str, command)))
     start = time.perf_counter()
     proc = subprocess.Popen([str(c) for c in command], start_new_session=True, env=env)
+    proc.tree_peak = 0
     try:
         return _wait(proc, start, timeout)
     except BaseException:  # interrupted: do not leave the worker running in its own session
@@ -91,10 +98,11 @@ def _wait(proc, start, timeout):
                 _kill_group(proc.pid, signal.SIGKILL)
                 pid, status, usage = os.wait4(proc.pid, 0)
             break
+        proc.tree_peak = max(proc.tree_peak, tree_rss(proc.pid))
         time.sleep(0.2)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, wall, usage.ru_maxrss * 1024 / GIB, timed_out
+    return proc.returncode, wall, max(usage.ru_maxrss * 1024, proc.tree_peak) / GIB, timed_out
 
 
 def _kill_group(pid, sig):
@@ -154,10 +162,10 @@ def framegraph_sources_hash():
     return h.hexdigest()
 
 
-def export_artifact(args, pipeline, formats):
+def export_artifact(args, pipeline, formats, frames):
     """Reuse an up-to-date artifact holding ``formats`` (or more), else export one holding exactly ``formats``."""
-    base = f"artifact-{args.height}x{args.width}-f{args.frames}"
-    wanted = {"pipeline": pipeline["stamp"], "height": args.height, "width": args.width, "frames": args.frames,
+    base = f"artifact-{args.height}x{args.width}-f{'-'.join(map(str, frames))}"
+    wanted = {"pipeline": pipeline["stamp"], "height": args.height, "width": args.width, "frames": frames,
               "check": args.export_check, "framegraph_sources": framegraph_sources_hash()}
     for stamp_path in sorted(args.work_dir.glob(f"{base}-*.bench.json")):
         artifact = stamp_path.with_name(stamp_path.name[:-len(".bench.json")])
@@ -166,7 +174,7 @@ def export_artifact(args, pipeline, formats):
                 previous.get(k) == v for k, v in wanted.items()):
             logger.info("reusing the export in %s (same pipeline, options and framegraph sources)", artifact)
             return {**previous["figures"], "path": str(artifact), "reused": True}
-    artifact = args.work_dir / f"{base}-{'+'.join(sorted(formats))}"
+    artifact = args.work_dir / f"{base}-{'-'.join(sorted(formats))}"  # MindSpore rejects '+' in paths
     stamp_path = artifact.with_name(artifact.name + ".bench.json")
     if args.skip_export:
         if not (artifact / "manifest.json").is_file():
@@ -174,16 +182,15 @@ def export_artifact(args, pipeline, formats):
         logger.warning("--skip-export: using %s as is (it may not match the pipeline or options)", artifact)
         return {"path": str(artifact), "reused": True, "up_to_date": False}
     stamp_path.unlink(missing_ok=True)
-    if args.export_mode == "cli":
-        command = [sys.executable, "-m", "framegraph.export", pipeline["path"], "--out", artifact,
-                   "--frames", args.frames, "--height", args.height, "--width", args.width,
-                   "--formats", ",".join(formats)] + ([] if args.export_check else ["--no-check"])
-        code, wall, peak, timed_out = run_process(command, timeout=args.export_timeout)
-        figures = {"command": " ".join(map(str, command))}
-    else:
-        code, wall, peak, timed_out, figures = staged_export(args, pipeline, artifact, formats)
-    figures.update(export_s=round(wall, 1), peak_rss_gb=round(peak, 2), formats=list(formats),
-                   checked=args.export_check, mode=args.export_mode, exit_code=code)
+    if artifact.exists():  # stale (no matching stamp): export from scratch, so that the figures are the whole cost
+        shutil.rmtree(artifact)
+    command = [sys.executable, "-m", "framegraph.export", pipeline["path"], "--out", artifact,
+               "--frames", ",".join(map(str, frames)), "--height", args.height, "--width", args.width,
+               "--formats", ",".join(formats)] + ([] if args.export_check else ["--no-check"])
+    code, wall, peak, timed_out = run_process(command, timeout=args.export_timeout)
+    figures = {"command": " ".join(map(str, command))}
+    figures.update(export_s=round(wall, 1), peak_rss_gb=round(peak, 2), formats=list(formats), frames=frames,
+                   checked=args.export_check, exit_code=code)
     if code != 0:
         figures["status"] = "timed out" if timed_out else (
             "killed by SIGKILL (out of memory? see dmesg)" if code == -signal.SIGKILL else f"failed (exit code {code})")
@@ -195,29 +202,19 @@ def export_artifact(args, pipeline, formats):
     return {**figures, "path": str(artifact), "reused": False}
 
 
-def staged_export(args, pipeline, artifact, formats):
-    """framegraph's export, one component per process (``bench_engines.py export``); returns run_process's
-    figures summed (time) and maxed (peak RSS) over the stages, and the per-stage figures."""
-    runs = args.work_dir / "runs"
-    stages, total, peak, stage = [], 0.0, 0.0, 0
-    while True:
-        spec = {"pipeline": pipeline["path"], "out": str(artifact), "frames": args.frames, "height": args.height,
-                "width": args.width, "formats": list(formats), "check": args.export_check, "stage": stage}
-        spec_path = runs / f"export-stage{stage}.json"
-        spec_path.write_text(json.dumps(spec, indent=1))
-        timeout = None if args.export_timeout is None else max(1.0, args.export_timeout - total)
-        r = run_worker("export", spec_path, runs / f"export-stage{stage}.result.json", args.threads, timeout)
-        total += r["wall_s"]
-        peak = max(peak, r["peak_rss_gb"])
-        stages.append({k: r.get(k) for k in ("component", "wall_s", "peak_rss_gb", "status", "error")})
-        logger.info("export stage %d (%s): %.0f s, peak RSS %.2f GB, %s", stage, r.get("component"), r["wall_s"],
-                    r["peak_rss_gb"], r.get("status"))
-        if r.get("status") != "ok":
-            timed_out = "limit" in str(r.get("status"))
-            return r.get("exit_code") or 1, total, peak, timed_out, {"stages": stages}
-        stage += 1
-        if stage >= r["stages"]:
-            return 0, total, peak, False, {"stages": stages}
+def bucket_disk(artifact, frames):
+    """Disk bytes of the files the ``frames`` bucket needs vs all files: what the other bucket adds."""
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    one, every = {}, {}
+    for g in manifest["graphs"]:
+        for f in g["files"]:
+            size = (artifact / f["path"]).stat().st_size
+            every[f["path"]] = size
+            if g["name"] != "unet" or g["bucket"].get("num_frames") == frames:
+                one[f["path"]] = size
+    one_gb, every_gb = sum(one.values()) / GIB, sum(every.values()) / GIB
+    return {"one_bucket_gb": round(one_gb, 3), "two_buckets_gb": round(every_gb, 3),
+            "second_bucket_adds": round(every_gb / one_gb - 1, 4)}
 
 
 def artifact_sizes(artifact):
@@ -368,7 +365,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="diffusers-format config folder (model_index.json + component "
                    "config.json files), e.g. ../shared/configs/svd-xt")
-    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
+    p.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
+                   help=f"comma-separated subset of {','.join(ENGINES)}")
     p.add_argument("--height", type=int, default=128)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--frames", type=int, default=4)
@@ -381,12 +379,12 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the shared inputs")
     p.add_argument("--work-dir", type=Path, default=None, help="cache folder (default ./out/bench/MODEL-NAME)")
     p.add_argument("--skip-export", action="store_true", help="use the artifact in the work dir as it is")
-    p.add_argument("--export-check", action=argparse.BooleanOptionalAction, default=True,
-                   help="let the export check every graph against MindSpore (framegraph's default; slow at real size)")
-    p.add_argument("--export-mode", choices=("staged", "cli"), default="staged",
-                   help="staged (default): framegraph's export with one component per process (the UNet alone), "
-                   "which keeps the peak RSS down; cli: one `python -m framegraph.export` process for everything "
-                   "(at real size its peak RSS can exceed this machine's memory)")
+    p.add_argument("--export-check", action=argparse.BooleanOptionalAction, default=False,
+                   help="let the export run every graph and check it against the MindSpore model (framegraph's own "
+                   "default). Off by default here: the max|d| column checks the graphs end to end against diffusers, "
+                   "and at real size the check's MindSpore runs raise the export's peak RSS past 16 GB")
+    p.add_argument("--second-frames", type=int, default=None, help="second UNet frame bucket of the ONNX "
+                   "artifact, for the onnxruntime-2buckets engine (default: --frames + 2)")
     p.add_argument("--timeout", type=float, default=None, help="time limit per engine process, seconds; an engine "
                    "stopped by it reports the steps it finished and an estimate")
     p.add_argument("--export-timeout", type=float, default=None, help="time limit of the export, seconds")
@@ -417,11 +415,17 @@ def main(argv=None):
         "machine": machine(), "versions": versions()}
 
     report["pipeline"] = make_pipeline(model, args.work_dir / "pipeline", args.seed)
-    formats = [ENGINE_FORMAT[e] for e in ENGINES if e in engines and e in ENGINE_FORMAT]
-    if formats:
-        report["export"] = export_artifact(args, report["pipeline"], formats)
+    # ONNX: the frame bucket measured plus a second one (stored once: shared weights); MindIR: one bucket (each
+    # MindIR graph carries its own copy of the weights, so a second bucket would double the disk use).
+    second = args.second_frames or args.frames + 2
+    report["exports"] = {}
+    for fmt in sorted({ENGINE_FORMAT[e] for e in engines if e in ENGINE_FORMAT}):
+        frames = [args.frames, second] if fmt == "onnx" else [args.frames]
+        report["exports"][fmt] = export_artifact(args, report["pipeline"], [fmt], frames)
+    if "onnx" in report["exports"] and report["exports"]["onnx"].get("status", "ok") == "ok":
+        report["exports"]["onnx"]["bucket_disk_gb"] = bucket_disk(Path(report["exports"]["onnx"]["path"]),
+                                                                  args.frames)
     spec = make_inputs(args, kind, args.work_dir / "pipeline", runs)
-    spec["artifact"] = report.get("export", {}).get("path")
     report["settings"].update({k: spec[k] for k in spec if "guidance" in k or k == "prompt"})
     spec_path = runs / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
@@ -430,9 +434,12 @@ def main(argv=None):
     report["unet_flops"] = run_worker("flops", spec_path, runs / "flops.json", args.threads)
     results = {}
     for engine in engines:
-        if engine in ENGINE_FORMAT and report["export"].get("status", "ok") != "ok":
-            results[engine] = {"status": f"not run: export {report['export']['status']}"}
+        export = report["exports"].get(ENGINE_FORMAT.get(engine))
+        if export is not None and export.get("status", "ok") != "ok":
+            results[engine] = {"status": f"not run: export {export['status']}"}
             continue
+        spec["artifact"] = export and export["path"]
+        spec_path.write_text(json.dumps(spec, indent=1))
         results[engine] = run_worker(engine, spec_path, runs / f"{engine}.json", args.threads, args.timeout)
     gemm.append(run_worker("gemm", spec_path, runs / "gemm-after.json", args.threads))
     peaks = [g.get("peak_gflops") for g in gemm if g.get("peak_gflops")]
@@ -447,13 +454,14 @@ def main(argv=None):
     report["engines"] = results
     report["machine"]["loadavg_end"] = os.getloadavg()
 
-    export = report.get("export")
     print(f"\n{kind} {name}: {args.height}x{args.width}, {args.frames} frames, {args.steps} steps, guidance on, "
           f"fp32, {args.threads} threads; load average {report['machine']['loadavg_start'][0]:.1f} at start")
-    if export:
-        print(f"export ({'reused' if export.get('reused') else 'this run'}): {export.get('export_s', '-')} s, peak "
-              f"RSS {export.get('peak_rss_gb', '-')} GB, artifact {export.get('artifact_gb', '-')} GB "
-              f"{export.get('artifact_gb_by_format', '')} [{export.get('status', 'ok')}]")
+    for fmt, export in report["exports"].items():
+        print(f"export {fmt} frames {export.get('frames')} ({'reused' if export.get('reused') else 'this run'}): "
+              f"{export.get('export_s', '-')} s, peak RSS {export.get('peak_rss_gb', '-')} GB, artifact "
+              f"{export.get('artifact_gb', '-')} GB [{export.get('status', 'ok')}]")
+        if export.get("bucket_disk_gb"):
+            print(f"  disk: {export['bucket_disk_gb']}")
     print(f"fp32 GEMM peak: {report['gemm']['peak_gflops']} GFLOP/s; UNet "
           f"{report['unet_flops'].get('unet_gflop_per_step')} GFLOP per step (batch 2, FlopCounterMode)\n")
     print(table(results))

@@ -5,15 +5,16 @@
 WORKER is one of:
   diffusers     diffusers pipeline, PyTorch eager, fp32 (``from_pretrained`` on the random-weight folder)
   onnxruntime   framegraph runtime on the artifact's ONNX graphs
+  onnxruntime-lowmem    the same with low_memory=True (one graph resident at a time)
+  onnxruntime-2buckets  the same with a second UNet frame bucket opened too (what a second bucket costs)
   mindspore     framegraph runtime on the artifact's MindIR graphs
   gemm          fp32 GEMM peak of this machine (numpy and torch, square matmuls, best of a few)
   flops         UNet FLOPs of one denoising step (torch FlopCounterMode on one diffusers UNet call)
-  export        one stage of a staged framegraph export (one component per process)
 
 The result JSON is rewritten after every stage and step, so a worker stopped by the time limit still leaves what it
 measured. Engines also save their frames and final latents to ``SPEC["outputs"]/ENGINE.npz`` for the comparison.
 torch and diffusers are imported only by the diffusers, gemm and flops workers; MindSpore only by the mindspore
-and export workers.
+worker.
 """
 
 import argparse
@@ -177,20 +178,26 @@ def _diffusers_svd(pipe, timer, spec, image, latents, image_noise):
         module.randn_tensor = original
 
 
-def _framegraph(backend):
+def _framegraph(backend, low_memory=False, extra_bucket=False):
     def load(spec, inputs, image, result):
         from framegraph.runtime import StableVideoDiffusionPipeline, TextToVideoSDPipeline
 
         cls = StableVideoDiffusionPipeline if spec["kind"] == "svd" else TextToVideoSDPipeline
         start = time.perf_counter()
-        pipe = cls.from_artifacts(spec["artifact"], backend=backend, num_threads=spec["threads"])
+        pipe = cls.from_artifacts(spec["artifact"], backend=backend, num_threads=spec["threads"],
+                                  low_memory=low_memory)
         pipe.set_progress_bar_config(disable=True)
         result.update(from_artifacts_s=round(time.perf_counter() - start, 3))
         # Graphs open lazily on first use; open the ones this call uses now, so that load_s means "ready to run"
         # on every engine (from_artifacts_s is the lazy part alone).
         start = time.perf_counter()
-        for name, bucket in _graphs_used(pipe, spec):
-            pipe.artifact.graph(name, **bucket)
+        if not low_memory:  # low-memory mode opens each graph when it is needed, one at a time
+            for name, bucket in _graphs_used(pipe, spec):
+                pipe.artifact.graph(name, **bucket)
+        if extra_bucket:
+            bucket = _other_unet_bucket(pipe, spec)
+            pipe.artifact.graph("unet", **bucket)(**_zeros(pipe.artifact.manifest.find("unet", "onnx", **bucket)))
+            result.update(extra_bucket=bucket)
         result.update(open_graphs_s=round(time.perf_counter() - start, 3))
 
         def call(p, timer):
@@ -223,7 +230,20 @@ def _graphs_used(pipe, spec):
     return [("text_encoder", {"batch": batch}), unet, ("vae_decoder", {"chunk": chunk, "height": h, "width": w})]
 
 
-def _import_framegraph(backend):
+def _other_unet_bucket(pipe, spec):
+    """A guidance-batch UNet bucket with another frame count (run once, so that its session is fully built)."""
+    frames = [f for f in pipe.artifact.buckets("unet", "num_frames") if f != spec["frames"]]
+    if not frames:
+        raise RuntimeError(f"{spec['artifact']} has one frame bucket; export it with a second (bench.py "
+                           "--second-frames) to measure what a second bucket costs")
+    return {"num_frames": frames[0], "batch": 2 * pipe.batch, "height": spec["height"], "width": spec["width"]}
+
+
+def _zeros(entry):
+    return {t.name: np.zeros(t.shape, t.dtype) for t in entry.inputs}
+
+
+def _import_framegraph(backend, **options):
     def load():
         import framegraph.runtime.pipelines.stable_video_diffusion  # noqa: F401
         import framegraph.runtime.pipelines.text_to_video_synth  # noqa: F401
@@ -231,17 +251,19 @@ def _import_framegraph(backend):
 
         if backend == "mindspore":
             import mindspore  # noqa: F401
-        return _framegraph(backend)
+        return _framegraph(backend, **options)
 
     return load
 
 
-ENGINES = ("diffusers", "onnxruntime", "mindspore")
 ENGINE_IMPORTS = {
     "diffusers": _import_diffusers,
     "onnxruntime": _import_framegraph("onnxruntime"),
+    "onnxruntime-lowmem": _import_framegraph("onnxruntime", low_memory=True),
+    "onnxruntime-2buckets": _import_framegraph("onnxruntime", extra_bucket=True),
     "mindspore": _import_framegraph("mindspore"),
 }
+ENGINES = tuple(ENGINE_IMPORTS)
 
 
 # -- measurements ----------------------------------------------------------------------------------------------
@@ -315,36 +337,7 @@ def run_flops(spec, result):
                   status="ok")
 
 
-def run_export(spec, result):
-    """One stage of a staged export: framegraph's recipe cut to its first ``stage + 1`` components.
-
-    framegraph's artifact writer reuses the graphs of components that an artifact with the same options already
-    holds, so stage k finds stages 0..k-1 done and builds only component k: each component (CLIP, VAE, UNet) is
-    built and exported in a process of its own, which keeps the peak RSS at that of the biggest component."""
-    from framegraph.export.components import PipelineFolder
-    from framegraph.export.pipeline_export import ExportOptions, export_pipeline
-    from framegraph.export.registry import recipe_for
-
-    pipeline = PipelineFolder(spec["pipeline"])
-    options = ExportOptions(frames=[spec["frames"]], height=spec["height"], width=spec["width"],
-                            formats=tuple(spec["formats"]), check=spec["check"])
-    recipe = recipe_for(pipeline, options)
-    stage = spec["stage"]
-    result.update(stages=len(recipe.components), component=recipe.components[stage][0])
-    # The artifact fingerprint hashes the weights of the recipe's components: hash all of them at every stage, so
-    # that the stages share one fingerprint (and the last manifest names the whole pipeline's weights).
-    every = [component for component, _ in recipe.components]
-    full_hash = pipeline.weights_hash(every)
-    pipeline.weights_hash = lambda components: full_hash
-    recipe.components = recipe.components[:stage + 1]
-    names = {name for _, factories in recipe.components for name in factories}
-    recipe.plan = [(name, bucket) for name, bucket in recipe.plan if name in names]
-    start = time.perf_counter()
-    export_pipeline(pipeline, spec["out"], options, recipe, source_name=spec["pipeline"])
-    result.update(export_s=round(time.perf_counter() - start, 2), status="ok")
-
-
-WORKERS = {"gemm": run_gemm, "flops": run_flops, "export": run_export}
+WORKERS = {"gemm": run_gemm, "flops": run_flops}
 
 
 def main(argv=None):

@@ -1,6 +1,9 @@
 """ONNX Runtime backend: runs the manifest's "onnx" graphs (external weight files are found next to the graph)."""
 
 import logging
+import threading
+import weakref
+from pathlib import Path
 
 from ..manifest import ArtifactError
 from .base import Backend, BackendUnavailableError, register_backend
@@ -30,15 +33,22 @@ def _import_onnxruntime():
 
 @register_backend
 class OnnxRuntimeBackend(Backend):
-    """``device`` "cpu" (default) or "cuda"; ``providers`` overrides it; ``num_threads`` sets intra-op threads."""
+    """``device`` "cpu" (default) or "cuda"; ``providers`` overrides it; ``num_threads`` sets intra-op threads.
+
+    ``share_weights`` (default on for CPU): external weights are memory-mapped from the artifact's weight files
+    and handed to every session as the same arrays, so the frame buckets of one UNet (which the export stores
+    once) are held in memory once, and pages can be dropped by the kernel instead of swapped.
+    """
 
     name = "onnxruntime"
     format = "onnx"
 
-    def __init__(self, device="cpu", num_threads=None, providers=None):
+    def __init__(self, device="cpu", num_threads=None, providers=None, share_weights=None):
         self.ort = _import_onnxruntime()
         self.num_threads = num_threads
         self.providers = self._choose_providers(device, providers)
+        self.share_weights = self.providers == [CPU] if share_weights is None else bool(share_weights)
+        self._mapped = MappedWeights() if self.share_weights else None
 
     def __repr__(self):
         return f"OnnxRuntimeBackend(providers={self.providers}, num_threads={self.num_threads})"
@@ -77,7 +87,11 @@ class OnnxRuntimeBackend(Backend):
         return options
 
     def _load(self, path, entry):
-        session = self.ort.InferenceSession(str(path), sess_options=self.session_options(), providers=self.providers)
+        options = self.session_options()
+        mapped = self._mapped.initializers(path, self.ort) if self._mapped is not None else []
+        for name, weight in mapped:
+            options.add_initializer(name, weight.value)
+        session = self.ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
         have_inputs = {i.name for i in session.get_inputs()}
         have_outputs = {o.name for o in session.get_outputs()}
         want_inputs = {s.name for s in entry.inputs}
@@ -89,7 +103,48 @@ class OnnxRuntimeBackend(Backend):
             )
         input_names = [s.name for s in entry.inputs]
 
-        def run(arrays):
+        def run(arrays, _keep=mapped):  # the session reads the mapped weights: they live as long as it does
             return session.run(want_outputs, dict(zip(input_names, arrays)))
 
         return run, session
+
+
+class MappedWeights:
+    """Memory-mapped external initializers, one OrtValue per (file, offset, dtype, shape), shared by the sessions
+    that use it and unmapped when the last of them is gone."""
+
+    def __init__(self):
+        self._weights = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+
+    def initializers(self, graph_path, ort):
+        """[(name, _Mapped)] for every external initializer of the ONNX graph at ``graph_path``."""
+        import numpy as np
+        import onnx
+        from onnx.external_data_helper import uses_external_data
+
+        graph_path = Path(graph_path)
+        model = onnx.load(str(graph_path), load_external_data=False)
+        out = []
+        with self._lock:
+            for tensor in model.graph.initializer:
+                if not uses_external_data(tensor):
+                    continue
+                info = {e.key: e.value for e in tensor.external_data}
+                file = (graph_path.parent / info["location"]).resolve()
+                offset = int(info.get("offset", 0))
+                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+                shape = tuple(int(d) for d in tensor.dims)
+                key = (str(file), offset, dtype.str, shape)
+                weight = self._weights.get(key)
+                if weight is None:
+                    weight = _Mapped(np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape), ort)
+                    self._weights[key] = weight
+                out.append((tensor.name, weight))
+        return out
+
+
+class _Mapped:
+    def __init__(self, array, ort):
+        self.array = array
+        self.value = ort.OrtValue.ortvalue_from_numpy(array)

@@ -58,3 +58,14 @@ class ProgressBar:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+def open_artifact(path, kind, backend, verify=True, low_memory=False, **backend_options):
+    """The pipelines' ``from_artifacts`` arguments -> an :class:`~framegraph.runtime.artifact.Artifact`.
+
+    ``backend_options`` (``providers``, ``device``, ``num_threads``, engine-specific ones) go to the backend;
+    those left at None take the backend's defaults."""
+    from framegraph.runtime.artifact import Artifact
+
+    options = {k: v for k, v in backend_options.items() if v is not None}
+    return Artifact(path, kind, backend, verify=verify, low_memory=low_memory, **options)

@@ -5,8 +5,7 @@ import logging
 
 import numpy as np
 
-from framegraph.runtime.artifact import Artifact
-from framegraph.runtime.pipelines.common import ProgressBar, check_latents, chunks, make_rng, randn
+from framegraph.runtime.pipelines.common import ProgressBar, check_latents, chunks, make_rng, open_artifact, randn
 from framegraph.runtime.schedulers import load_scheduler
 
 logger = logging.getLogger(__name__)
@@ -31,10 +30,11 @@ class StableVideoDiffusionPipeline:
 
     @classmethod
     def from_artifacts(cls, path, backend="onnxruntime", providers=None, device=None, num_threads=None,
-                       verify=True):
-        options = {k: v for k, v in (("providers", providers), ("device", device), ("num_threads", num_threads))
-                   if v is not None}
-        artifact = Artifact(path, PIPELINE_KIND, backend, verify=verify, **options)
+                       verify=True, low_memory=False, **backend_options):
+        """Open an exported artifact folder. ``low_memory=True`` keeps one graph loaded at a time (peak memory of
+        the largest graph, not the sum); ``backend_options`` go to the backend (e.g. ``share_weights``)."""
+        artifact = open_artifact(path, PIPELINE_KIND, backend, verify, low_memory, providers=providers, device=device,
+                                 num_threads=num_threads, **backend_options)
         return cls(artifact, load_scheduler(artifact.manifest.scheduler))
 
     def set_progress_bar_config(self, **kwargs):

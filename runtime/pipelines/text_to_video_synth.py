@@ -6,8 +6,7 @@ import threading
 
 import numpy as np
 
-from framegraph.runtime.artifact import Artifact
-from framegraph.runtime.pipelines.common import ProgressBar, check_latents, chunks, make_rng, randn
+from framegraph.runtime.pipelines.common import ProgressBar, check_latents, chunks, make_rng, open_artifact, randn
 from framegraph.runtime.schedulers import load_scheduler
 
 logger = logging.getLogger(__name__)
@@ -35,12 +34,13 @@ class TextToVideoSDPipeline:
 
     @classmethod
     def from_artifacts(cls, path, backend="onnxruntime", providers=None, device=None, num_threads=None,
-                       verify=True):
+                       verify=True, low_memory=False, **backend_options):
+        """Open an exported artifact folder. ``low_memory=True`` keeps one graph loaded at a time (peak memory of
+        the largest graph, not the sum); ``backend_options`` go to the backend (e.g. ``share_weights``)."""
         from transformers import CLIPTokenizer
 
-        options = {k: v for k, v in (("providers", providers), ("device", device), ("num_threads", num_threads))
-                   if v is not None}
-        artifact = Artifact(path, PIPELINE_KIND, backend, verify=verify, **options)
+        artifact = open_artifact(path, PIPELINE_KIND, backend, verify, low_memory, providers=providers, device=device,
+                                 num_threads=num_threads, **backend_options)
         folder = artifact.path / "tokenizer"
         tokenizer = CLIPTokenizer.from_pretrained(str(folder)) if folder.is_dir() else None
         if tokenizer is None:

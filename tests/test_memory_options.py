@@ -1,0 +1,80 @@
+"""The runtime's memory options: memory-mapped weights shared by bucket sessions, and low-memory mode."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import FIXTURES
+
+
+@pytest.fixture(scope="module")
+def input_image():
+    return Image.open(FIXTURES / "svd-tiny" / "input.png").convert("RGB")
+
+
+def _unet_feeds(entry):
+    rng = np.random.default_rng(0)
+    return {t.name: rng.standard_normal(t.shape).astype(t.dtype) for t in entry.inputs}
+
+
+def test_frame_buckets_share_one_mapped_copy_of_the_unet_weights(svd_artifact):
+    from framegraph.runtime.artifact import Artifact
+
+    shared = Artifact(svd_artifact, "stable-video-diffusion")
+    copied = Artifact(svd_artifact, "stable-video-diffusion", share_weights=False)
+    assert shared.backend.share_weights and not copied.backend.share_weights
+    entries = [shared.manifest.find("unet", "onnx", num_frames=f, batch=2) for f in (2, 3)]
+    for entry in entries:
+        graph = shared.graph("unet", **entry.bucket)
+        feeds = _unet_feeds(entry)
+        np.testing.assert_array_equal(graph(**feeds)["noise_pred"], copied.graph("unet", **entry.bucket)(**feeds)
+                                      ["noise_pred"])
+    mapped = shared.backend._mapped._weights
+    weights_file = (svd_artifact / "unet" / "weights.bin").resolve()
+    unet_weights = [k for k in mapped.keys() if k[0] == str(weights_file)]
+    # both bucket sessions use the same mapped arrays: one per distinct tensor, and together the whole file
+    mapped_bytes = sum(mapped[k].array.nbytes for k in unet_weights)
+    assert 0.95 * weights_file.stat().st_size <= mapped_bytes <= weights_file.stat().st_size
+    assert len({k[1] for k in unet_weights}) == len(unet_weights)
+    del shared, copied
+
+
+def test_mapped_weights_are_released_with_their_sessions(svd_artifact):
+    import gc
+
+    from framegraph.runtime.artifact import Artifact
+
+    artifact = Artifact(svd_artifact, "stable-video-diffusion")
+    entry = artifact.manifest.find("unet", "onnx", num_frames=2, batch=1)
+    artifact.graph("unet", **entry.bucket)(**_unet_feeds(entry))
+    assert len(artifact.backend._mapped._weights) > 0
+    artifact.close()
+    gc.collect()
+    assert len(artifact.backend._mapped._weights) == 0
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "mindspore"])
+def test_low_memory_keeps_one_graph_open_and_gives_the_same_frames(svd_artifact, input_image, backend):
+    from framegraph.runtime import StableVideoDiffusionPipeline
+
+    call = {"num_frames": 3, "num_inference_steps": 2, "decode_chunk_size": 2, "output_type": "np", "generator": 3}
+    normal = StableVideoDiffusionPipeline.from_artifacts(svd_artifact, backend=backend)
+    low = StableVideoDiffusionPipeline.from_artifacts(svd_artifact, backend=backend, low_memory=True)
+    for p in (normal, low):
+        p.set_progress_bar_config(disable=True)
+    opened = []
+    original = low.artifact.backend.open
+
+    def spy(folder, entry):
+        opened.append((entry.key, list(low.artifact.open_graphs())))
+        return original(folder, entry)
+
+    low.artifact.backend.open = spy
+    expected = normal(input_image, **call).frames
+    np.testing.assert_array_equal(low(input_image, **call).frames, expected)
+    assert len(normal.artifact.open_graphs()) == 4
+    assert len(low.artifact.open_graphs()) == 1
+    # each graph was opened with nothing else open: the previous one was closed first
+    assert [o for _, o in opened] == [[]] * len(opened)
+    names = [k.split("/")[0] for k, _ in opened]
+    assert names == ["image_encoder", "vae_encoder", "unet", "vae_decoder", "vae_decoder"]
