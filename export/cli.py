@@ -1,6 +1,7 @@
 """``svd-export`` / ``python -m framegraph.export``: diffusers-format pipeline folder -> artifact folder."""
 
 import argparse
+import errno
 import logging
 import sys
 
@@ -70,6 +71,13 @@ def main(argv=None):
         out = run_export(pipeline, args.out, options, source_name=args.model)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         logger.error("%s", exc)
+        return 2
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        logger.error("no space left on the disk of %s: the export stopped and removed its partial output. An "
+                     "artifact holds each UNet once in ONNX and once per bucket in MindIR: free space, pass --out on a "
+                     "larger disk, or export fewer --formats/--frames", args.out)
         return 2
     logger.info("done: %s", out)
     return 0

@@ -52,10 +52,10 @@ logger = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent
 INPUT_IMAGE = ROOT / "tests" / "fixtures" / "svd-tiny" / "input.png"
-ENGINES = ("diffusers", "onnxruntime", "onnxruntime-lowmem", "onnxruntime-2buckets", "mindspore")
-DEFAULT_ENGINES = ("diffusers", "onnxruntime", "onnxruntime-lowmem", "onnxruntime-2buckets", "mindspore")
 ENGINE_FORMAT = {"onnxruntime": "onnx", "onnxruntime-lowmem": "onnx", "onnxruntime-2buckets": "onnx",
-                 "mindspore": "mindir"}
+                 "onnxruntime-unshared": "onnx", "onnxruntime-unshared-2buckets": "onnx", "mindspore": "mindir"}
+ENGINES = ("diffusers",) + tuple(ENGINE_FORMAT)
+DEFAULT_ENGINES = ENGINES
 KINDS = {"StableVideoDiffusionPipeline": "svd", "TextToVideoSDPipeline": "t2v"}
 GIB = 1024 ** 3
 DEFAULT_PROMPT = "a squirrel eating a burger in a painting"

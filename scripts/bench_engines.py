@@ -7,6 +7,7 @@ WORKER is one of:
   onnxruntime   framegraph runtime on the artifact's ONNX graphs
   onnxruntime-lowmem    the same with low_memory=True (one graph resident at a time)
   onnxruntime-2buckets  the same with a second UNet frame bucket opened too (what a second bucket costs)
+  onnxruntime-unshared[-2buckets]  the same with share_weights=False (each session reads its own weights)
   mindspore     framegraph runtime on the artifact's MindIR graphs
   gemm          fp32 GEMM peak of this machine (numpy and torch, square matmuls, best of a few)
   flops         UNet FLOPs of one denoising step (torch FlopCounterMode on one diffusers UNet call)
@@ -178,14 +179,14 @@ def _diffusers_svd(pipe, timer, spec, image, latents, image_noise):
         module.randn_tensor = original
 
 
-def _framegraph(backend, low_memory=False, extra_bucket=False):
+def _framegraph(backend, low_memory=False, extra_bucket=False, **backend_options):
     def load(spec, inputs, image, result):
         from framegraph.runtime import StableVideoDiffusionPipeline, TextToVideoSDPipeline
 
         cls = StableVideoDiffusionPipeline if spec["kind"] == "svd" else TextToVideoSDPipeline
         start = time.perf_counter()
         pipe = cls.from_artifacts(spec["artifact"], backend=backend, num_threads=spec["threads"],
-                                  low_memory=low_memory)
+                                  low_memory=low_memory, **backend_options)
         pipe.set_progress_bar_config(disable=True)
         result.update(from_artifacts_s=round(time.perf_counter() - start, 3))
         # Graphs open lazily on first use; open the ones this call uses now, so that load_s means "ready to run"
@@ -261,6 +262,8 @@ ENGINE_IMPORTS = {
     "onnxruntime": _import_framegraph("onnxruntime"),
     "onnxruntime-lowmem": _import_framegraph("onnxruntime", low_memory=True),
     "onnxruntime-2buckets": _import_framegraph("onnxruntime", extra_bucket=True),
+    "onnxruntime-unshared": _import_framegraph("onnxruntime", share_weights=False),
+    "onnxruntime-unshared-2buckets": _import_framegraph("onnxruntime", extra_bucket=True, share_weights=False),
     "mindspore": _import_framegraph("mindspore"),
 }
 ENGINES = tuple(ENGINE_IMPORTS)

@@ -200,3 +200,22 @@ def test_export_refuses_foreign_folder_and_non_pipeline(tmp_path):
     cmd = [sys.executable, "-m", "framegraph.export", str(tmp_path), "--out", str(tmp_path / "x")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "model_index.json" in result.stderr
+
+
+def test_full_disk_fails_with_a_clear_message_and_no_artifact(tmp_path, monkeypatch, caplog):
+    import errno
+
+    from framegraph.export import cli, pipeline_export
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline_export, "_component_graphs", no_space)
+    from conftest import FIXTURES
+
+    out = tmp_path / "art"
+    code = cli.main([str(FIXTURES / "svd-tiny" / "pipeline"), "--out", str(out), "--frames", "2", "--height", "32",
+                     "--width", "32", "--formats", "onnx"])
+    assert code == 2
+    assert "no space left" in caplog.text and "--out on a" in caplog.text
+    assert not out.exists() and not list(tmp_path.glob(".art.partial-*"))

@@ -37,7 +37,9 @@ class OnnxRuntimeBackend(Backend):
 
     ``share_weights`` (default on for CPU): external weights are memory-mapped from the artifact's weight files
     and handed to every session as the same arrays, so the frame buckets of one UNet (which the export stores
-    once) are held in memory once, and pages can be dropped by the kernel instead of swapped.
+    once) are held in memory once, and pages can be dropped by the kernel instead of swapped. Weight prepacking is
+    turned off then: ONNX Runtime would keep a packed private copy of every GEMM weight per session beside the
+    mapped one (measured on the SVD-XT UNet: 9.1 GB peak RSS with prepacking, 6.9 GB without, 6.4 GB unshared).
     """
 
     name = "onnxruntime"
@@ -91,6 +93,8 @@ class OnnxRuntimeBackend(Backend):
         mapped = self._mapped.initializers(path, self.ort) if self._mapped is not None else []
         for name, weight in mapped:
             options.add_initializer(name, weight.value)
+        if mapped:
+            options.add_session_config_entry("session.disable_prepacking", "1")
         session = self.ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
         have_inputs = {i.name for i in session.get_inputs()}
         have_outputs = {o.name for o in session.get_outputs()}
