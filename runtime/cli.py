@@ -29,6 +29,8 @@ def _generate_args(p):
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "mindspore", "mindspore_lite"))
     p.add_argument("--device", default=None, help="MindSpore device: CPU, GPU or Ascend")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads")
+    p.add_argument("--low-memory", action="store_true", help="keep one graph loaded at a time (peak memory of the "
+                   "largest graph instead of all of them; graphs are reopened on each call)")
     p.add_argument("--output-type", default="pil", choices=("pil", "np"), help="frames handed to the writer")
 
 
@@ -82,7 +84,7 @@ def _image_to_video(artifacts, args):
     if args.image is None:
         raise ValueError(f"{artifacts} is an image-to-video artifact: pass --image")
     pipe = StableVideoDiffusionPipeline.from_artifacts(artifacts, backend=args.backend, device=args.device,
-                                                       num_threads=args.threads)
+                                                       num_threads=args.threads, low_memory=args.low_memory)
     pipe.set_progress_bar_config(desc="generate", unit="step")
     kwargs = {} if args.steps is None else {"num_inference_steps": args.steps}
     return pipe(
@@ -99,7 +101,7 @@ def _text_to_video(artifacts, args):
     if args.prompt is None:
         raise ValueError(f"{artifacts} is a text-to-video artifact: pass --prompt")
     pipe = TextToVideoSDPipeline.from_artifacts(artifacts, backend=args.backend, device=args.device,
-                                                num_threads=args.threads)
+                                                num_threads=args.threads, low_memory=args.low_memory)
     pipe.set_progress_bar_config(desc="generate", unit="step")
     kwargs = {k: v for k, v in (("num_frames", args.num_frames), ("num_inference_steps", args.steps),
                                 ("guidance_scale", args.guidance_scale)) if v is not None}
