@@ -105,6 +105,7 @@ def _export_unit(source, options, stage, component, name, bucket, fmt, with_refe
 
     from framegraph.export.exporter import export_component
     from framegraph.export.onnx_graph import SharedWeights
+    from framegraph.export.pipeline_export import configure
     from framegraph.export.registry import recipe_for
 
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
@@ -115,7 +116,7 @@ def _export_unit(source, options, stage, component, name, bucket, fmt, with_refe
     weights = None
     if fmt == "onnx":
         weights = SharedWeights(writer.path(f"{name}/weights.bin"), writer.path(f"{SCRATCH}/{name}.weights.json"))
-    net = pipeline.build(component)
+    net = configure(pipeline.build(component), options)
     return export_component(writer, recipe.specs[name], lambda b: factory(net, b), [bucket], [fmt], options.dtype,
                             with_reference, None, weights)
 

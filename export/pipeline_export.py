@@ -30,6 +30,7 @@ class ExportOptions:
     decode_chunk_sizes: list = None
     check: bool = True
     isolate: str = "auto"  # export components in child processes: auto (large ones), always, never
+    forward_chunk_size: int = None  # UNet feed-forward over slices of this many positions (lower peak memory)
 
     def fingerprint(self, source_hash):
         fields = dataclasses.asdict(self)
@@ -70,6 +71,8 @@ def validate_options(options, size_multiple, folder):
         raise ValueError(f"--formats must be a subset of {','.join(FORMATS)}; got {','.join(options.formats)}")
     if options.dtype not in ("float32", "float16"):
         raise ValueError(f"--dtype must be float32 or float16, got {options.dtype}")
+    if options.forward_chunk_size is not None and options.forward_chunk_size < 1:
+        raise ValueError(f"--forward-chunk-size must be a positive integer, got {options.forward_chunk_size}")
     if options.isolate not in isolated.ISOLATE_MODES:
         raise ValueError(f"--isolate must be one of {', '.join(isolated.ISOLATE_MODES)}, got {options.isolate!r}")
 
@@ -129,12 +132,19 @@ def _component_graphs(writer, pipeline, component, factories, recipe, options, p
     if in_child:
         exported = isolated.export_isolated(pipeline, options, writer.stage, component, todo, wanted, progress)
     elif todo:
-        exported = _export_built(writer, pipeline.build(component), factories, reused, recipe, wanted, options,
-                                 progress)
+        exported = _export_built(writer, configure(pipeline.build(component), options), factories, reused, recipe,
+                                 wanted, options, progress)
         gc.collect()  # the MindSpore model is freed before its graphs are loaded for the check
     run = isolated.run_check_in_child if in_child else None
     checked = check_exported(writer, exported, options.dtype, options.check, run)
     return [e for name in factories for e in reused.get(name, [])] + checked
+
+
+def configure(net, options):
+    """Apply the export options that change a model's graph but not its numbers (forward chunking)."""
+    if options.forward_chunk_size and hasattr(net, "enable_forward_chunking"):
+        net.enable_forward_chunking(options.forward_chunk_size)
+    return net
 
 
 def _export_built(writer, net, factories, reused, recipe, wanted, options, progress):
@@ -183,6 +193,7 @@ def _manifest(pipeline, recipe, options, graphs, source_name, source_hash, write
             "formats": list(options.formats),
             "decode_chunk_sizes": sorted({g.bucket["chunk"] for g in graphs if g.name == "vae_decoder"}),
             "checked": options.check,
+            "forward_chunk_size": options.forward_chunk_size,
         },
     )
 

@@ -61,3 +61,31 @@ def test_auto_isolates_only_large_components(svd_tiny, monkeypatch):
     monkeypatch.setattr(isolated, "AUTO_MIN_BYTES", pipeline.parameter_bytes("unet"))
     assert isolated.should_isolate(pipeline, "unet", "auto")
     assert not isolated.should_isolate(pipeline, "vae", "auto")
+
+
+def test_forward_chunked_export_has_more_feed_forward_slices_and_same_outputs(t2v_artifact, t2v_tiny, tmp_path):
+    """--forward-chunk-size compiles diffusers' enable_forward_chunking into the UNet graph: same numbers."""
+    import onnx
+
+    from conftest import T2V_EXPORT
+    from framegraph.export.components import PipelineFolder
+    from framegraph.export.pipeline_export import ExportOptions
+    from framegraph.export.t2v import export_t2v
+
+    options = ExportOptions(formats=("onnx",), isolate="never", forward_chunk_size=16, **T2V_EXPORT)
+    out = export_t2v(PipelineFolder(t2v_tiny), tmp_path / "chunked", options)
+    chunked, plain = Manifest.load(out), Manifest.load(t2v_artifact)
+    assert chunked.options["forward_chunk_size"] == 16
+    entry = chunked.find("unet", "onnx", batch=2)
+    reference = plain.find("unet", "onnx", batch=2)
+    assert entry.max_abs_error <= entry.tolerance  # checked against the MindSpore model at export
+
+    def matmuls(path):
+        return sum(n.op_type in ("MatMul", "Gemm") for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+    assert matmuls(out / entry.main_file) > matmuls(t2v_artifact / reference.main_file)
+    rng = np.random.default_rng(1)
+    feeds = {t.name: rng.standard_normal(t.shape).astype(t.dtype) for t in entry.inputs}
+    ours = ort.InferenceSession(str(out / entry.main_file)).run(None, feeds)[0]
+    theirs = ort.InferenceSession(str(t2v_artifact / reference.main_file)).run(None, feeds)[0]
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
