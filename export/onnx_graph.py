@@ -12,6 +12,8 @@ import logging
 import os
 from pathlib import Path
 
+from framegraph.export.onnx_fusions import fuse_gelu
+
 logger = logging.getLogger(__name__)
 
 EXTERNAL_MIN_BYTES = 1024
@@ -175,6 +177,7 @@ def export_onnx(cell, inputs, path, input_names, output_names, weights):
     parameters_to_initializers(model, cell, len(input_names), path.parent, weights)
     rename_io(model, input_names, output_names)
     fix_conv_pads(model)
+    fuse_gelu(model)
     onnx.save(model, str(path))
     for leftover in stage.iterdir():
         leftover.unlink()
