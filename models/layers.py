@@ -227,3 +227,15 @@ class TimestepEmbedding(nn.Cell):
 
     def construct(self, x):
         return self.linear_2(silu(self.linear_1(x)))
+
+
+def set_forward_chunking(net, chunk_size=None):
+    """Run every feed-forward of ``net`` (cells with a ``chunk_size`` attribute) over slices of ``chunk_size``
+    positions; ``None`` turns chunking off. Call before the first run or export: a compiled graph keeps the
+    setting it was compiled with."""
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"forward_chunk_size={chunk_size!r} must be a positive int or None")
+    net.forward_chunk_size = chunk_size
+    for _, cell in net.cells_and_names():
+        if hasattr(cell, "chunk_size"):
+            cell.chunk_size = chunk_size

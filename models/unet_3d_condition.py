@@ -6,16 +6,14 @@
 """
 
 import dataclasses
-import logging
 
 import mindspore as ms
 from mindspore import nn, ops
 
-from .layers import Conv2d, GroupNorm, TimestepEmbedding, Timesteps, silu
+from .layers import Conv2d, GroupNorm, TimestepEmbedding, Timesteps, set_forward_chunking, silu
 from .loading import config_from_dict
 from .unet_3d_blocks import DOWN_BLOCKS, UP_BLOCKS, TransformerTemporalModel, UNetMidBlock3DCrossAttn
 
-logger = logging.getLogger(__name__)
 
 # diffusers builds ``transformer_in`` with 8 heads of ``attention_head_dim`` channels, whatever the config says.
 TRANSFORMER_IN_HEADS = 8
@@ -175,17 +173,9 @@ class UNet3DConditionModel(nn.Cell):
         return cls(config_from_dict(UNet3DConditionConfig, config_dict), forward_chunk_size)
 
     def enable_forward_chunking(self, chunk_size=None):
-        """Chunk every transformer feed-forward along axis 1 (``None`` turns chunking off).
-
-        Call before the first run or export: a compiled graph keeps the setting it was compiled with.
-        """
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"forward_chunk_size={chunk_size!r} must be a positive int or None")
-        self.forward_chunk_size = chunk_size
-        for _, cell in self.cells_and_names():
-            if hasattr(cell, "chunk_size"):
-                cell.chunk_size = chunk_size
-        logger.debug("feed-forward chunk size: %s", chunk_size)
+        """Chunk every transformer feed-forward along axis 1 (``None`` turns chunking off); see
+        :func:`~framegraph.models.layers.set_forward_chunking`."""
+        set_forward_chunking(self, chunk_size)
 
     def construct(self, sample, timestep, encoder_hidden_states):
         b, c, f, h, w = sample.shape

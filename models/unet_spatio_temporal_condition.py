@@ -6,16 +6,14 @@ the result is [B, F, out_channels, H, W]. H and W must be divisible by 2 ** (num
 """
 
 import dataclasses
-import logging
 
 import mindspore as ms
 from mindspore import nn, ops
 
-from .layers import Conv2d, GroupNorm, TimestepEmbedding, Timesteps, silu
+from .layers import Conv2d, GroupNorm, TimestepEmbedding, Timesteps, set_forward_chunking, silu
 from .loading import config_from_dict
 from .unet_spatio_temporal_blocks import DOWN_BLOCKS, UP_BLOCKS, UNetMidBlockSpatioTemporal
 
-logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -147,17 +145,9 @@ class UNetSpatioTemporalConditionModel(nn.Cell):
         return cls(config_from_dict(UNetSpatioTemporalConditionConfig, config_dict), forward_chunk_size)
 
     def enable_forward_chunking(self, chunk_size=None):
-        """Chunk every transformer feed-forward along the sequence axis (``None`` turns chunking off).
-
-        Call before the first run or export: a compiled graph keeps the setting it was compiled with.
-        """
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"forward_chunk_size={chunk_size!r} must be a positive int or None")
-        self.forward_chunk_size = chunk_size
-        for _, cell in self.cells_and_names():
-            if hasattr(cell, "chunk_size"):
-                cell.chunk_size = chunk_size
-        logger.debug("feed-forward chunk size: %s", chunk_size)
+        """Chunk every transformer feed-forward along the sequence axis (``None`` turns chunking off); see
+        :func:`~framegraph.models.layers.set_forward_chunking`."""
+        set_forward_chunking(self, chunk_size)
 
     def construct(self, sample, timestep, encoder_hidden_states, added_time_ids):
         b, f, c, h, w = sample.shape
