@@ -50,12 +50,16 @@ class ArtifactWriter:
             return None
         return manifest
 
-    def reuse_component(self, name, keys):
-        """Copy the previous artifact's graphs of component ``name`` if it holds exactly ``keys`` and they verify."""
+    def reuse_component(self, name, keys, require_checked=False):
+        """Copy the previous artifact's graphs of component ``name`` if it holds exactly ``keys`` and they verify
+        (and, with ``require_checked``, were checked at export)."""
         if self.previous is None:
             return None
         entries = [g for g in self.previous.graphs if g.name == name]
         if sorted(g.key for g in entries) != sorted(keys):
+            return None
+        if require_checked and any(g.max_abs_error is None for g in entries):
+            logger.info("re-exporting %s: the previous export was not checked", name)
             return None
         files = {f.path: f for g in entries for f in g.files}
         try:

@@ -7,6 +7,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 TOLERANCE = {"float32": 1e-4, "float16": 5e-2}
+# int8 weights: a sanity bound that catches a broken graph; the accuracy that matters (PSNR of the frames against
+# the float graphs) is measured by scripts/bench.py.
+INT8_TOLERANCE = 0.25
 
 
 class ExportCheckError(RuntimeError):
@@ -38,8 +41,9 @@ def run_mindir(path, inputs):
     return run_mindspore(graph, inputs)
 
 
-def compare(graph_label, outputs, references, dtype):
-    """Max abs error scaled as in the fixtures: error / max(1, max|ref|); raises above the dtype's tolerance."""
+def compare(graph_label, outputs, references, dtype, tolerance=None):
+    """Max abs error scaled as in the fixtures: error / max(1, max|ref|); raises above ``tolerance`` (default: the
+    dtype's)."""
     worst = 0.0
     for out, ref in zip(outputs, references):
         ref64 = ref.astype(np.float64)
@@ -49,11 +53,11 @@ def compare(graph_label, outputs, references, dtype):
             raise ExportCheckError(f"{graph_label}: output has NaN/inf")
         err = float(np.abs(out.astype(np.float64) - ref64).max()) / max(1.0, float(np.abs(ref64).max()))
         worst = max(worst, err)
-    tolerance = TOLERANCE[dtype]
+    tolerance = TOLERANCE[dtype] if tolerance is None else tolerance
     if worst > tolerance:
         raise ExportCheckError(
             f"{graph_label}: exported graph differs from the MindSpore model by {worst:.3e} (scaled max abs error), "
-            f"above the {dtype} tolerance {tolerance:.0e}; the export was not written. Report this with the model "
+            f"above its tolerance {tolerance:.2g} ({dtype}); the export was not written. Report this with the model "
             "config, or export with --no-check to inspect it."
         )
     logger.info("%s: max scaled error %.2e (tolerance %.0e)", graph_label, worst, tolerance)

@@ -51,6 +51,9 @@ def build_parser():
     p.add_argument("--forward-chunk-size", type=int, default=None,
                    help="run the UNet's feed-forward layers over slices of this many positions inside the graph (the "
                    "compiled unet.enable_forward_chunking(): same numbers, lower peak memory at large sizes)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8 UNet weights in the ONNX graphs (ONNX Runtime dynamic quantization of the spatial "
+                   "transformer layers and convolutions; faster on CPU, less exact: compare the frames)")
     p.add_argument("--isolate", choices=("auto", "always", "never"), default="auto",
                    help="export components in child processes so MindSpore's compile memory is returned after each "
                    "graph (auto: components with >= 1 GiB of parameters; needed at real size on 24 GiB)")
@@ -69,7 +72,7 @@ def main(argv=None):
         options = ExportOptions(
             frames=args.frames, height=args.height, width=args.width, batch=args.batch, formats=args.formats,
             dtype=args.dtype, decode_chunk_sizes=args.decode_chunk_sizes, check=args.check,
-            isolate=args.isolate, forward_chunk_size=args.forward_chunk_size,
+            isolate=args.isolate, forward_chunk_size=args.forward_chunk_size, quantize=args.quantize,
         )
         out = run_export(pipeline, args.out, options, source_name=args.model)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:

@@ -36,11 +36,16 @@ class ExportedGraph:
     label: str
 
 
-def export_component(writer, spec, make_cell, buckets, formats, dtype, run_check=True, progress=None, weights=None):
+def export_component(writer, spec, make_cell, buckets, formats, dtype, run_check=True, progress=None, weights=None,
+                     quantize=None):
     """Export ``make_cell(bucket)`` (a MindSpore cell) for every bucket in every format into ``writer``.
 
     ``weights``: the SharedWeights the ONNX graphs write into (default: a new ``<name>/weights.bin``).
+    ``quantize``: "int8" quantizes the ONNX graphs of the components that support it (the UNet).
     """
+    from framegraph.export.quantize import QUANTIZED_GRAPHS
+
+    quantize = quantize if spec.name in QUANTIZED_GRAPHS else None
     import mindspore as ms
 
     name = spec.name
@@ -57,13 +62,14 @@ def export_component(writer, spec, make_cell, buckets, formats, dtype, run_check
         for fmt in formats:
             if fmt == "onnx":
                 path = export_onnx(cell, ms_inputs, writer.path(f"{name}/{name}_{tag}.onnx"),
-                                   [t.name for t in in_specs], [t.name for t in out_specs], weights)
+                                   [t.name for t in in_specs], [t.name for t in out_specs], weights, quantize)
                 files = [path, weights.path]
             else:
                 files = export_mindir(cell, ms_inputs, writer.path(f"{name}/{name}_{tag}.mindir"))
                 files.append(write_converter_config(writer.path(f"{name}/{name}_{tag}.converter.cfg"), in_specs))
+            tolerance = check.INT8_TOLERANCE if quantize and fmt == "onnx" else check.TOLERANCE[dtype]
             entry = GraphEntry(name=name, format=fmt, bucket=dict(bucket), files=[], inputs=in_specs,
-                               outputs=out_specs, tolerance=check.TOLERANCE[dtype])
+                               outputs=out_specs, tolerance=tolerance)
             exported.append(ExportedGraph(entry, files, inputs, reference, f"{name}[{tag}].{fmt}"))
             if progress:
                 progress(f"{name}[{tag}].{fmt}")
@@ -79,7 +85,7 @@ def check_graph(graph, dtype):
         outputs = check.run_onnx(graph.files[0], [t.name for t in entry.inputs], graph.inputs)
     else:
         outputs = check.run_mindir(graph.files[0], graph.inputs)
-    return check.compare(graph.label, outputs, graph.reference, dtype)
+    return check.compare(graph.label, outputs, graph.reference, dtype, entry.tolerance)
 
 
 def check_exported(writer, exported, dtype, run_check=True, run=None):

@@ -118,7 +118,7 @@ def _export_unit(source, options, stage, component, name, bucket, fmt, with_refe
         weights = SharedWeights(writer.path(f"{name}/weights.bin"), writer.path(f"{SCRATCH}/{name}.weights.json"))
     net = configure(pipeline.build(component), options)
     return export_component(writer, recipe.specs[name], lambda b: factory(net, b), [bucket], [fmt], options.dtype,
-                            with_reference, None, weights)
+                            with_reference, None, weights, options.quantize)
 
 
 def export_isolated(pipeline, options, stage, component, names, wanted, progress=None):

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from framegraph.export.onnx_fusions import fuse_gelu
@@ -157,8 +158,9 @@ def fix_conv_pads(model):
                 attr.ints[:] = [top, left, bottom, right]
 
 
-def export_onnx(cell, inputs, path, input_names, output_names, weights):
-    """Export ``cell`` on sample ``inputs`` (MindSpore tensors) to ``path`` with weights in ``weights``."""
+def export_onnx(cell, inputs, path, input_names, output_names, weights, quantize=None):
+    """Export ``cell`` on sample ``inputs`` (MindSpore tensors) to ``path`` with weights in ``weights``;
+    ``quantize="int8"`` stores int8 weights (``framegraph.export.quantize``) instead of the float ones."""
     import mindspore as ms
     import onnx
 
@@ -173,15 +175,25 @@ def export_onnx(cell, inputs, path, input_names, output_names, weights):
     # one at a time: the exporter's own weight serialisation holds extra full copies of the weights in memory.
     ms.onnx.export(cell, *inputs, file_name=str(raw), export_params=False)
     model = onnx.load(str(raw), load_external_data=False)
-    externalize(model, stage, path.parent, weights)  # large constants the exporter folded
-    parameters_to_initializers(model, cell, len(input_names), path.parent, weights)
+    # A quantized graph goes through a float copy in the staging folder first, so that the shared weights file
+    # only ever receives the int8 tensors.
+    first = SharedWeights(stage / "float.bin") if quantize else weights
+    target_dir = stage if quantize else path.parent
+    externalize(model, stage, target_dir, first)  # large constants the exporter folded
+    parameters_to_initializers(model, cell, len(input_names), target_dir, first)
     rename_io(model, input_names, output_names)
     fix_conv_pads(model)
     fuse_gelu(model)
+    if quantize:
+        from framegraph.export.quantize import drop_unused_domains, quantize_int8
+
+        onnx.save(model, str(stage / "float.onnx"))
+        quantize_int8(stage / "float.onnx", stage / "int8.onnx")
+        model = onnx.load(str(stage / "int8.onnx"), load_external_data=False)
+        drop_unused_domains(model)
+        externalize(model, stage, path.parent, weights)
     onnx.save(model, str(path))
-    for leftover in stage.iterdir():
-        leftover.unlink()
-    stage.rmdir()
+    shutil.rmtree(stage)
     logger.info("wrote %s (%d ops)", path, len(model.graph.node))
     return path
 

@@ -14,6 +14,7 @@ from framegraph import __version__
 from framegraph.export import isolated
 from framegraph.export.artifact import ArtifactWriter
 from framegraph.export.exporter import check_exported, export_component, planned_keys
+from framegraph.export.quantize import QUANTIZE_MODES
 from framegraph.runtime.manifest import FORMATS, Manifest
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class ExportOptions:
     check: bool = True
     isolate: str = "auto"  # export components in child processes: auto (large ones), always, never
     forward_chunk_size: int = None  # UNet feed-forward over slices of this many positions (lower peak memory)
+    quantize: str = None  # "int8": int8 UNet weights in the ONNX graphs (CPU)
 
     def fingerprint(self, source_hash):
         fields = dataclasses.asdict(self)
@@ -73,6 +75,9 @@ def validate_options(options, size_multiple, folder):
         raise ValueError(f"--dtype must be float32 or float16, got {options.dtype}")
     if options.forward_chunk_size is not None and options.forward_chunk_size < 1:
         raise ValueError(f"--forward-chunk-size must be a positive integer, got {options.forward_chunk_size}")
+    if options.quantize is not None and (options.quantize not in QUANTIZE_MODES or "onnx" not in options.formats):
+        raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)} and needs --formats with onnx "
+                         f"(it applies to the ONNX graphs); got {options.quantize!r} with {','.join(options.formats)}")
     if options.isolate not in isolated.ISOLATE_MODES:
         raise ValueError(f"--isolate must be one of {', '.join(isolated.ISOLATE_MODES)}, got {options.isolate!r}")
 
@@ -121,7 +126,7 @@ def _component_graphs(writer, pipeline, component, factories, recipe, options, p
     wanted = {name: [b for n, b in recipe.plan if n == name] for name in factories}
     reused = {}
     for name in factories:
-        entries = writer.reuse_component(name, planned_keys(name, wanted[name], options.formats))
+        entries = writer.reuse_component(name, planned_keys(name, wanted[name], options.formats), options.check)
         if entries is not None:
             reused[name] = entries
             for _ in entries if progress else ():
@@ -152,7 +157,8 @@ def _export_built(writer, net, factories, reused, recipe, wanted, options, progr
     for name, factory in factories.items():
         if name not in reused:
             exported += export_component(writer, recipe.specs[name], lambda bucket, f=factory: f(net, bucket),
-                                         wanted[name], options.formats, options.dtype, options.check, progress)
+                                         wanted[name], options.formats, options.dtype, options.check, progress,
+                                         quantize=options.quantize)
     return exported
 
 
@@ -194,6 +200,7 @@ def _manifest(pipeline, recipe, options, graphs, source_name, source_hash, write
             "decode_chunk_sizes": sorted({g.bucket["chunk"] for g in graphs if g.name == "vae_decoder"}),
             "checked": options.check,
             "forward_chunk_size": options.forward_chunk_size,
+            "quantize": options.quantize,
         },
     )
 

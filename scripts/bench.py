@@ -52,9 +52,12 @@ logger = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent
 INPUT_IMAGE = ROOT / "tests" / "fixtures" / "svd-tiny" / "input.png"
-ENGINE_FORMAT = {"onnxruntime": "onnx", "onnxruntime-lowmem": "onnx", "onnxruntime-2buckets": "onnx",
-                 "onnxruntime-unshared": "onnx", "onnxruntime-unshared-2buckets": "onnx", "mindspore": "mindir"}
-ENGINES = ("diffusers",) + tuple(ENGINE_FORMAT)
+# engine -> the export it runs: (formats, two frame buckets?, --quantize)
+EXPORTS = {"onnx": (["onnx"], True, None), "mindir": (["mindir"], False, None), "onnx-int8": (["onnx"], False, "int8")}
+ENGINE_EXPORT = {"onnxruntime": "onnx", "onnxruntime-lowmem": "onnx", "onnxruntime-2buckets": "onnx",
+                 "onnxruntime-unshared": "onnx", "onnxruntime-unshared-2buckets": "onnx", "onnxruntime-int8": "onnx-int8",
+                 "mindspore": "mindir", "mindspore-lowmem": "mindir"}
+ENGINES = ("diffusers",) + tuple(ENGINE_EXPORT)
 DEFAULT_ENGINES = ENGINES
 KINDS = {"StableVideoDiffusionPipeline": "svd", "TextToVideoSDPipeline": "t2v"}
 GIB = 1024 ** 3
@@ -162,31 +165,32 @@ def framegraph_sources_hash():
     return h.hexdigest()
 
 
-def export_artifact(args, pipeline, formats, frames):
-    """Reuse an up-to-date artifact holding ``formats`` (or more), else export one holding exactly ``formats``."""
+def export_artifact(args, pipeline, key):
+    """The artifact of export ``key`` (see EXPORTS): an up-to-date one is reused, else it is exported."""
+    formats, two_buckets, quantize = EXPORTS[key]
+    frames = [args.frames, args.second_frames or args.frames + 2] if two_buckets else [args.frames]
     base = f"artifact-{args.height}x{args.width}-f{'-'.join(map(str, frames))}"
     wanted = {"pipeline": pipeline["stamp"], "height": args.height, "width": args.width, "frames": frames,
-              "check": args.export_check, "framegraph_sources": framegraph_sources_hash()}
-    for stamp_path in sorted(args.work_dir.glob(f"{base}-*.bench.json")):
-        artifact = stamp_path.with_name(stamp_path.name[:-len(".bench.json")])
+              "check": args.export_check, "quantize": quantize, "framegraph_sources": framegraph_sources_hash()}
+    artifact = args.work_dir / f"{base}-{key}"  # MindSpore rejects '+' in paths
+    stamp_path = artifact.with_name(artifact.name + ".bench.json")
+    if stamp_path.is_file() and (artifact / "manifest.json").is_file():
         previous = json.loads(stamp_path.read_text())
-        if (artifact / "manifest.json").is_file() and set(formats) <= set(previous["formats"]) and all(
-                previous.get(k) == v for k, v in wanted.items()):
+        if all(previous.get(k) == v for k, v in wanted.items()):
             logger.info("reusing the export in %s (same pipeline, options and framegraph sources)", artifact)
             return {**previous["figures"], "path": str(artifact), "reused": True}
-    artifact = args.work_dir / f"{base}-{'-'.join(sorted(formats))}"  # MindSpore rejects '+' in paths
-    stamp_path = artifact.with_name(artifact.name + ".bench.json")
-    if args.skip_export:
-        if not (artifact / "manifest.json").is_file():
-            raise SystemExit(f"--skip-export: {artifact} has no manifest.json; run once without --skip-export")
-        logger.warning("--skip-export: using %s as is (it may not match the pipeline or options)", artifact)
-        return {"path": str(artifact), "reused": True, "up_to_date": False}
+        if args.skip_export:
+            logger.warning("--skip-export: using %s as is (exported by other framegraph sources or options)",
+                           artifact)
+            return {**previous["figures"], "path": str(artifact), "reused": True, "up_to_date": False}
     stamp_path.unlink(missing_ok=True)
     if artifact.exists():  # stale (no matching stamp): export from scratch, so that the figures are the whole cost
         shutil.rmtree(artifact)
     command = [sys.executable, "-m", "framegraph.export", pipeline["path"], "--out", artifact,
                "--frames", ",".join(map(str, frames)), "--height", args.height, "--width", args.width,
                "--formats", ",".join(formats)] + ([] if args.export_check else ["--no-check"])
+    if quantize:
+        command += ["--quantize", quantize]
     code, wall, peak, timed_out = run_process(command, timeout=args.export_timeout)
     figures = {"command": " ".join(map(str, command))}
     figures.update(export_s=round(wall, 1), peak_rss_gb=round(peak, 2), formats=list(formats), frames=frames,
@@ -285,6 +289,9 @@ def derive(engines, gflop_per_step, gemm_peak, steps, reference_result=None):
             logger.info("%s finished %d of %d steps; all steps would take about %.0f s (decode not included)",
                         name, done, steps, r["estimated_denoise_s"])
         outputs = _outputs(r)
+        float_frames = _outputs(engines.get("onnxruntime"))
+        if outputs is not None and float_frames is not None and name != "onnxruntime":
+            r["psnr_vs_onnxruntime_db"] = psnr(outputs["frames"], float_frames["frames"])
         if reference is not None and outputs is not None and name != "diffusers":
             for key in ("frames", "latents"):
                 a, b = outputs[key], reference[key]
@@ -292,6 +299,14 @@ def derive(engines, gflop_per_step, gemm_peak, steps, reference_result=None):
                     r[f"max_abs_diff_{key}_vs_diffusers"] = float(np.abs(a - b).max())
                 else:
                     r[f"max_abs_diff_{key}_vs_diffusers"] = f"shape {list(a.shape)} vs {list(b.shape)}"
+
+
+def psnr(frames, reference):
+    """PSNR in dB of frames in [0, 1] against ``reference`` (inf when equal)."""
+    if frames.shape != reference.shape:
+        return None
+    mse = float(np.mean((frames.astype(np.float64) - reference.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else round(10 * np.log10(1.0 / mse), 2)
 
 
 def earlier_result(path, spec):
@@ -318,7 +333,8 @@ COLUMNS = [("engine", "engine", "{}"), ("load_s", "load_s", "{:.1f}"), ("first_s
            ("step_s_median", "step_s_median", "{:.2f}"), ("total_s", "total_s", "{:.1f}"),
            ("peak_rss_gb", "peak_rss_gb", "{:.2f}"), ("GFLOP/step", "gflop_per_step", "{:.1f}"),
            ("GFLOP/s", "gflops", "{:.1f}"), ("eff", "efficiency", "{:.0%}"),
-           ("max|d| vs diffusers", "max_abs_diff_frames_vs_diffusers", "{:.2e}"), ("status", "status", "{}")]
+           ("max|d| vs diffusers", "max_abs_diff_frames_vs_diffusers", "{:.2e}"),
+           ("PSNR vs onnxruntime", "psnr_vs_onnxruntime_db", "{:.1f} dB"), ("status", "status", "{}")]
 
 
 def table(engines):
@@ -378,7 +394,8 @@ def build_parser():
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text-to-video prompt")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the shared inputs")
     p.add_argument("--work-dir", type=Path, default=None, help="cache folder (default ./out/bench/MODEL-NAME)")
-    p.add_argument("--skip-export", action="store_true", help="use the artifact in the work dir as it is")
+    p.add_argument("--skip-export", action="store_true", help="use the artifacts in the work dir as they are, even "
+                   "if framegraph's sources changed since they were exported (missing ones are exported)")
     p.add_argument("--export-check", action=argparse.BooleanOptionalAction, default=False,
                    help="let the export run every graph and check it against the MindSpore model (framegraph's own "
                    "default). Off by default here: the max|d| column checks the graphs end to end against diffusers, "
@@ -417,11 +434,9 @@ def main(argv=None):
     report["pipeline"] = make_pipeline(model, args.work_dir / "pipeline", args.seed)
     # ONNX: the frame bucket measured plus a second one (stored once: shared weights); MindIR: one bucket (each
     # MindIR graph carries its own copy of the weights, so a second bucket would double the disk use).
-    second = args.second_frames or args.frames + 2
     report["exports"] = {}
-    for fmt in sorted({ENGINE_FORMAT[e] for e in engines if e in ENGINE_FORMAT}):
-        frames = [args.frames, second] if fmt == "onnx" else [args.frames]
-        report["exports"][fmt] = export_artifact(args, report["pipeline"], [fmt], frames)
+    for key in sorted({ENGINE_EXPORT[e] for e in engines if e in ENGINE_EXPORT}):
+        report["exports"][key] = export_artifact(args, report["pipeline"], key)
     if "onnx" in report["exports"] and report["exports"]["onnx"].get("status", "ok") == "ok":
         report["exports"]["onnx"]["bucket_disk_gb"] = bucket_disk(Path(report["exports"]["onnx"]["path"]),
                                                                   args.frames)
@@ -434,7 +449,7 @@ def main(argv=None):
     report["unet_flops"] = run_worker("flops", spec_path, runs / "flops.json", args.threads)
     results = {}
     for engine in engines:
-        export = report["exports"].get(ENGINE_FORMAT.get(engine))
+        export = report["exports"].get(ENGINE_EXPORT.get(engine))
         if export is not None and export.get("status", "ok") != "ok":
             results[engine] = {"status": f"not run: export {export['status']}"}
             continue

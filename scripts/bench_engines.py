@@ -8,6 +8,7 @@ WORKER is one of:
   onnxruntime-lowmem    the same with low_memory=True (one graph resident at a time)
   onnxruntime-2buckets  the same with a second UNet frame bucket opened too (what a second bucket costs)
   onnxruntime-unshared[-2buckets]  the same with share_weights=False (each session reads its own weights)
+  onnxruntime-int8      framegraph runtime on an artifact exported with --quantize int8
   mindspore     framegraph runtime on the artifact's MindIR graphs
   gemm          fp32 GEMM peak of this machine (numpy and torch, square matmuls, best of a few)
   flops         UNet FLOPs of one denoising step (torch FlopCounterMode on one diffusers UNet call)
@@ -264,7 +265,9 @@ ENGINE_IMPORTS = {
     "onnxruntime-2buckets": _import_framegraph("onnxruntime", extra_bucket=True),
     "onnxruntime-unshared": _import_framegraph("onnxruntime", share_weights=False),
     "onnxruntime-unshared-2buckets": _import_framegraph("onnxruntime", extra_bucket=True, share_weights=False),
+    "onnxruntime-int8": _import_framegraph("onnxruntime"),  # on the --quantize int8 artifact
     "mindspore": _import_framegraph("mindspore"),
+    "mindspore-lowmem": _import_framegraph("mindspore", low_memory=True),
 }
 ENGINES = tuple(ENGINE_IMPORTS)
 

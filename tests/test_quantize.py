@@ -1,0 +1,61 @@
+"""Opt-in int8 weights (``svd-export --quantize int8``) on the tiny text-to-video model."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES, T2V_EXPORT
+from framegraph.runtime.manifest import Manifest
+
+
+@pytest.fixture(scope="module")
+def int8_artifact(ms, t2v_tiny, tmp_path_factory):
+    from framegraph.export.components import PipelineFolder
+    from framegraph.export.pipeline_export import ExportOptions
+    from framegraph.export.t2v import export_t2v
+
+    options = ExportOptions(formats=("onnx",), quantize="int8", isolate="never", **T2V_EXPORT)
+    return export_t2v(PipelineFolder(t2v_tiny), tmp_path_factory.mktemp("int8") / "t2v-int8", options)
+
+
+def test_int8_unet_uses_standard_integer_ops_and_smaller_weights(int8_artifact, t2v_artifact):
+    import onnx
+
+    m = Manifest.load(int8_artifact)
+    assert m.options["quantize"] == "int8"
+    for entry in m.graphs:
+        model = onnx.load(str(int8_artifact / entry.main_file), load_external_data=False)
+        assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
+        ops = {n.op_type for n in model.graph.node}
+        if entry.name == "unet":
+            assert {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"} <= ops
+            assert entry.max_abs_error <= entry.tolerance
+        else:  # only the UNet is quantized
+            assert "DynamicQuantizeLinear" not in ops and entry.max_abs_error <= 1e-4
+    size = (int8_artifact / "unet" / "weights.bin").stat().st_size
+    assert size < 0.6 * (t2v_artifact / "unet" / "weights.bin").stat().st_size
+
+
+def test_int8_frames_are_close_to_float_frames(int8_artifact, t2v_artifact):
+    from framegraph.runtime import TextToVideoSDPipeline
+
+    prompt = json.loads((FIXTURES / "t2v-tiny" / "golden.json").read_text())["prompt"]
+    frames = []
+    for art in (t2v_artifact, int8_artifact):
+        pipe = TextToVideoSDPipeline.from_artifacts(art)
+        pipe.set_progress_bar_config(disable=True)
+        frames.append(pipe(prompt, num_frames=4, num_inference_steps=10, generator=0).frames)
+    mse = float(np.mean((frames[0] - frames[1]) ** 2))
+    assert 0 < mse and 10 * np.log10(1 / mse) >= 30  # measured: 42 dB
+
+
+def test_quantize_needs_onnx(t2v_tiny, tmp_path):
+    from framegraph.export.components import PipelineFolder
+    from framegraph.export.pipeline_export import ExportOptions
+    from framegraph.export.t2v import export_t2v
+
+    with pytest.raises(ValueError, match="--quantize"):
+        export_t2v(PipelineFolder(t2v_tiny), tmp_path / "x", ExportOptions(formats=("mindir",), quantize="int8",
+                                                                            **T2V_EXPORT))
+    assert not (tmp_path / "x").exists()
