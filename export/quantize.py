@@ -128,10 +128,23 @@ def _drop_unused_initializers(graph):
 def quantize_int8(source, target):
     """Quantize the ONNX graph ``source`` (external data next to it) into ``target`` (external data in
     ``target``'s folder)."""
+    source, target = Path(source), Path(target)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))  # the quantizer logs a line per tensor on the root logger
+    try:
+        selected, linear = _quantize(source, target)
+    finally:
+        root.setLevel(level)
+    logger.info("quantized %s to int8 weights: %d linear layers (of %d) and the convolutions", target.name,
+                selected, linear)
+    return target
+
+
+def _quantize(source, target):
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    source, target = Path(source), Path(target)
     with tempfile.TemporaryDirectory(prefix="framegraph-quantize-", dir=target.parent) as tmp:
         model = onnx.load(str(source))
         count = gemm_to_matmul(model)
@@ -146,6 +159,4 @@ def quantize_int8(source, target):
                          extra_options={"MatMulConstBOnly": True})
         quantize_dynamic(str(linear), str(target), op_types_to_quantize=["Conv"], weight_type=QuantType.QUInt8,
                          use_external_data_format=True)
-    logger.info("quantized %s to int8 weights: %d linear layers (of %d) and the convolutions", target.name,
-                len(selected), count)
-    return target
+    return len(selected), count
