@@ -16,8 +16,10 @@ One run, same random weights for every engine:
   4. each engine runs in its own process (``scripts/bench_engines.py``) on the same input image, latents and
      conditioning-image noise, guidance on; step ends are timed with ``callback_on_step_end``; peak RSS is the
      process tree's (sampled) or the largest process's (``wait4`` rusage), whichever is larger; frames are compared
-     with diffusers'. ``onnxruntime-lowmem`` is framegraph with ``low_memory=True``; ``onnxruntime-2buckets`` also
-     opens (and runs once) the second frame bucket's UNet, to show what a second bucket costs in memory.
+     with diffusers'. ``onnxruntime-lowmem`` / ``mindspore-lowmem`` are framegraph with ``low_memory=True``;
+     ``onnxruntime-2buckets`` also opens (and runs once) the second frame bucket's UNet, to show what a second
+     bucket costs in memory; ``onnxruntime-unshared*`` turn ``share_weights`` off; ``onnxruntime-int8`` runs an
+     artifact exported with ``--quantize int8`` and reports the PSNR of its frames against ``onnxruntime``'s.
 
 Columns: load_s (from_pretrained / from_artifacts + opening the graphs the call uses), first_step_s (call start to
 the end of step 1: includes image / prompt encoding), step_s_median (median of steps 2..N), total_s (pipeline call,
