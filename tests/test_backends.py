@@ -341,3 +341,16 @@ def test_mindspore_lite_wiring_with_a_stand_in_module(monkeypatch, tmp_path):
     out = graph(**inputs)
     for name, ref in expected(**inputs).items():
         np.testing.assert_array_equal(out[name], ref)
+
+
+def test_onnxruntime_optimization_level_is_selectable():
+    import onnxruntime as ort
+
+    from framegraph.runtime.backends import load_backend
+
+    levels = ort.GraphOptimizationLevel
+    assert load_backend("onnxruntime").session_options().graph_optimization_level == levels.ORT_ENABLE_ALL
+    extended = load_backend("onnxruntime", optimization="extended")
+    assert extended.session_options().graph_optimization_level == levels.ORT_ENABLE_EXTENDED
+    with pytest.raises(ValueError, match="optimization='fastest'.*all, extended, basic"):
+        load_backend("onnxruntime", optimization="fastest")
