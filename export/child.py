@@ -1,11 +1,28 @@
-"""Entry point of the export's child processes: ``python -m framegraph.export.child REQUEST REPLY``.
+"""Entry point of the export's child processes: ``python -m framegraph.export.child REQUEST REPLY PARENT_PID``.
 
-REQUEST is a pickle of (function, args, log level); REPLY receives (True, result) or (False, exception).
+REQUEST is a pickle of (function, args, log level); REPLY receives (True, result) or (False, exception). A child
+whose parent dies (a killed export) exits at once instead of finishing its graph into a removed staging folder.
 """
 
 import logging
+import os
 import pickle
 import sys
+import threading
+import time
+
+PARENT_POLL_S = 1.0
+
+
+def exit_with_parent(parent_pid):
+    """Exit this process (status 3) as soon as ``parent_pid`` is no longer its parent."""
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def main(request, reply):
@@ -25,4 +42,5 @@ def main(request, reply):
 
 
 if __name__ == "__main__":
+    exit_with_parent(int(sys.argv[3]))
     main(sys.argv[1], sys.argv[2])

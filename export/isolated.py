@@ -71,7 +71,8 @@ def run_in_child(label, function, *args):
             pickle.dump((function, args, level), f)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")])
-        proc = subprocess.run([sys.executable, "-m", "framegraph.export.child", str(request), str(reply)], env=env)
+        proc = subprocess.run([sys.executable, "-m", "framegraph.export.child", str(request), str(reply),
+                               str(os.getpid())], env=env)
         if proc.returncode == 0 and reply.is_file():
             with open(reply, "rb") as f:
                 ok, value = pickle.load(f)

@@ -44,3 +44,12 @@ def kill_own_process():
     import signal
 
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sleep_then_write(path, seconds):
+    """Run in an export child process by the isolation tests: outlives a killed parent unless stopped."""
+    import time
+    from pathlib import Path
+
+    time.sleep(seconds)
+    Path(path).write_text("the child outlived its parent")

@@ -1,5 +1,7 @@
 """Exporting components in child processes (``--isolate``), which real-size exports need to fit in memory."""
 
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -89,3 +91,37 @@ def test_forward_chunked_export_has_more_feed_forward_slices_and_same_outputs(t2
     ours = ort.InferenceSession(str(out / entry.main_file)).run(None, feeds)[0]
     theirs = ort.InferenceSession(str(t2v_artifact / reference.main_file)).run(None, feeds)[0]
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_child_exits_when_the_export_is_killed(tmp_path):
+    """A SIGKILLed export must not leave its child process running (and writing) on its own."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    import psutil
+
+    marker = tmp_path / "written"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from framegraph.export.isolated import run_in_child
+        from helpers import sleep_then_write
+        run_in_child("a test", sleep_then_write, {str(marker)!r}, 8)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    children = []
+    while time.time() < deadline and not children:
+        children = [c for c in psutil.Process(parent.pid).children() if "framegraph.export.child" in " ".join(
+            c.cmdline())]
+        time.sleep(0.1)
+    assert children, "the child process did not start"
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    gone, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, "the child kept running after its parent was killed"
+    time.sleep(8)
+    assert not marker.exists()
