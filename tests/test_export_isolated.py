@@ -74,10 +74,10 @@ def test_forward_chunked_export_has_more_feed_forward_slices_and_same_outputs(t2
     from framegraph.export.pipeline_export import ExportOptions
     from framegraph.export.t2v import export_t2v
 
-    options = ExportOptions(formats=("onnx",), isolate="never", forward_chunk_size=16, **T2V_EXPORT)
+    options = ExportOptions(formats=("onnx",), isolate="never", forward_chunk_size=128, **T2V_EXPORT)
     out = export_t2v(PipelineFolder(t2v_tiny), tmp_path / "chunked", options)
     chunked, plain = Manifest.load(out), Manifest.load(t2v_artifact)
-    assert chunked.options["forward_chunk_size"] == 16
+    assert chunked.options["forward_chunk_size"] == 128
     entry = chunked.find("unet", "onnx", batch=2)
     reference = plain.find("unet", "onnx", batch=2)
     assert entry.max_abs_error <= entry.tolerance  # checked against the MindSpore model at export
