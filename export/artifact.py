@@ -75,9 +75,7 @@ class ArtifactWriter:
         return entries
 
     def path(self, rel):
-        full = self.stage / rel
-        full.parent.mkdir(parents=True, exist_ok=True)
-        return full
+        return stage_path(self.stage, rel)
 
     def entry(self, full_path):
         return file_entry(self.stage, full_path.relative_to(self.stage).as_posix())
@@ -98,6 +96,13 @@ class ArtifactWriter:
 
     def abort(self):
         shutil.rmtree(self.stage, ignore_errors=True)
+
+
+def stage_path(stage, rel):
+    """``stage / rel``, with its folder created."""
+    full = Path(stage) / rel
+    full.parent.mkdir(parents=True, exist_ok=True)
+    return full
 
 
 def _alive(pid):

@@ -96,9 +96,9 @@ class _Stage:
         self.stage = Path(stage)
 
     def path(self, rel):
-        full = self.stage / rel
-        full.parent.mkdir(parents=True, exist_ok=True)
-        return full
+        from framegraph.export.artifact import stage_path
+
+        return stage_path(self.stage, rel)
 
 
 def _export_unit(source, options, stage, component, name, bucket, fmt, with_reference):
