@@ -58,7 +58,7 @@ def export_component(writer, spec, make_cell, buckets, formats, dtype, run_check
         inputs = spec.sample_inputs(bucket, dtype)
         ms_inputs = [ms.Tensor(x) for x in inputs]
         in_specs, out_specs = spec.input_specs(bucket, dtype), spec.output_specs(bucket, dtype)
-        reference = check.run_mindspore(cell, inputs) if run_check else None
+        reference = check.run_reference(cell, inputs) if run_check else None
         for fmt in formats:
             if fmt == "onnx":
                 path = export_onnx(cell, ms_inputs, writer.path(f"{name}/{name}_{tag}.onnx"),

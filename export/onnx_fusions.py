@@ -115,3 +115,160 @@ def fuse_gelu(model):
     graph.node.extend(kept)
     logger.info("fused %d GELU subgraphs into Erf form", len(matches))
     return len(matches)
+
+
+# Normalisation: MindSpore writes GroupNorm and LayerNorm out as
+#   m = ReduceMean(x); d = x - m; v = ReduceMean(d * d); y = d / Sqrt(v + eps)
+# over the trailing axes of x (GroupNorm after reshaping to (N, groups, -1)). ``fuse_normalization`` replaces those
+# seven nodes with one LayerNormalization (standard since opset 17) with unit scale and zero bias; the affine part
+# that follows stays as it is. ONNX Runtime runs LayerNormalization as one parallel kernel instead of seven passes.
+LAYER_NORM_OPSET = 17
+
+
+def upgrade_opset(model, version=LAYER_NORM_OPSET):
+    """``model`` converted to ONNX opset ``version`` (no-op when it is already there); weights stay external."""
+    from onnx import version_converter
+
+    current = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if current >= version:
+        return model
+    return version_converter.convert_version(model, version)
+
+
+def _constant_values(graph, base_dir):
+    """Small constants by name: Constant nodes and initializers (external ones read from ``base_dir``)."""
+    from onnx import TensorProto, numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    values = {}
+    for t in graph.initializer:
+        if np_size(t.dims) > 16:
+            continue
+        if uses_external_data(t):
+            if base_dir is None:
+                continue
+            t = TensorProto.FromString(t.SerializeToString())
+            load_external_data_for_tensor(t, str(base_dir))
+            t.data_location = TensorProto.DEFAULT
+        values[t.name] = numpy_helper.to_array(t)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            tensor = node.attribute[0].t
+            if np_size(tensor.dims) <= 16:
+                values[node.output[0]] = numpy_helper.to_array(tensor)
+    return values
+
+
+def np_size(dims):
+    size = 1
+    for d in dims:
+        size *= d
+    return size
+
+
+def _axes(node, rank):
+    for attr in node.attribute:
+        if attr.name == "axes":
+            return sorted(a % rank for a in attr.ints)
+    return None
+
+
+def _keepdims(node):
+    return all(attr.i == 1 for attr in node.attribute if attr.name == "keepdims")
+
+
+def _only(consumers, name, op_type):
+    users = consumers.get(name, [])
+    return users[0] if len(users) == 1 and users[0].op_type == op_type else None
+
+
+def _match_normalization(mean, shapes, producer, consumers, constants, outputs):
+    """(x, axis, eps, nodes, div) of one exported normalisation starting at ReduceMean ``mean``, or None."""
+    x = mean.input[0]
+    shape = shapes.get(x)
+    if shape is None or not _keepdims(mean):
+        return None
+    rank = len(shape)
+    axes = _axes(mean, rank)
+    if not axes or axes != list(range(axes[0], rank)):
+        return None
+    sub = _only(consumers, mean.output[0], "Sub")
+    if sub is None or list(sub.input) != [x, mean.output[0]]:
+        return None
+    d = sub.output[0]
+    users = list({id(n): n for n in consumers.get(d, [])}.values())  # Mul(d, d) is listed once per input
+    square = next((n for n in users if n.op_type == "Mul" and list(n.input) == [d, d]), None)
+    div = next((n for n in users if n.op_type == "Div" and n.input[0] == d), None)
+    if square is None or div is None or len(users) != 2:
+        return None
+    var = _only(consumers, square.output[0], "ReduceMean")
+    if var is None or _axes(var, rank) != axes or not _keepdims(var):
+        return None
+    add = _only(consumers, var.output[0], "Add")
+    if add is None or add.input[0] != var.output[0] or add.input[1] not in constants:
+        return None
+    eps = constants[add.input[1]]
+    if eps.size != 1:
+        return None
+    sqrt = _only(consumers, add.output[0], "Sqrt")
+    if sqrt is None or _only(consumers, sqrt.output[0], "Div") is not div or div.input[1] != sqrt.output[0]:
+        return None
+    nodes = [mean, sub, square, var, add, sqrt, div]
+    if any(out in outputs for n in nodes[:-1] for out in n.output):
+        return None
+    return x, axes[0], float(eps.reshape(())), nodes, [int(v) for v in shape[axes[0]:]]
+
+
+def fuse_normalization(model, base_dir=None):
+    """Replace the exported normalisations of ``model`` with LayerNormalization nodes; ``base_dir``: where its
+    external tensors are (the epsilons may be among them).
+
+    Returns ``(model, count)``: the model is converted to opset 17 first when anything matches (a new object
+    then), and unchanged otherwise."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = [d.dim_value for d in dims]
+    graph = model.graph
+    names = [n.name for n in graph.node]
+    if "" in names or len(set(names)) != len(names):  # replacements below are keyed by node name
+        for i, node in enumerate(graph.node):
+            node.name = f"{node.op_type}_{i}"
+    producer, consumers = _graph_maps(graph)
+    constants = _constant_values(graph, base_dir)
+    outputs = {o.name for o in graph.output}
+    matches = [m for node in graph.node if node.op_type == "ReduceMean"
+               for m in [_match_normalization(node, shapes, producer, consumers, constants, outputs)] if m]
+    if not matches:
+        return model, 0
+    model = upgrade_opset(model)
+    graph = model.graph
+    replacement, params = {}, {}
+    for i, (x, axis, eps, nodes, normalized_shape) in enumerate(matches):
+        key = tuple(normalized_shape)
+        if key not in params:
+            tag = "x".join(map(str, key))
+            params[key] = (f"norm_ones_{tag}", f"norm_zeros_{tag}")
+            graph.initializer.extend([
+                numpy_helper.from_array(np.ones(key, np.float32), params[key][0]),
+                numpy_helper.from_array(np.zeros(key, np.float32), params[key][1]),
+            ])
+        ones, zeros = params[key]
+        div = nodes[-1]
+        replacement[div.name] = [helper.make_node(
+            "LayerNormalization", [x, ones, zeros], [div.output[0]], name=f"norm_{i}", axis=axis, epsilon=eps)]
+        for n in nodes[:-1]:
+            replacement[n.name] = []
+    kept = []
+    for node in graph.node:
+        kept.extend(replacement.get(node.name, [node]))
+    del graph.node[:]
+    graph.node.extend(kept)
+    logger.info("fused %d normalisations into LayerNormalization", len(matches))
+    return model, len(matches)

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from framegraph.export.onnx_fusions import fuse_gelu
+from framegraph.export.onnx_fusions import fuse_gelu, fuse_normalization
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +175,10 @@ def export_onnx(cell, inputs, path, input_names, output_names, weights, quantize
     # one at a time: the exporter's own weight serialisation holds extra full copies of the weights in memory.
     ms.onnx.export(cell, *inputs, file_name=str(raw), export_params=False)
     model = onnx.load(str(raw), load_external_data=False)
+    # before the weights are attached (shape inference and opset conversion then see a small graph), after the
+    # Conv pads are right (shape inference reads them)
+    fix_conv_pads(model)
+    model, _ = fuse_normalization(model, stage)
     # A quantized graph goes through a float copy in the staging folder first, so that the shared weights file
     # only ever receives the int8 tensors.
     first = SharedWeights(stage / "float.bin") if quantize else weights
@@ -182,7 +186,6 @@ def export_onnx(cell, inputs, path, input_names, output_names, weights, quantize
     externalize(model, stage, target_dir, first)  # large constants the exporter folded
     parameters_to_initializers(model, cell, len(input_names), target_dir, first)
     rename_io(model, input_names, output_names)
-    fix_conv_pads(model)
     fuse_gelu(model)
     if quantize:
         from framegraph.export.quantize import drop_unused_domains, quantize_int8

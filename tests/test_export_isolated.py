@@ -9,31 +9,43 @@ import pytest
 from framegraph.runtime.manifest import Manifest
 
 
-def test_isolated_export_equals_in_process_export(t2v_artifact, t2v_tiny, tmp_path):
+def test_isolated_forward_chunked_export_equals_in_process_export(t2v_artifact, t2v_tiny, tmp_path):
+    """Two export options on one export (each tiny export costs a minute): ``isolate="always"`` builds every graph
+    in a child process, ``forward_chunk_size`` compiles diffusers' enable_forward_chunking into the UNet graph.
+    Neither may change a weight or a number."""
+    import onnx
+
     from conftest import T2V_EXPORT
     from framegraph.export.components import PipelineFolder
     from framegraph.export.pipeline_export import ExportOptions
     from framegraph.export.t2v import export_t2v
 
-    options = ExportOptions(formats=("onnx",), isolate="always", **T2V_EXPORT)
+    options = ExportOptions(formats=("onnx",), isolate="always", forward_chunk_size=128, **T2V_EXPORT)
     out = export_t2v(PipelineFolder(t2v_tiny), tmp_path / "isolated", options)
     isolated, in_process = Manifest.load(out), Manifest.load(t2v_artifact)
     assert not (out / ".scratch").exists()
+    assert isolated.options["forward_chunk_size"] == 128
     onnx_graphs = [g for g in in_process.graphs if g.format == "onnx"]
     assert sorted(g.key for g in isolated.graphs) == sorted(g.key for g in onnx_graphs)
+
+    def matmuls(path):
+        return sum(n.op_type in ("MatMul", "Gemm") for n in onnx.load(str(path), load_external_data=False).graph.node)
+
     for reference in onnx_graphs:
         graph = isolated.find(reference.name, "onnx", **reference.bucket)
         assert graph.max_abs_error is not None and graph.max_abs_error <= graph.tolerance
         # children rebuilt the same weights and appended to one shared weights file, in the same order
         weights = {f.path: f.sha256 for f in graph.files if f.path.endswith("weights.bin")}
         assert weights == {f.path: f.sha256 for f in reference.files if f.path.endswith("weights.bin")}
+        if graph.name == "unet":  # the feed-forward runs over slices: more matrix products, same numbers
+            assert matmuls(out / graph.main_file) > matmuls(t2v_artifact / reference.main_file)
         feeds = {t.name: np.random.default_rng(0).standard_normal(t.shape).astype(t.dtype) for t in graph.inputs}
         if graph.name == "text_encoder":
             feeds = {t.name: np.arange(np.prod(t.shape)).reshape(t.shape).astype(t.dtype) % 50 for t in graph.inputs}
         ours = ort.InferenceSession(str(out / graph.main_file)).run(None, feeds)
         theirs = ort.InferenceSession(str(t2v_artifact / reference.main_file)).run(None, feeds)
         for a, b in zip(ours, theirs):
-            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
 def test_child_error_is_raised_in_the_parent():
@@ -63,34 +75,6 @@ def test_auto_isolates_only_large_components(svd_tiny, monkeypatch):
     monkeypatch.setattr(isolated, "AUTO_MIN_BYTES", pipeline.parameter_bytes("unet"))
     assert isolated.should_isolate(pipeline, "unet", "auto")
     assert not isolated.should_isolate(pipeline, "vae", "auto")
-
-
-def test_forward_chunked_export_has_more_feed_forward_slices_and_same_outputs(t2v_artifact, t2v_tiny, tmp_path):
-    """--forward-chunk-size compiles diffusers' enable_forward_chunking into the UNet graph: same numbers."""
-    import onnx
-
-    from conftest import T2V_EXPORT
-    from framegraph.export.components import PipelineFolder
-    from framegraph.export.pipeline_export import ExportOptions
-    from framegraph.export.t2v import export_t2v
-
-    options = ExportOptions(formats=("onnx",), isolate="never", forward_chunk_size=128, **T2V_EXPORT)
-    out = export_t2v(PipelineFolder(t2v_tiny), tmp_path / "chunked", options)
-    chunked, plain = Manifest.load(out), Manifest.load(t2v_artifact)
-    assert chunked.options["forward_chunk_size"] == 128
-    entry = chunked.find("unet", "onnx", batch=2)
-    reference = plain.find("unet", "onnx", batch=2)
-    assert entry.max_abs_error <= entry.tolerance  # checked against the MindSpore model at export
-
-    def matmuls(path):
-        return sum(n.op_type in ("MatMul", "Gemm") for n in onnx.load(str(path), load_external_data=False).graph.node)
-
-    assert matmuls(out / entry.main_file) > matmuls(t2v_artifact / reference.main_file)
-    rng = np.random.default_rng(1)
-    feeds = {t.name: rng.standard_normal(t.shape).astype(t.dtype) for t in entry.inputs}
-    ours = ort.InferenceSession(str(out / entry.main_file)).run(None, feeds)[0]
-    theirs = ort.InferenceSession(str(t2v_artifact / reference.main_file)).run(None, feeds)[0]
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
 
 
 def test_child_exits_when_the_export_is_killed(tmp_path):

@@ -61,3 +61,45 @@ def test_exported_unet_uses_erf_gelu(svd_artifact):
     entry = m.find("unet", "onnx", num_frames=2, batch=2)
     ops = [n.op_type for n in onnx.load(str(svd_artifact / entry.main_file), load_external_data=False).graph.node]
     assert ops.count("Erf") > 0 and "Abs" not in ops
+
+
+def test_group_and_layer_norms_become_layer_normalization(ms, tmp_path):
+    import onnx
+    from mindspore import nn
+
+    from framegraph.export.onnx_fusions import fuse_normalization
+    from framegraph.models.layers import GroupNorm, LayerNorm
+
+    class Norms(nn.Cell):  # a GroupNorm, then a LayerNorm over the last axis, as in a transformer block
+        def __init__(self):
+            super().__init__()
+            self.group = GroupNorm(4, 16, eps=1e-6)
+            self.layer = LayerNorm(8, eps=1e-5)
+
+        def construct(self, x):
+            y = self.group(x)
+            return self.layer(y.reshape(2, 16, 8)) + y.reshape(2, 16, 8)
+
+    x = np.random.default_rng(0).standard_normal((2, 16, 2, 4)).astype(np.float32) * 3 + 1
+    model = _export(ms, Norms(), x, tmp_path / "n.onnx")
+    before = _run(model, x)
+    fused, count = fuse_normalization(model, tmp_path)
+    assert count == 2
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count("LayerNormalization") == 2 and "ReduceMean" not in ops and "Sqrt" not in ops
+    onnx.checker.check_model(fused)
+    np.testing.assert_allclose(_run(fused, x), before, rtol=0, atol=1e-5)
+    # a graph with nothing to fuse comes back as it was
+    again, none = fuse_normalization(fused, tmp_path)
+    assert none == 0 and again is fused
+
+
+def test_exported_graphs_use_layer_normalization(svd_artifact):
+    import onnx
+
+    m = Manifest.load(svd_artifact)
+    for entry in m.graphs:
+        if entry.format != "onnx":
+            continue
+        ops = [n.op_type for n in onnx.load(str(svd_artifact / entry.main_file), load_external_data=False).graph.node]
+        assert "LayerNormalization" in ops and "Sqrt" not in ops, entry.key

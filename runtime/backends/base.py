@@ -84,6 +84,12 @@ class Graph:
         self.backend = backend
         self.native = native
         self._run = run
+        self._release = getattr(run, "release", None)
+
+    def release_memory(self):
+        """Give back the resident pages of this graph's memory-mapped weights (backends that map them); the next
+        call reads them again from the page cache or the artifact. Returns the bytes released (0 if none)."""
+        return self._release() if self._release is not None else 0
 
     @property
     def name(self):

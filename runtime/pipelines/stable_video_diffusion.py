@@ -87,6 +87,7 @@ class StableVideoDiffusionPipeline:
         pixels = clip_pixel_values(images, c["image_mean"], c["image_std"], size=c["clip_image_size"])
         graph = self.artifact.graph("image_encoder", batch=self.batch)
         embeds = np.concatenate([graph(pixel_values=p)["image_embeds"] for p in chunks(pixels, self.batch)])
+        graph.release_memory()  # the encoders run once per call: their weight pages need not stay resident
         embeds = np.repeat(embeds[:, None, :], num_videos_per_prompt, axis=0)  # (B*n, 1, D), diffusers' order
         if cfg:
             embeds = np.concatenate([np.zeros_like(embeds), embeds])
@@ -95,6 +96,7 @@ class StableVideoDiffusionPipeline:
     def _encode_vae_image(self, image, num_videos_per_prompt, cfg, height, width):
         graph = self.artifact.graph("vae_encoder", batch=self.batch, height=height, width=width)
         latents = np.concatenate([graph(sample=x)["latent"] for x in chunks(image, self.batch)])
+        graph.release_memory()
         latents = np.tile(latents, (num_videos_per_prompt, 1, 1, 1))  # diffusers repeats the whole batch
         if cfg:
             latents = np.concatenate([np.zeros_like(latents), latents])

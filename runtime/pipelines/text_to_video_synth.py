@@ -71,7 +71,9 @@ class TextToVideoSDPipeline:
     def _embed(self, texts):
         graph = self.artifact.graph("text_encoder", batch=self.batch)
         ids = self._tokens(texts)
-        return np.concatenate([graph(input_ids=x)["last_hidden_state"] for x in chunks(ids, self.batch)])
+        embeds = np.concatenate([graph(input_ids=x)["last_hidden_state"] for x in chunks(ids, self.batch)])
+        graph.release_memory()  # runs once per call: its weight pages need not stay resident through denoising
+        return embeds
 
     def encode_prompt(self, prompt, do_classifier_free_guidance, negative_prompt=None, prompt_embeds=None,
                       negative_prompt_embeds=None):
