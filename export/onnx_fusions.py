@@ -120,9 +120,10 @@ def fuse_gelu(model):
 # Normalisation: MindSpore writes GroupNorm and LayerNorm out as
 #   m = ReduceMean(x); d = x - m; v = ReduceMean(d * d); y = d / Sqrt(v + eps)
 # over the trailing axes of x (GroupNorm after reshaping to (N, groups, -1)). ``fuse_normalization`` replaces those
-# seven nodes with one LayerNormalization (standard since opset 17) with unit scale and zero bias; the affine part
+# seven nodes with one LayerNormalization (standard since opset 17) with unit scale and no bias; the affine part
 # that follows stays as it is. ONNX Runtime runs LayerNormalization as one parallel kernel instead of seven passes.
 LAYER_NORM_OPSET = 17
+NORM_SCALE_PREFIX = "norm_ones_"
 
 
 def upgrade_opset(model, version=LAYER_NORM_OPSET):
@@ -249,20 +250,15 @@ def fuse_normalization(model, base_dir=None):
         return model, 0
     model = upgrade_opset(model)
     graph = model.graph
-    replacement, params = {}, {}
+    replacement, scales = {}, {}
     for i, (x, axis, eps, nodes, normalized_shape) in enumerate(matches):
         key = tuple(normalized_shape)
-        if key not in params:
-            tag = "x".join(map(str, key))
-            params[key] = (f"norm_ones_{tag}", f"norm_zeros_{tag}")
-            graph.initializer.extend([
-                numpy_helper.from_array(np.ones(key, np.float32), params[key][0]),
-                numpy_helper.from_array(np.zeros(key, np.float32), params[key][1]),
-            ])
-        ones, zeros = params[key]
+        if key not in scales:  # unit scale of the normalized shape (a broadcast scalar runs 2-4x slower); no bias
+            scales[key] = f"{NORM_SCALE_PREFIX}{'x'.join(map(str, key))}"
+            graph.initializer.append(numpy_helper.from_array(np.ones(key, np.float32), scales[key]))
         div = nodes[-1]
         replacement[div.name] = [helper.make_node(
-            "LayerNormalization", [x, ones, zeros], [div.output[0]], name=f"norm_{i}", axis=axis, epsilon=eps)]
+            "LayerNormalization", [x, scales[key]], [div.output[0]], name=f"norm_{i}", axis=axis, epsilon=eps)]
         for n in nodes[:-1]:
             replacement[n.name] = []
     kept = []
