@@ -143,7 +143,7 @@ def _constant_values(graph, base_dir):
 
     values = {}
     for t in graph.initializer:
-        if np_size(t.dims) > 16:
+        if math.prod(t.dims) > 16:
             continue
         if uses_external_data(t):
             if base_dir is None:
@@ -155,16 +155,9 @@ def _constant_values(graph, base_dir):
     for node in graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             tensor = node.attribute[0].t
-            if np_size(tensor.dims) <= 16:
+            if math.prod(tensor.dims) <= 16:
                 values[node.output[0]] = numpy_helper.to_array(tensor)
     return values
-
-
-def np_size(dims):
-    size = 1
-    for d in dims:
-        size *= d
-    return size
 
 
 def _axes(node, rank):
@@ -184,7 +177,7 @@ def _only(consumers, name, op_type):
 
 
 def _match_normalization(mean, shapes, producer, consumers, constants, outputs):
-    """(x, axis, eps, nodes, div) of one exported normalisation starting at ReduceMean ``mean``, or None."""
+    """(x, axis, eps, nodes, normalized shape) of one exported normalisation starting at ReduceMean ``mean``, or None."""
     x = mean.input[0]
     shape = shapes.get(x)
     if shape is None or not _keepdims(mean):
