@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from framegraph.export.onnx_fusions import fuse_gelu, fuse_normalization
+from framegraph.export.onnx_small_conv import convs_to_matmul
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +96,9 @@ def externalize(model, source_dir, target_dir, weights):
             entry.key, entry.value = key, value
 
 
-def parameters_to_initializers(model, cell, num_inputs, target_dir, weights):
-    """Turn the graph inputs after the first ``num_inputs`` (the cell's parameters) into external initializers."""
+def parameters_to_initializers(model, cell, num_inputs, target_dir, weights, layouts=None):
+    """Turn the graph inputs after the first ``num_inputs`` (the cell's parameters) into external initializers;
+    ``layouts``: parameter name -> function giving the array to store (``convs_to_matmul``)."""
     from onnx import TensorProto, helper
 
     params = {p.name: p for p in cell.get_parameters()}
@@ -111,6 +113,8 @@ def parameters_to_initializers(model, cell, num_inputs, target_dir, weights):
         if value.name not in params:
             raise RuntimeError(f"exported graph input {value.name!r} is neither a spec input nor a parameter")
         array = params[value.name].asnumpy()
+        if layouts and value.name in layouts:
+            array = layouts[value.name](array)
         offset, length = weights.add(value.name, array.tobytes())
         tensor = TensorProto(name=value.name, dims=list(array.shape),
                              data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
@@ -179,12 +183,13 @@ def export_onnx(cell, inputs, path, input_names, output_names, weights, quantize
     # Conv pads are right (shape inference reads them)
     fix_conv_pads(model)
     model, _ = fuse_normalization(model, stage)
+    layouts = convs_to_matmul(model, [v.name for v in model.graph.input[len(input_names):]])
     # A quantized graph goes through a float copy in the staging folder first, so that the shared weights file
     # only ever receives the int8 tensors.
     first = SharedWeights(stage / "float.bin") if quantize else weights
     target_dir = stage if quantize else path.parent
     externalize(model, stage, target_dir, first)  # large constants the exporter folded
-    parameters_to_initializers(model, cell, len(input_names), target_dir, first)
+    parameters_to_initializers(model, cell, len(input_names), target_dir, first, layouts)
     rename_io(model, input_names, output_names)
     fuse_gelu(model)
     if quantize:

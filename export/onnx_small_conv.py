@@ -1,0 +1,184 @@
+"""Convolutions over tiny feature maps rewritten as one matrix product over their patches.
+
+At the UNet's lowest level the feature maps are 2x2 or 4x4 (a 3x3 convolution over 1280 channels), and the temporal
+convolutions run over a handful of frames. ONNX Runtime's convolution kernels parallelise over output rows and
+channel blocks and reach a fraction of the GEMM speed on such shapes. ``convs_to_matmul`` gathers the patches
+instead (NHWC transpose, pad, one strided slice per kernel tap, concat) and multiplies them by the weight laid out
+as (taps x channels, out_channels): the weights keep their size, the product is one well-shaped GEMM.
+
+The rewrite works on the graph as exported, while the weights are still graph inputs, and returns how each weight
+must be laid out; ``parameters_to_initializers`` applies that when it writes the weights, so the artifact only ever
+stores the new layout.
+"""
+
+import logging
+import math
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+MAX_OUTPUT_POSITIONS = 16  # output height x width up to which the patch GEMM beat the Conv kernel (see README)
+
+
+def _attrs(node):
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _weight_source(name, producer, consumers, params):
+    """(parameter name, Reshape node or None) when the Conv weight ``name`` is a parameter used by this Conv only,
+    directly or through a Reshape that only adds or drops unit axes (the temporal convolutions)."""
+    if name in params:
+        return (name, None) if len(consumers.get(name, [])) == 1 else None
+    node = producer.get(name)
+    if node is None or node.op_type != "Reshape" or node.input[0] not in params:
+        return None
+    if len(consumers.get(name, [])) != 1 or len(consumers.get(node.input[0], [])) != 1:
+        return None
+    return node.input[0], node
+
+
+class _Weight:
+    """Lays a Conv weight of shape (out, in, kh, kw) out as the patch GEMM's (kh * kw * in, out) matrix."""
+
+    def __init__(self, out_channels, in_channels, kh, kw):
+        self.shape = (out_channels, in_channels, kh, kw)
+
+    def __call__(self, array):
+        w = np.asarray(array).reshape(self.shape)
+        out_channels, in_channels, kh, kw = self.shape
+        return np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(kh * kw * in_channels, out_channels))
+
+
+def _patch_gemm_nodes(node, shape, out_shape, weight, attrs, constants):
+    """Nodes computing ``node`` (a Conv) as patches @ weight; ``constants(name, array)`` adds an initializer."""
+    from onnx import helper
+
+    n, c, _, _ = shape
+    _, o, ho, wo = out_shape
+    kh, kw = attrs["kernel_shape"]
+    sh, sw = attrs.get("strides", [1, 1])
+    top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])
+    name = node.name
+    nodes = [helper.make_node("Transpose", [node.input[0]], [f"{name}_nhwc"], perm=[0, 2, 3, 1], name=f"{name}_nhwc")]
+    source = f"{name}_nhwc"
+    if top or left or bottom or right:
+        pads = constants(f"{name}_pads", np.array([0, top, left, 0, 0, bottom, right, 0], np.int64))
+        nodes.append(helper.make_node("Pad", [source, pads], [f"{name}_padded"], name=f"{name}_pad"))
+        source = f"{name}_padded"
+    if kh == kw == sh == sw == 1:  # a 1x1 convolution: the (padded) pixels are the patches
+        patches = source
+    else:
+        axes = constants(f"{name}_axes", np.array([1, 2], np.int64))
+        steps = constants(f"{name}_steps", np.array([sh, sw], np.int64))
+        taps = []
+        for i in range(kh):
+            for j in range(kw):
+                starts = constants(f"{name}_start{i}_{j}", np.array([i, j], np.int64))
+                ends = constants(f"{name}_end{i}_{j}",
+                                 np.array([i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1], np.int64))
+                taps.append(f"{name}_tap{i}_{j}")
+                nodes.append(helper.make_node("Slice", [source, starts, ends, axes, steps], [taps[-1]],
+                                              name=taps[-1]))
+        patches = f"{name}_patches"
+        nodes.append(helper.make_node("Concat", taps, [patches], axis=3, name=patches))
+    rows = constants(f"{name}_rows_shape", np.array([n, ho * wo, kh * kw * c], np.int64))
+    nodes.append(helper.make_node("Reshape", [patches, rows], [f"{name}_rows"], name=f"{name}_rows"))
+    product = f"{name}_product"
+    nodes.append(helper.make_node("MatMul", [f"{name}_rows", weight], [product], name=f"{name}_matmul"))
+    if len(node.input) > 2 and node.input[2]:
+        nodes.append(helper.make_node("Add", [product, node.input[2]], [f"{name}_biased"], name=f"{name}_bias"))
+        product = f"{name}_biased"
+    grid = constants(f"{name}_grid_shape", np.array([n, ho, wo, o], np.int64))
+    nodes.append(helper.make_node("Reshape", [product, grid], [f"{name}_grid"], name=f"{name}_grid"))
+    nodes.append(helper.make_node("Transpose", [f"{name}_grid"], [node.output[0]], perm=[0, 3, 1, 2],
+                                  name=f"{name}_nchw"))
+    return nodes
+
+
+def convs_to_matmul(model, param_names, max_positions=MAX_OUTPUT_POSITIONS):
+    """Rewrite (in place) every 2-D Conv of ``model`` whose output map has at most ``max_positions`` positions
+    and whose weight is one of ``param_names`` (graph inputs the caller turns into initializers).
+
+    Returns ``{parameter name: layout}``, where ``layout(array)`` gives the weight to store; the graph input's
+    declared shape is updated to match."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    params = {v.name: v for v in graph.input if v.name in set(param_names)}
+    if not any(node.op_type == "Conv" for node in graph.node):
+        return {}
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = [d.dim_value for d in dims]
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def constants(name, array):
+        graph.initializer.append(numpy_helper.from_array(array, name))
+        return name
+
+    names = [n.name for n in graph.node]
+    if "" in names or len(set(names)) != len(names):  # new node and constant names are derived from node names
+        for i, node in enumerate(graph.node):
+            node.name = f"{node.op_type}_{i}"
+    layouts, replacement, dead_shapes = {}, {}, []
+    for node in graph.node:
+        if node.op_type != "Conv":
+            continue
+        attrs = _attrs(node)
+        shape, out_shape = shapes.get(node.input[0]), shapes.get(node.output[0])
+        if shape is None or out_shape is None or len(shape) != 4 or "kernel_shape" not in attrs:
+            continue
+        if attrs.get("group", 1) != 1 or any(d != 1 for d in attrs.get("dilations", [1, 1])):
+            continue
+        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        if auto_pad == "VALID":  # MindSpore's unpadded convolutions
+            attrs["pads"] = [0, 0, 0, 0]
+        elif auto_pad != "NOTSET":
+            continue
+        if out_shape[2] * out_shape[3] > max_positions:
+            continue
+        source = _weight_source(node.input[1], producer, consumers, params)
+        if source is None:
+            continue
+        param, reshape = source
+        kh, kw = attrs["kernel_shape"]
+        out_channels, in_channels = out_shape[1], shape[1]
+        declared = [d.dim_value for d in params[param].type.tensor_type.shape.dim]
+        if math.prod(declared) != out_channels * in_channels * kh * kw:
+            continue
+        replacement[id(node)] = _patch_gemm_nodes(node, shape, out_shape, param, attrs, constants)
+        if reshape is not None:
+            replacement[id(reshape)] = []
+            dead_shapes.append(reshape.input[1])
+        layouts[param] = _Weight(out_channels, in_channels, kh, kw)
+        dims = params[param].type.tensor_type.shape.dim
+        del dims[:]
+        for size in (kh * kw * in_channels, out_channels):
+            dims.add().dim_value = size
+    if not layouts:
+        return {}
+    kept = []
+    for node in graph.node:
+        kept.extend(replacement.get(id(node), [node]))
+    used = {name for node in kept for name in node.input}
+    dead = {name for name in dead_shapes if name not in used}
+    kept = [n for n in kept if not (n.op_type == "Constant" and n.output[0] in dead)]
+    initializers = [t for t in graph.initializer if t.name not in dead]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    del graph.node[:]
+    graph.node.extend(kept)
+    logger.info("rewrote %d convolutions over small maps as patch GEMMs", len(layouts))
+    return layouts
