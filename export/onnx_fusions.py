@@ -15,13 +15,34 @@ GELU_OPS = {"Abs", "Mul", "Add", "Sub", "Div", "Neg", "Exp"}
 GELU_MAX_NODES = 40
 
 
-def _graph_maps(graph):
+def graph_maps(graph):
     producer = {out: node for node in graph.node for out in node.output}
     consumers = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     return producer, consumers
+
+
+def static_shapes(model):
+    """Tensor name -> shape, for every tensor whose shape ONNX shape inference fully knows."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = [d.dim_value for d in dims]
+    return shapes
+
+
+def name_nodes(graph):
+    """Give every node a unique name (``OpType_index``) unless they all have one already."""
+    names = [n.name for n in graph.node]
+    if "" in names or len(set(names)) != len(names):
+        for i, node in enumerate(graph.node):
+            node.name = f"{node.op_type}_{i}"
 
 
 def _descendants(start, consumers, limit):
@@ -78,7 +99,7 @@ def fuse_gelu(model):
     from onnx import TensorProto, helper
 
     graph = model.graph
-    producer, consumers = _graph_maps(graph)
+    producer, consumers = graph_maps(graph)
     outputs = {o.name for o in graph.output}
     constants = {"gelu_sqrt2": math.sqrt(2.0), "gelu_one": 1.0, "gelu_half": 0.5}
     matches, claimed = [], set()
@@ -220,21 +241,12 @@ def fuse_normalization(model, base_dir=None):
     Returns ``(model, count)``: the model is converted to opset 17 first when anything matches (a new object
     then), and unchanged otherwise."""
     import numpy as np
-    import onnx
     from onnx import helper, numpy_helper
 
-    inferred = onnx.shape_inference.infer_shapes(model)
-    shapes = {}
-    for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            shapes[value.name] = [d.dim_value for d in dims]
+    shapes = static_shapes(model)
     graph = model.graph
-    names = [n.name for n in graph.node]
-    if "" in names or len(set(names)) != len(names):  # replacements below are keyed by node name
-        for i, node in enumerate(graph.node):
-            node.name = f"{node.op_type}_{i}"
-    producer, consumers = _graph_maps(graph)
+    name_nodes(graph)  # replacements below are keyed by node name
+    producer, consumers = graph_maps(graph)
     constants = _constant_values(graph, base_dir)
     outputs = {o.name for o in graph.output}
     matches = [m for node in graph.node if node.op_type == "ReduceMean"

@@ -16,6 +16,8 @@ import math
 
 import numpy as np
 
+from framegraph.export.onnx_fusions import graph_maps, name_nodes, static_shapes
+
 logger = logging.getLogger(__name__)
 
 MAX_OUTPUT_POSITIONS = 16  # output height x width up to which the patch GEMM beat the Conv kernel (see README)
@@ -98,74 +100,70 @@ def _patch_gemm_nodes(node, shape, out_shape, weight, attrs, constants):
     return nodes
 
 
+def _rewritable(node, shapes, producer, consumers, params, max_positions):
+    """(attributes, parameter, its Reshape or None) when Conv ``node`` can and should become a patch GEMM."""
+    attrs = _attrs(node)
+    shape, out_shape = shapes.get(node.input[0]), shapes.get(node.output[0])
+    if shape is None or out_shape is None or len(shape) != 4 or "kernel_shape" not in attrs:
+        return None
+    if attrs.get("group", 1) != 1 or any(d != 1 for d in attrs.get("dilations", [1, 1])):
+        return None
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad == "VALID":  # MindSpore's unpadded convolutions
+        attrs["pads"] = [0, 0, 0, 0]
+    elif auto_pad != "NOTSET":
+        return None
+    if out_shape[2] * out_shape[3] > max_positions:
+        return None
+    source = _weight_source(node.input[1], producer, consumers, params)
+    if source is None:
+        return None
+    kh, kw = attrs["kernel_shape"]
+    declared = [d.dim_value for d in params[source[0]].type.tensor_type.shape.dim]
+    if math.prod(declared) != out_shape[1] * shape[1] * kh * kw:
+        return None
+    return (attrs, *source)
+
+
 def convs_to_matmul(model, param_names, max_positions=MAX_OUTPUT_POSITIONS):
     """Rewrite (in place) every 2-D Conv of ``model`` whose output map has at most ``max_positions`` positions
     and whose weight is one of ``param_names`` (graph inputs the caller turns into initializers).
 
     Returns ``{parameter name: layout}``, where ``layout(array)`` gives the weight to store; the graph input's
     declared shape is updated to match."""
-    import onnx
     from onnx import numpy_helper
 
     graph = model.graph
-    params = {v.name: v for v in graph.input if v.name in set(param_names)}
     if not any(node.op_type == "Conv" for node in graph.node):
         return {}
-    inferred = onnx.shape_inference.infer_shapes(model)
-    shapes = {}
-    for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            shapes[value.name] = [d.dim_value for d in dims]
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    params = {v.name: v for v in graph.input if v.name in set(param_names)}
+    shapes = static_shapes(model)
+    producer, consumers = graph_maps(graph)
+    name_nodes(graph)  # new node and constant names are derived from node names
 
     def constants(name, array):
         graph.initializer.append(numpy_helper.from_array(array, name))
         return name
 
-    names = [n.name for n in graph.node]
-    if "" in names or len(set(names)) != len(names):  # new node and constant names are derived from node names
-        for i, node in enumerate(graph.node):
-            node.name = f"{node.op_type}_{i}"
     layouts, replacement, dead_shapes = {}, {}, []
     for node in graph.node:
-        if node.op_type != "Conv":
+        found = None
+        if node.op_type == "Conv":
+            found = _rewritable(node, shapes, producer, consumers, params, max_positions)
+        if found is None:
             continue
-        attrs = _attrs(node)
-        shape, out_shape = shapes.get(node.input[0]), shapes.get(node.output[0])
-        if shape is None or out_shape is None or len(shape) != 4 or "kernel_shape" not in attrs:
-            continue
-        if attrs.get("group", 1) != 1 or any(d != 1 for d in attrs.get("dilations", [1, 1])):
-            continue
-        auto_pad = attrs.get("auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        if auto_pad == "VALID":  # MindSpore's unpadded convolutions
-            attrs["pads"] = [0, 0, 0, 0]
-        elif auto_pad != "NOTSET":
-            continue
-        if out_shape[2] * out_shape[3] > max_positions:
-            continue
-        source = _weight_source(node.input[1], producer, consumers, params)
-        if source is None:
-            continue
-        param, reshape = source
-        kh, kw = attrs["kernel_shape"]
-        out_channels, in_channels = out_shape[1], shape[1]
-        declared = [d.dim_value for d in params[param].type.tensor_type.shape.dim]
-        if math.prod(declared) != out_channels * in_channels * kh * kw:
-            continue
+        attrs, param, reshape = found
+        shape, out_shape = shapes[node.input[0]], shapes[node.output[0]]
         replacement[id(node)] = _patch_gemm_nodes(node, shape, out_shape, param, attrs, constants)
         if reshape is not None:
             replacement[id(reshape)] = []
             dead_shapes.append(reshape.input[1])
-        layouts[param] = _Weight(out_channels, in_channels, kh, kw)
+        kh, kw = attrs["kernel_shape"]
+        layouts[param] = _Weight(out_shape[1], shape[1], kh, kw)
         dims = params[param].type.tensor_type.shape.dim
         del dims[:]
-        for size in (kh * kw * in_channels, out_channels):
+        for size in (kh * kw * shape[1], out_shape[1]):
             dims.add().dim_value = size
     if not layouts:
         return {}
