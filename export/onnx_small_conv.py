@@ -1,8 +1,8 @@
 """Convolutions over tiny feature maps rewritten as one matrix product over their patches.
 
-At the UNet's lowest level the feature maps are 2x2 or 4x4 (a 3x3 convolution over 1280 channels), and the temporal
-convolutions run over a handful of frames. ONNX Runtime's convolution kernels parallelise over output rows and
-channel blocks and reach a fraction of the GEMM speed on such shapes. ``convs_to_matmul`` gathers the patches
+At the UNet's lowest levels the feature maps are 2x2 or 4x4 (3x3 convolutions over 1280 channels). ONNX Runtime's
+convolution kernels parallelise over output rows and channel blocks and reach a fraction of the GEMM speed on such
+shapes. ``convs_to_matmul`` gathers the patches
 instead (NHWC transpose, pad, one strided slice per kernel tap, concat) and multiplies them by the weight laid out
 as (taps x channels, out_channels): the weights keep their size, the product is one well-shaped GEMM.
 
@@ -12,7 +12,6 @@ stores the new layout.
 """
 
 import logging
-import math
 
 import numpy as np
 
@@ -29,17 +28,9 @@ def _attrs(node):
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _weight_source(name, producer, consumers, params):
-    """(parameter name, Reshape node or None) when the Conv weight ``name`` is a parameter used by this Conv only,
-    directly or through a Reshape that only adds or drops unit axes (the temporal convolutions)."""
-    if name in params:
-        return (name, None) if len(consumers.get(name, [])) == 1 else None
-    node = producer.get(name)
-    if node is None or node.op_type != "Reshape" or node.input[0] not in params:
-        return None
-    if len(consumers.get(name, [])) != 1 or len(consumers.get(node.input[0], [])) != 1:
-        return None
-    return node.input[0], node
+def _weight_parameter(name, consumers, params):
+    """True when the Conv weight ``name`` is a parameter that this Conv alone uses."""
+    return name in params and len(consumers.get(name, [])) == 1
 
 
 class _Weight:
@@ -100,8 +91,8 @@ def _patch_gemm_nodes(node, shape, out_shape, weight, attrs, constants):
     return nodes
 
 
-def _rewritable(node, shapes, producer, consumers, params, max_positions):
-    """(attributes, parameter, its Reshape or None) when Conv ``node`` can and should become a patch GEMM."""
+def _rewritable(node, shapes, consumers, params, max_positions):
+    """The attributes of Conv ``node`` when it can and should become a patch GEMM, else None."""
     attrs = _attrs(node)
     shape, out_shape = shapes.get(node.input[0]), shapes.get(node.output[0])
     if shape is None or out_shape is None or len(shape) != 4 or "kernel_shape" not in attrs:
@@ -116,14 +107,12 @@ def _rewritable(node, shapes, producer, consumers, params, max_positions):
         return None
     if out_shape[2] * out_shape[3] > max_positions:
         return None
-    source = _weight_source(node.input[1], producer, consumers, params)
-    if source is None:
-        return None
     kh, kw = attrs["kernel_shape"]
-    declared = [d.dim_value for d in params[source[0]].type.tensor_type.shape.dim]
-    if math.prod(declared) != out_shape[1] * shape[1] * kh * kw:
+    if kh != kw:  # the temporal (3, 1) convolutions: no gain measured, and their map grows with the frame count
         return None
-    return (attrs, *source)
+    if not _weight_parameter(node.input[1], consumers, params):
+        return None
+    return attrs
 
 
 def convs_to_matmul(model, param_names, max_positions=MAX_OUTPUT_POSITIONS):
@@ -139,26 +128,21 @@ def convs_to_matmul(model, param_names, max_positions=MAX_OUTPUT_POSITIONS):
         return {}
     params = {v.name: v for v in graph.input if v.name in set(param_names)}
     shapes = static_shapes(model)
-    producer, consumers = graph_maps(graph)
+    _, consumers = graph_maps(graph)
     name_nodes(graph)  # new node and constant names are derived from node names
 
     def constants(name, array):
         graph.initializer.append(numpy_helper.from_array(array, name))
         return name
 
-    layouts, replacement, dead_shapes = {}, {}, []
+    layouts, replacement = {}, {}
     for node in graph.node:
-        found = None
-        if node.op_type == "Conv":
-            found = _rewritable(node, shapes, producer, consumers, params, max_positions)
-        if found is None:
+        attrs = _rewritable(node, shapes, consumers, params, max_positions) if node.op_type == "Conv" else None
+        if attrs is None:
             continue
-        attrs, param, reshape = found
+        param = node.input[1]
         shape, out_shape = shapes[node.input[0]], shapes[node.output[0]]
         replacement[id(node)] = _patch_gemm_nodes(node, shape, out_shape, param, attrs, constants)
-        if reshape is not None:
-            replacement[id(reshape)] = []
-            dead_shapes.append(reshape.input[1])
         kh, kw = attrs["kernel_shape"]
         layouts[param] = _Weight(out_shape[1], shape[1], kh, kw)
         dims = params[param].type.tensor_type.shape.dim
@@ -170,12 +154,6 @@ def convs_to_matmul(model, param_names, max_positions=MAX_OUTPUT_POSITIONS):
     kept = []
     for node in graph.node:
         kept.extend(replacement.get(id(node), [node]))
-    used = {name for node in kept for name in node.input}
-    dead = {name for name in dead_shapes if name not in used}
-    kept = [n for n in kept if not (n.op_type == "Constant" and n.output[0] in dead)]
-    initializers = [t for t in graph.initializer if t.name not in dead]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
     del graph.node[:]
     graph.node.extend(kept)
     logger.info("rewrote %d convolutions over small maps as patch GEMMs", len(layouts))

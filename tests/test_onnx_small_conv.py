@@ -7,28 +7,22 @@ import pytest
 from framegraph.export.onnx_small_conv import convs_to_matmul
 
 
-def _conv_graph(x_shape, w_shape, reshape_to=None, **attrs):
-    """A Conv whose weight and bias are graph inputs (as the exporter writes parameters), optionally reached
-    through a Reshape of the weight (as the temporal convolutions are)."""
-    from onnx import TensorProto, helper, numpy_helper
+def _conv_graph(x_shape, w_shape, **attrs):
+    """A Conv whose weight and bias are graph inputs (as the exporter writes parameters)."""
+    from onnx import TensorProto, helper
 
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape)),
               helper.make_tensor_value_info("w", TensorProto.FLOAT, list(w_shape)),
               helper.make_tensor_value_info("b", TensorProto.FLOAT, [w_shape[0]])]
-    nodes, initializers, weight = [], [], "w"
-    if reshape_to is not None:
-        initializers.append(numpy_helper.from_array(np.array(reshape_to, np.int64), "w_shape"))
-        nodes.append(helper.make_node("Reshape", ["w", "w_shape"], ["w4"], name="reshape"))
-        weight = "w4"
-    nodes.append(helper.make_node("Conv", ["x", weight, "b"], ["y"], name="conv", **attrs))
-    nodes.append(helper.make_node("Relu", ["y"], ["out"], name="relu"))
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", **attrs),
+             helper.make_node("Relu", ["y"], ["out"], name="relu")]
     kernel, pads = attrs["kernel_shape"], attrs.get("pads", [0, 0, 0, 0])
     strides, dilations = attrs.get("strides", [1, 1]), attrs.get("dilations", [1, 1])
     out_shape = [x_shape[0], w_shape[0]] + [
         (x_shape[2 + i] + pads[i] + pads[2 + i] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
         for i in range(2)]
     output = helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape)
-    graph = helper.make_graph(nodes, "g", inputs, [output], initializers)
+    graph = helper.make_graph(nodes, "g", inputs, [output])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
@@ -50,30 +44,27 @@ def _run(model, arrays, x):
 
 
 CASES = {
-    "3x3 on a 2x2 map": ((2, 8, 2, 2), (6, 8, 3, 3), None, {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}),
-    "3x3 stride 2, 4x4 -> 2x2": ((2, 8, 4, 4), (6, 8, 3, 3), None,
+    "3x3 on a 2x2 map": ((2, 8, 2, 2), (6, 8, 3, 3), {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}),
+    "3x3 stride 2, 4x4 -> 2x2": ((2, 8, 4, 4), (6, 8, 3, 3),
                                  {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "strides": [2, 2]}),
-    "uneven pads, 3x2 kernel": ((1, 5, 3, 4), (7, 5, 3, 2), None, {"kernel_shape": [3, 2], "pads": [1, 0, 0, 1]}),
-    "1x1": ((3, 8, 2, 2), (4, 8, 1, 1), None, {"kernel_shape": [1, 1]}),
-    "temporal 3x1 through a Reshape": ((2, 8, 4, 4), (6, 8, 3, 1, 1), [6, 8, 3, 1],
-                                       {"kernel_shape": [3, 1], "pads": [1, 0, 1, 0]}),
+    "uneven pads": ((1, 5, 3, 4), (7, 5, 3, 3), {"kernel_shape": [3, 3], "pads": [1, 0, 0, 1]}),
+    "1x1": ((3, 8, 2, 2), (4, 8, 1, 1), {"kernel_shape": [1, 1]}),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_small_map_conv_becomes_patch_gemm_with_equal_outputs(case):
-    x_shape, w_shape, reshape_to, attrs = CASES[case]
+    x_shape, w_shape, attrs = CASES[case]
     rng = np.random.default_rng(0)
     x = rng.standard_normal(x_shape).astype(np.float32)
     w = rng.standard_normal(w_shape).astype(np.float32)
     b = rng.standard_normal(w_shape[0]).astype(np.float32)
-    model = _conv_graph(x_shape, w_shape, reshape_to, **attrs)
+    model = _conv_graph(x_shape, w_shape, **attrs)
     expected = _run(model, {"w": w, "b": b}, x)
     layouts = convs_to_matmul(model, ["w", "b"])
     assert set(layouts) == {"w"}
     ops = [n.op_type for n in model.graph.node]
     assert "Conv" not in ops and "Reshape" in ops and ops.count("MatMul") == 1
-    assert "w_shape" not in {t.name for t in model.graph.initializer}  # the weight's Reshape went with it
     stored = layouts["w"](w)
     assert stored.size == w.size and stored.flags["C_CONTIGUOUS"]
     declared = [d.dim_value for v in model.graph.input if v.name == "w" for d in v.type.tensor_type.shape.dim]
@@ -85,6 +76,7 @@ def test_small_map_conv_becomes_patch_gemm_with_equal_outputs(case):
     ((1, 4, 8, 8), (4, 4, 3, 3), {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, "64 output positions"),
     ((1, 4, 2, 2), (4, 2, 3, 3), {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "group": 2}, "grouped"),
     ((1, 4, 4, 4), (4, 4, 3, 3), {"kernel_shape": [3, 3], "dilations": [2, 2], "pads": [2, 2, 2, 2]}, "dilated"),
+    ((2, 4, 4, 4), (4, 4, 3, 1), {"kernel_shape": [3, 1], "pads": [1, 0, 1, 0]}, "temporal (3, 1) kernel"),
 ])
 def test_convs_it_does_not_pay_for_or_cannot_express_are_kept(x_shape, w_shape, attrs, why):
     model = _conv_graph(x_shape, w_shape, **attrs)
@@ -101,9 +93,9 @@ def test_weight_shared_with_another_node_is_left_alone():
 
 
 def test_exported_cell_stores_only_the_patch_layout_and_matches_mindspore(ms, tmp_path):
-    """Through the exporter: MindSpore's Conv2d (padded, strided, 1x1 'valid') and temporal convolution over
-    small maps become patch GEMMs, the weights file holds each weight once in its new layout, and ONNX Runtime
-    gives MindSpore's numbers."""
+    """Through the exporter: MindSpore's Conv2d over small maps (padded, strided, 1x1 'valid') become patch GEMMs,
+    the temporal convolution and a convolution over a larger map stay Convs, the weights file holds each weight
+    once, and ONNX Runtime gives MindSpore's numbers."""
     import onnx
     from mindspore import nn
 
@@ -116,7 +108,7 @@ def test_exported_cell_stores_only_the_patch_layout_and_matches_mindspore(ms, tm
             self.down = Conv2d(8, 8, 3, stride=2, padding=1)  # 4x4 -> 2x2
             self.conv = Conv2d(8, 6, 3, padding=1)  # 2x2
             self.shortcut = Conv2d(8, 6, 1)  # 1x1, exported with auto_pad VALID
-            self.temporal = TemporalConv3d(6, 6)  # (3, 1) over [B, C, F, H*W]
+            self.temporal = TemporalConv3d(6, 6)  # (3, 1) over [B, C, F, H*W]: stays a Conv
             self.large = Conv2d(8, 8, 3, padding=1)  # 8x8 output: stays a Conv
 
         def construct(self, x, big):
@@ -134,7 +126,7 @@ def test_exported_cell_stores_only_the_patch_layout_and_matches_mindspore(ms, tm
                        weights)
     model = onnx.load(str(path), load_external_data=False)
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("Conv") == 1 and sum(n.name.endswith("_matmul") for n in model.graph.node) == 4
+    assert ops.count("Conv") == 2 and sum(n.name.endswith("_matmul") for n in model.graph.node) == 3
     parameter_bytes = sum(p.asnumpy().nbytes for p in cell.get_parameters())
     stored = sum(length for _, length in weights.index.values())
     assert stored == parameter_bytes  # every weight once, in one layout
