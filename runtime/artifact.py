@@ -3,8 +3,10 @@
 import gc
 import logging
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
+from framegraph.runtime.heap import trim_heap
 from framegraph.runtime.manifest import ArtifactError, Manifest, verify_files
 
 logger = logging.getLogger(__name__)
@@ -15,10 +17,14 @@ class Artifact:
     Graphs are opened on first use and stay open. With ``low_memory=True`` only the graph last asked for stays
     open: asking for another closes it first (the compiled analogue of diffusers' model CPU offload). The peak
     memory is then that of the largest graph instead of the sum, at the cost of reopening the graphs on each call.
+    ``resident_buckets`` (default 1) is how many frame buckets (``num_frames``) of one graph stay open: asking for
+    another closes the one used least recently first. A process serving several frame counts then holds one
+    UNet's memory, and pays a reopen (a few seconds at SVD-XT size) when the frame count changes; None keeps them
+    all open. Other buckets (e.g. the VAE decoder's chunk sizes, used together in one call) are not limited.
     """
 
     def __init__(self, path, pipeline_kind, backend="onnxruntime", verify=True, low_memory=False,
-                 **backend_options):
+                 resident_buckets=1, **backend_options):
         from framegraph.runtime.backends import load_backend
 
         self.path = Path(path)
@@ -42,9 +48,13 @@ class Artifact:
             if g.format == self.format:
                 files.update({f.path: f for f in g.files})
         verify_files(self.path, files.values(), check_hash=verify)
-        self._graphs = {}
+        if resident_buckets is not None and int(resident_buckets) < 1:
+            raise ValueError(f"resident_buckets={resident_buckets!r}: pass a count of at least 1, or None for no limit")
+        self._graphs = OrderedDict()  # key -> graph, least recently used first
+        self._names = {}  # key -> graph name
         self._lock = threading.Lock()
         self.low_memory = bool(low_memory)
+        self.resident_buckets = None if resident_buckets is None else int(resident_buckets)
 
     @property
     def constants(self):
@@ -70,9 +80,30 @@ class Artifact:
             if entry.key not in self._graphs:
                 if self.low_memory and self._graphs:
                     self.close()
+                if "num_frames" in entry.bucket:
+                    self._make_room(entry.name)
                 logger.info("opening %s", entry.key)
                 self._graphs[entry.key] = self.backend.open(self.path, entry)
+                self._names[entry.key] = entry.name
+            self._graphs.move_to_end(entry.key)
             return self._graphs[entry.key]
+
+    def _make_room(self, name):
+        """Close the least recently used frame buckets of graph ``name`` until one more fits in
+        ``resident_buckets``."""
+        if self.resident_buckets is None:
+            return
+        same = [key for key in self._graphs if self._names[key] == name]
+        closing = same[:max(0, len(same) - self.resident_buckets + 1)]
+        if not closing:
+            return
+        logger.info("closing %s to open another %s bucket (resident_buckets=%d)", ", ".join(closing), name,
+                    self.resident_buckets)
+        for key in closing:
+            del self._graphs[key]
+            del self._names[key]
+        gc.collect()
+        trim_heap()  # the closed session's memory leaves the process before the next one is built
 
     def open_graphs(self):
         """Keys of the graphs open now."""
@@ -83,4 +114,6 @@ class Artifact:
         if self._graphs:
             logger.info("closing %s", ", ".join(sorted(self._graphs)))
         self._graphs.clear()
+        self._names.clear()
         gc.collect()
+        trim_heap()

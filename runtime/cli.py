@@ -31,6 +31,8 @@ def _generate_args(p):
     p.add_argument("--threads", type=int, default=None, help="intra-op threads")
     p.add_argument("--low-memory", action="store_true", help="keep one graph loaded at a time (peak memory of the "
                    "largest graph instead of all of them; graphs are reopened on each call)")
+    p.add_argument("--resident-buckets", type=int, default=1, help="how many frame buckets of the UNet stay loaded "
+                   "(the least recently used is closed first; default 1: one UNet's memory whatever the frame count; 0: all)")
     p.add_argument("--output-type", default="pil", choices=("pil", "np"), help="frames handed to the writer")
 
 
@@ -84,7 +86,8 @@ def _image_to_video(artifacts, args):
     if args.image is None:
         raise ValueError(f"{artifacts} is an image-to-video artifact: pass --image")
     pipe = StableVideoDiffusionPipeline.from_artifacts(artifacts, backend=args.backend, device=args.device,
-                                                       num_threads=args.threads, low_memory=args.low_memory)
+                                                       num_threads=args.threads, low_memory=args.low_memory,
+                                                       resident_buckets=args.resident_buckets or None)
     pipe.set_progress_bar_config(desc="generate", unit="step")
     kwargs = {} if args.steps is None else {"num_inference_steps": args.steps}
     return pipe(
@@ -101,7 +104,8 @@ def _text_to_video(artifacts, args):
     if args.prompt is None:
         raise ValueError(f"{artifacts} is a text-to-video artifact: pass --prompt")
     pipe = TextToVideoSDPipeline.from_artifacts(artifacts, backend=args.backend, device=args.device,
-                                                num_threads=args.threads, low_memory=args.low_memory)
+                                                num_threads=args.threads, low_memory=args.low_memory,
+                                                resident_buckets=args.resident_buckets or None)
     pipe.set_progress_bar_config(desc="generate", unit="step")
     kwargs = {k: v for k, v in (("num_frames", args.num_frames), ("num_inference_steps", args.steps),
                                 ("guidance_scale", args.guidance_scale)) if v is not None}

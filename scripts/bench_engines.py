@@ -6,7 +6,9 @@ WORKER is one of:
   diffusers     diffusers pipeline, PyTorch eager, fp32 (``from_pretrained`` on the random-weight folder)
   onnxruntime   framegraph runtime on the artifact's ONNX graphs
   onnxruntime-lowmem    the same with low_memory=True (one graph resident at a time)
-  onnxruntime-2buckets  the same with a second UNet frame bucket opened too (what a second bucket costs)
+  onnxruntime-2buckets  the same with a second UNet frame bucket opened too and both kept open
+                        (resident_buckets=None: what keeping a second bucket costs)
+  onnxruntime-2buckets-resident1  the same with resident_buckets=1, the default (one UNet bucket open at a time)
   onnxruntime-unshared[-2buckets]  the same with share_weights=False (each session reads its own weights)
   onnxruntime-int8      framegraph runtime on an artifact exported with --quantize int8
   mindspore     framegraph runtime on the artifact's MindIR graphs
@@ -262,9 +264,11 @@ ENGINE_IMPORTS = {
     "diffusers": _import_diffusers,
     "onnxruntime": _import_framegraph("onnxruntime"),
     "onnxruntime-lowmem": _import_framegraph("onnxruntime", low_memory=True),
-    "onnxruntime-2buckets": _import_framegraph("onnxruntime", extra_bucket=True),
+    "onnxruntime-2buckets": _import_framegraph("onnxruntime", extra_bucket=True, resident_buckets=None),
+    "onnxruntime-2buckets-resident1": _import_framegraph("onnxruntime", extra_bucket=True, resident_buckets=1),
     "onnxruntime-unshared": _import_framegraph("onnxruntime", share_weights=False),
-    "onnxruntime-unshared-2buckets": _import_framegraph("onnxruntime", extra_bucket=True, share_weights=False),
+    "onnxruntime-unshared-2buckets": _import_framegraph("onnxruntime", extra_bucket=True, share_weights=False,
+                                                        resident_buckets=None),
     "onnxruntime-int8": _import_framegraph("onnxruntime"),  # on the --quantize int8 artifact
     "mindspore": _import_framegraph("mindspore"),
     "mindspore-lowmem": _import_framegraph("mindspore", low_memory=True),

@@ -20,8 +20,8 @@ def _unet_feeds(entry):
 def test_frame_buckets_share_one_mapped_copy_of_the_unet_weights(svd_artifact):
     from framegraph.runtime.artifact import Artifact
 
-    shared = Artifact(svd_artifact, "stable-video-diffusion")
-    copied = Artifact(svd_artifact, "stable-video-diffusion", share_weights=False)
+    shared = Artifact(svd_artifact, "stable-video-diffusion", resident_buckets=None)
+    copied = Artifact(svd_artifact, "stable-video-diffusion", share_weights=False, resident_buckets=None)
     assert shared.backend.share_weights and not copied.backend.share_weights
     entries = [shared.manifest.find("unet", "onnx", num_frames=f, batch=2) for f in (2, 3)]
     for entry in entries:
@@ -78,6 +78,27 @@ def test_low_memory_keeps_one_graph_open_and_gives_the_same_frames(svd_artifact,
     assert [o for _, o in opened] == [[]] * len(opened)
     names = [k.split("/")[0] for k, _ in opened]
     assert names == ["image_encoder", "vae_encoder", "unet", "vae_decoder", "vae_decoder"]
+
+
+def test_resident_buckets_keeps_the_most_recent_frame_buckets_open(svd_artifact):
+    from framegraph.runtime.artifact import Artifact
+
+    artifact = Artifact(svd_artifact, "stable-video-diffusion")  # resident_buckets=1
+    two = artifact.manifest.find("unet", "onnx", num_frames=2, batch=2)
+    three = artifact.manifest.find("unet", "onnx", num_frames=3, batch=2)
+    first = artifact.graph("unet", **two.bucket)(**_unet_feeds(two))["noise_pred"]
+    artifact.graph("image_encoder", batch=1)
+    artifact.graph("unet", **three.bucket)(**_unet_feeds(three))
+    assert artifact.open_graphs() == sorted([three.key, artifact.manifest.find("image_encoder", "onnx").key])
+    again = artifact.graph("unet", **two.bucket)(**_unet_feeds(two))["noise_pred"]
+    np.testing.assert_array_equal(again, first)  # a reopened bucket gives the same result
+    assert two.key in artifact.open_graphs() and three.key not in artifact.open_graphs()
+    unlimited = Artifact(svd_artifact, "stable-video-diffusion", resident_buckets=None)
+    for entry in (two, three):
+        unlimited.graph("unet", **entry.bucket)
+    assert unlimited.open_graphs() == sorted([two.key, three.key])
+    with pytest.raises(ValueError, match="resident_buckets"):
+        Artifact(svd_artifact, "stable-video-diffusion", resident_buckets=0)
 
 
 def _resident_bytes(path):

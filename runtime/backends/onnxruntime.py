@@ -6,6 +6,7 @@ import threading
 import weakref
 from pathlib import Path
 
+from ..heap import trim_heap
 from ..manifest import ArtifactError
 from .base import Backend, BackendUnavailableError, register_backend
 
@@ -132,6 +133,7 @@ class OnnxRuntimeBackend(Backend):
             # Pages the runs do read come back from the page cache on first use.
             logger.info("released %.2f GB of mapped weight pages read while building %s", release() / 1e9,
                         entry.key)
+        trim_heap()  # what the graph optimizer allocated and freed while building the session
         return run, session
 
 

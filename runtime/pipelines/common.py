@@ -60,7 +60,8 @@ class ProgressBar:
             self.bar.close()
 
 
-def open_artifact(path, kind, backend, verify=True, low_memory=False, **backend_options):
+def open_artifact(path, kind, backend, verify=True, low_memory=False, resident_buckets=1,
+                  **backend_options):
     """The pipelines' ``from_artifacts`` arguments -> an :class:`~framegraph.runtime.artifact.Artifact`.
 
     ``backend_options`` (``providers``, ``device``, ``num_threads``, engine-specific ones) go to the backend;
@@ -68,4 +69,5 @@ def open_artifact(path, kind, backend, verify=True, low_memory=False, **backend_
     from framegraph.runtime.artifact import Artifact
 
     options = {k: v for k, v in backend_options.items() if v is not None}
-    return Artifact(path, kind, backend, verify=verify, low_memory=low_memory, **options)
+    return Artifact(path, kind, backend, verify=verify, low_memory=low_memory, resident_buckets=resident_buckets,
+                    **options)

@@ -34,13 +34,15 @@ class TextToVideoSDPipeline:
 
     @classmethod
     def from_artifacts(cls, path, backend="onnxruntime", providers=None, device=None, num_threads=None,
-                       verify=True, low_memory=False, **backend_options):
+                       verify=True, low_memory=False, resident_buckets=1, **backend_options):
         """Open an exported artifact folder. ``low_memory=True`` keeps one graph loaded at a time (peak memory of
-        the largest graph, not the sum); ``backend_options`` go to the backend (e.g. ``share_weights``)."""
+        the largest graph, not the sum); ``resident_buckets`` (default 1) is how many frame buckets of the UNet stay
+        loaded (the least recently used is closed first; None: all); ``backend_options`` go to the backend (e.g.
+        ``share_weights``)."""
         from transformers import CLIPTokenizer
 
-        artifact = open_artifact(path, PIPELINE_KIND, backend, verify, low_memory, providers=providers, device=device,
-                                 num_threads=num_threads, **backend_options)
+        artifact = open_artifact(path, PIPELINE_KIND, backend, verify, low_memory, resident_buckets,
+                                 providers=providers, device=device, num_threads=num_threads, **backend_options)
         folder = artifact.path / "tokenizer"
         tokenizer = CLIPTokenizer.from_pretrained(str(folder)) if folder.is_dir() else None
         if tokenizer is None:
@@ -132,10 +134,11 @@ class TextToVideoSDPipeline:
                              f"{have} — pass one of them or re-export with --decode-chunk-sizes {decode_chunk_size}")
 
     # -- stages ------------------------------------------------------------------------------------------------
-    def _unet(self, model_input, t, embeds, cfg, num_frames, height, width):
+    def _unet(self, model_input, t, embeds, cfg, num_frames, height, width, graph=None):
         n = model_input.shape[0] // (2 if cfg else 1)
-        graph = self.artifact.graph("unet", num_frames=num_frames, batch=self.batch * (2 if cfg else 1),
-                                    height=height, width=width)
+        if graph is None:
+            graph = self.artifact.graph("unet", num_frames=num_frames, batch=self.batch * (2 if cfg else 1),
+                                        height=height, width=width)
         timestep = np.asarray(t, dtype=np.float32).reshape(())
         outputs = []
         for start in range(0, n, self.batch):
@@ -186,6 +189,10 @@ class TextToVideoSDPipeline:
                 raise ValueError(f"callback_on_step_end_tensor_inputs may only name 'latents', got {name!r}")
         cfg = guidance_scale > 1.0
         rng = make_rng(generator)
+        unet = None
+        if not self.artifact.low_memory:  # held by the call from start to end (see StableVideoDiffusionPipeline)
+            unet = self.artifact.graph("unet", num_frames=num_frames, batch=self.batch * (2 if cfg else 1),
+                                       height=height, width=width)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(prompt, cfg, negative_prompt, prompt_embeds,
                                                                    negative_prompt_embeds)
         embeds = np.concatenate([negative_prompt_embeds, prompt_embeds]) if cfg else prompt_embeds
@@ -204,7 +211,7 @@ class TextToVideoSDPipeline:
         for i, t in enumerate(timesteps):
             model_input = np.concatenate([latents] * 2) if cfg else latents
             model_input = self.scheduler.scale_model_input(model_input, t).astype(np.float32)
-            noise_pred = self._unet(model_input, t, embeds, cfg, num_frames, height, width)
+            noise_pred = self._unet(model_input, t, embeds, cfg, num_frames, height, width, unet)
             if cfg:
                 uncond, text = noise_pred[:n], noise_pred[n:]
                 noise_pred = uncond + guidance_scale * (text - uncond)
