@@ -1,6 +1,8 @@
 """Shared fixtures: the bundled diffusers fixtures and their golden outputs, MindSpore context."""
 
+import fcntl
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,35 @@ def ms():
     return mindspore
 
 
+# -- running in parallel (pytest -n 2 --dist loadgroup) ------------------------------------------------------------
+# The tiny exports are the slow part of the suite (MindSpore graph compiles, mostly on one core). The tests that use
+# one of them run on one worker (xdist group), the rest are spread over the workers, and an export one worker made
+# is reused by the others (a test using both artifacts may run anywhere).
+ARTIFACT_GROUPS = {"svd_artifact": "svd-artifact", "t2v_artifact": "t2v-artifact"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        groups = [g for fixture, g in ARTIFACT_GROUPS.items() if fixture in item.fixturenames]
+        if len(groups) == 1:
+            item.add_marker(pytest.mark.xdist_group(groups[0]))
+
+
+def shared_export(tmp_path_factory, name, export):
+    """``export(folder)`` run once per test run: by this process without xdist, else by the first worker that
+    asks (the others wait for it, under a file lock, and reuse its folder)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return export(tmp_path_factory.mktemp("artifacts") / name)
+    root = tmp_path_factory.getbasetemp().parent  # shared by the workers of one run
+    folder = root / "shared-artifacts" / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "manifest.json").is_file():
+            export(folder)
+    return folder
+
+
 SVD_EXPORT = {"frames": [2, 3], "height": 32, "width": 32, "decode_chunk_sizes": [1, 2]}
 
 
@@ -58,9 +89,8 @@ def svd_artifact(tmp_path_factory, ms, svd_tiny):
     from framegraph.export.pipeline_export import ExportOptions
     from framegraph.export.svd import export_svd
 
-    out = tmp_path_factory.mktemp("artifacts") / "svd-tiny"
     options = ExportOptions(formats=("onnx", "mindir"), **SVD_EXPORT)
-    return export_svd(PipelineFolder(svd_tiny), out, options)
+    return shared_export(tmp_path_factory, "svd-tiny", lambda out: export_svd(PipelineFolder(svd_tiny), out, options))
 
 
 T2V_EXPORT = {"frames": [4], "height": 32, "width": 32, "decode_chunk_sizes": [3]}
@@ -73,5 +103,5 @@ def t2v_artifact(tmp_path_factory, ms, t2v_tiny):
     from framegraph.export.pipeline_export import ExportOptions
     from framegraph.export.t2v import export_t2v
 
-    out = tmp_path_factory.mktemp("artifacts") / "t2v-tiny"
-    return export_t2v(PipelineFolder(t2v_tiny), out, ExportOptions(formats=("onnx", "mindir"), **T2V_EXPORT))
+    options = ExportOptions(formats=("onnx", "mindir"), **T2V_EXPORT)
+    return shared_export(tmp_path_factory, "t2v-tiny", lambda out: export_t2v(PipelineFolder(t2v_tiny), out, options))

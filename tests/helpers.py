@@ -1,5 +1,7 @@
 """Test helpers: tolerance checks and a MindSpore -> ONNX -> onnxruntime round trip."""
 
+from contextlib import contextmanager
+
 import numpy as np
 
 
@@ -12,6 +14,17 @@ def assert_close_scaled(out, ref, rel=1e-4, name="output"):
     bound = rel * max(1.0, float(np.abs(ref).max()))
     assert err <= bound, f"{name}: max abs error {err:.3e} > {bound:.3e}"
     return err
+
+
+@contextmanager
+def pynative(ms):
+    """Run op by op (seconds on the tiny models, where a graph-mode compile takes 20-40 s). Graph mode is what the
+    export compiles, and the export checks every graph against a PyNative run of the same cell."""
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        yield
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
 
 
 def onnx_roundtrip(net, inputs, path):

@@ -31,10 +31,13 @@ def test_generate_text_to_video_writes_gif(t2v_artifact, tmp_path):
     assert "closing text_encoder" in result.stderr and "closing unet" in result.stderr  # one graph at a time
 
 
-def test_generate_names_the_missing_input(svd_artifact, t2v_artifact, tmp_path):
+def test_generate_names_the_missing_input(svd_artifact, tmp_path):
     result = _framegraph("generate", svd_artifact, "--prompt", "x", "--out", tmp_path / "a.mp4")
     assert result.returncode == 2 and "--image" in result.stderr
-    result = _framegraph("generate", t2v_artifact, "--out", tmp_path / "b.mp4")
-    assert result.returncode == 2 and "--prompt" in result.stderr
     result = _framegraph("generate", tmp_path, "--prompt", "x", "--out", tmp_path / "c.mp4")
     assert result.returncode == 2 and "manifest.json" in result.stderr
+
+
+def test_generate_names_the_missing_prompt(t2v_artifact, tmp_path):
+    result = _framegraph("generate", t2v_artifact, "--out", tmp_path / "b.mp4")
+    assert result.returncode == 2 and "--prompt" in result.stderr

@@ -314,18 +314,6 @@ def test_fuzzed_payloads_never_crash_or_hang_the_server(client, fields, files, r
     assert client.json("GET", "/health")[0] == 200
 
 
-# -- a second pipeline kind -------------------------------------------------------------------------------------------
-def test_text_to_video_is_served_with_a_prompt(t2v_artifact):
-    with Engine(t2v_artifact, workers=1, warmup=False, num_threads=1) as t2v, serving(t2v) as t2v_client:
-        status, _, job = t2v_client.post_job([("prompt", "a red ball"), ("num_inference_steps", "2"), ("seed", "3")],
-                                             files=())
-        assert status == 202, job
-        assert t2v_client.wait(job["id"])["state"] == "done"
-        assert _video(t2v_client, job["id"])[4:8] == b"ftyp"
-        status, _, body = t2v_client.post_job([("prompt", "x")])  # an image is not an argument of this kind
-        assert status == 422 and body["field"] == "image" and "prompt" in body["error"]
-
-
 # -- the CLI -----------------------------------------------------------------------------------------------------------
 def test_cli_serve_starts_answers_and_stops(svd_artifact, tmp_path):
     with socket.socket() as s:

@@ -1,0 +1,21 @@
+"""The HTTP server with a text-to-video artifact: the request's fields follow the pipeline kind in the manifest.
+(Apart from test_server.py, whose module fixtures serve the SVD artifact.)"""
+
+import pytest
+
+pytest.importorskip("starlette", reason="needs the serve extra: pip install -e '.[serve]'")
+pytest.importorskip("uvicorn", reason="needs the serve extra: pip install -e '.[serve]'")
+
+from framegraph.runtime.engine import Engine  # noqa: E402
+from test_server import _video, serving  # noqa: E402
+
+
+def test_text_to_video_is_served_with_a_prompt(t2v_artifact):
+    with Engine(t2v_artifact, workers=1, warmup=False, num_threads=1) as t2v, serving(t2v) as t2v_client:
+        status, _, job = t2v_client.post_job([("prompt", "a red ball"), ("num_inference_steps", "2"), ("seed", "3")],
+                                             files=())
+        assert status == 202, job
+        assert t2v_client.wait(job["id"])["state"] == "done"
+        assert _video(t2v_client, job["id"])[4:8] == b"ftyp"
+        status, _, body = t2v_client.post_job([("prompt", "x")])  # an image is not an argument of this kind
+        assert status == 422 and body["field"] == "image" and "prompt" in body["error"]
