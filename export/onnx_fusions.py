@@ -45,6 +45,15 @@ def name_nodes(graph):
             node.name = f"{node.op_type}_{i}"
 
 
+def replace_nodes(graph, replacement, key=id):
+    """Put ``replacement[key(node)]`` (a list of nodes, possibly empty) in place of each node it names, in order."""
+    kept = []
+    for node in graph.node:
+        kept.extend(replacement.get(key(node), [node]))
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
 def _descendants(start, consumers, limit):
     seen, front = {id(start): start}, [start]
     while front and len(seen) <= limit:
@@ -129,11 +138,7 @@ def fuse_gelu(model):
         for n in nodes:
             if n is not final:
                 replacement[id(n)] = []
-    kept = []
-    for node in graph.node:
-        kept.extend(replacement.get(id(node), [node]))
-    del graph.node[:]
-    graph.node.extend(kept)
+    replace_nodes(graph, replacement)
     logger.info("fused %d GELU subgraphs into Erf form", len(matches))
     return len(matches)
 
@@ -266,10 +271,6 @@ def fuse_normalization(model, base_dir=None):
             "LayerNormalization", [x, scales[key]], [div.output[0]], name=f"norm_{i}", axis=axis, epsilon=eps)]
         for n in nodes[:-1]:
             replacement[n.name] = []
-    kept = []
-    for node in graph.node:
-        kept.extend(replacement.get(node.name, [node]))
-    del graph.node[:]
-    graph.node.extend(kept)
+    replace_nodes(graph, replacement, key=lambda node: node.name)  # the opset conversion made new node objects
     logger.info("fused %d normalisations into LayerNormalization", len(matches))
     return model, len(matches)

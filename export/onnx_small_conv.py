@@ -15,7 +15,7 @@ import logging
 
 import numpy as np
 
-from framegraph.export.onnx_fusions import graph_maps, name_nodes, static_shapes
+from framegraph.export.onnx_fusions import graph_maps, name_nodes, replace_nodes, static_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -151,10 +151,6 @@ def convs_to_matmul(model, param_names, max_positions=MAX_OUTPUT_POSITIONS):
             dims.add().dim_value = size
     if not layouts:
         return {}
-    kept = []
-    for node in graph.node:
-        kept.extend(replacement.get(id(node), [node]))
-    del graph.node[:]
-    graph.node.extend(kept)
+    replace_nodes(graph, replacement)
     logger.info("rewrote %d convolutions over small maps as patch GEMMs", len(layouts))
     return layouts
