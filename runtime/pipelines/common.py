@@ -60,14 +60,31 @@ class ProgressBar:
             self.bar.close()
 
 
-def open_artifact(path, kind, backend, verify=True, low_memory=False, resident_buckets=1,
-                  **backend_options):
-    """The pipelines' ``from_artifacts`` arguments -> an :class:`~framegraph.runtime.artifact.Artifact`.
+class ArtifactPipeline:
+    """What the pipelines share: opening an artifact folder of their ``kind`` and the progress bar settings.
+    Subclasses build themselves from the opened artifact in ``_from_artifact``."""
 
-    ``backend_options`` (``providers``, ``device``, ``num_threads``, engine-specific ones) go to the backend;
-    those left at None take the backend's defaults."""
-    from framegraph.runtime.artifact import Artifact
+    kind = None
 
-    options = {k: v for k, v in backend_options.items() if v is not None}
-    return Artifact(path, kind, backend, verify=verify, low_memory=low_memory, resident_buckets=resident_buckets,
-                    **options)
+    @classmethod
+    def from_artifacts(cls, path, backend="onnxruntime", providers=None, device=None, num_threads=None,
+                       verify=True, low_memory=False, resident_buckets=1, **backend_options):
+        """Open an exported artifact folder. ``low_memory=True`` keeps one graph loaded at a time (peak memory of
+        the largest graph, not the sum); ``resident_buckets`` (default 1) is how many frame buckets of the UNet stay
+        loaded (the least recently used is closed first; None: all); ``backend_options`` (``providers``,
+        ``device``, ``num_threads``, engine-specific ones such as ``share_weights``) go to the backend, and those
+        left at None take the backend's defaults."""
+        from framegraph.runtime.artifact import Artifact
+
+        options = {k: v for k, v in dict(backend_options, providers=providers, device=device,
+                                         num_threads=num_threads).items() if v is not None}
+        artifact = Artifact(path, cls.kind, backend, verify=verify, low_memory=low_memory,
+                            resident_buckets=resident_buckets, **options)
+        return cls._from_artifact(artifact)
+
+    @classmethod
+    def _from_artifact(cls, artifact):
+        raise NotImplementedError
+
+    def set_progress_bar_config(self, **kwargs):
+        self.progress_bar_config = kwargs

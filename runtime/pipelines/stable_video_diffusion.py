@@ -5,7 +5,8 @@ import logging
 
 import numpy as np
 
-from framegraph.runtime.pipelines.common import ProgressBar, check_latents, chunks, make_rng, open_artifact, randn
+from framegraph.runtime.pipelines.common import (ArtifactPipeline, ProgressBar, check_latents, chunks, make_rng,
+                                                 randn)
 from framegraph.runtime.schedulers import load_scheduler
 
 logger = logging.getLogger(__name__)
@@ -19,8 +20,10 @@ class StableVideoDiffusionPipelineOutput:
     frames: object
 
 
-class StableVideoDiffusionPipeline:
+class StableVideoDiffusionPipeline(ArtifactPipeline):
     """Image-to-video with the graphs of an ``svd-export`` artifact (no torch, no MindSpore for ONNX)."""
+
+    kind = PIPELINE_KIND
 
     def __init__(self, artifact, scheduler):
         self.artifact = artifact
@@ -29,18 +32,8 @@ class StableVideoDiffusionPipeline:
         self.batch = int(artifact.manifest.options.get("batch", 1))
 
     @classmethod
-    def from_artifacts(cls, path, backend="onnxruntime", providers=None, device=None, num_threads=None,
-                       verify=True, low_memory=False, resident_buckets=1, **backend_options):
-        """Open an exported artifact folder. ``low_memory=True`` keeps one graph loaded at a time (peak memory of
-        the largest graph, not the sum); ``resident_buckets`` (default 1) is how many frame buckets of the UNet stay
-        loaded (the least recently used is closed first; None: all); ``backend_options`` go to the backend (e.g.
-        ``share_weights``)."""
-        artifact = open_artifact(path, PIPELINE_KIND, backend, verify, low_memory, resident_buckets,
-                                 providers=providers, device=device, num_threads=num_threads, **backend_options)
+    def _from_artifact(cls, artifact):
         return cls(artifact, load_scheduler(artifact.manifest.scheduler))
-
-    def set_progress_bar_config(self, **kwargs):
-        self.progress_bar_config = kwargs
 
     # -- checks ------------------------------------------------------------------------------------------------
     def _check_call(self, height, width, num_frames, num_inference_steps, fps, motion_bucket_id,

@@ -6,7 +6,8 @@ import threading
 
 import numpy as np
 
-from framegraph.runtime.pipelines.common import ProgressBar, check_latents, chunks, make_rng, open_artifact, randn
+from framegraph.runtime.pipelines.common import (ArtifactPipeline, ProgressBar, check_latents, chunks, make_rng,
+                                                 randn)
 from framegraph.runtime.schedulers import load_scheduler
 
 logger = logging.getLogger(__name__)
@@ -20,9 +21,11 @@ class TextToVideoSDPipelineOutput:
     frames: object
 
 
-class TextToVideoSDPipeline:
+class TextToVideoSDPipeline(ArtifactPipeline):
     """Text-to-video with the graphs of an exported ModelScope artifact. ``pipe.scheduler`` may be replaced, the
     diffusers way: ``pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``."""
+
+    kind = PIPELINE_KIND
 
     def __init__(self, artifact, scheduler, tokenizer):
         self.artifact = artifact
@@ -33,25 +36,15 @@ class TextToVideoSDPipeline:
         self.batch = int(artifact.manifest.options.get("batch", 1))
 
     @classmethod
-    def from_artifacts(cls, path, backend="onnxruntime", providers=None, device=None, num_threads=None,
-                       verify=True, low_memory=False, resident_buckets=1, **backend_options):
-        """Open an exported artifact folder. ``low_memory=True`` keeps one graph loaded at a time (peak memory of
-        the largest graph, not the sum); ``resident_buckets`` (default 1) is how many frame buckets of the UNet stay
-        loaded (the least recently used is closed first; None: all); ``backend_options`` go to the backend (e.g.
-        ``share_weights``)."""
+    def _from_artifact(cls, artifact):
         from transformers import CLIPTokenizer
 
-        artifact = open_artifact(path, PIPELINE_KIND, backend, verify, low_memory, resident_buckets,
-                                 providers=providers, device=device, num_threads=num_threads, **backend_options)
         folder = artifact.path / "tokenizer"
         tokenizer = CLIPTokenizer.from_pretrained(str(folder)) if folder.is_dir() else None
         if tokenizer is None:
             logger.warning("%s has no tokenizer/: prompts cannot be encoded, pass prompt_embeds and "
                            "negative_prompt_embeds", artifact.path)
         return cls(artifact, load_scheduler(artifact.manifest.scheduler), tokenizer)
-
-    def set_progress_bar_config(self, **kwargs):
-        self.progress_bar_config = kwargs
 
     # -- prompt ------------------------------------------------------------------------------------------------
     def _tokens(self, texts):
