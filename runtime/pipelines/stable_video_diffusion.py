@@ -101,9 +101,8 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
         """Run the UNet (``graph``, or the artifact's bucket) on a [2N or N, F, C, h, w] batch, graph batch by graph
         batch."""
         n = latent_model_input.shape[0] // (2 if cfg else 1)
-        graph_batch = self.batch * (2 if cfg else 1)
         if graph is None:
-            graph = self.artifact.graph("unet", num_frames=num_frames, batch=graph_batch, height=height, width=width)
+            graph = self._unet_graph(num_frames, cfg, height, width)
         timestep = np.asarray(t, dtype=np.float32).reshape(())
         outputs = []
         for start in range(0, n, self.batch):
@@ -157,14 +156,7 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
         n = batch_size * num_videos_per_prompt
         cfg = max_guidance_scale > 1
         rng = make_rng(generator)
-        unet = None
-        if not self.artifact.low_memory:
-            # The call holds its UNet bucket from start to end: calls running at once with other frame counts
-            # (resident_buckets) cannot close it between steps. It is opened before the encoders run: where it
-            # replaces another bucket, the call's peak memory then stays that of a call without a switch
-            # (SVD-XT: 7.6 GB, against 9.4 GB when the bucket was switched after the encoders had run).
-            unet = self.artifact.graph("unet", num_frames=num_frames, batch=self.batch * (2 if cfg else 1),
-                                       height=height, width=width)
+        unet = self._unet_for_call(num_frames, cfg, height, width)
         embeds = self._encode_image(images, num_videos_per_prompt, cfg)
         pixels = vae_pixel_values(images, height, width)
         if image_noise is None:

@@ -130,8 +130,7 @@ class TextToVideoSDPipeline(ArtifactPipeline):
     def _unet(self, model_input, t, embeds, cfg, num_frames, height, width, graph=None):
         n = model_input.shape[0] // (2 if cfg else 1)
         if graph is None:
-            graph = self.artifact.graph("unet", num_frames=num_frames, batch=self.batch * (2 if cfg else 1),
-                                        height=height, width=width)
+            graph = self._unet_graph(num_frames, cfg, height, width)
         timestep = np.asarray(t, dtype=np.float32).reshape(())
         outputs = []
         for start in range(0, n, self.batch):
@@ -182,10 +181,7 @@ class TextToVideoSDPipeline(ArtifactPipeline):
                 raise ValueError(f"callback_on_step_end_tensor_inputs may only name 'latents', got {name!r}")
         cfg = guidance_scale > 1.0
         rng = make_rng(generator)
-        unet = None
-        if not self.artifact.low_memory:  # held by the call from start to end (see StableVideoDiffusionPipeline)
-            unet = self.artifact.graph("unet", num_frames=num_frames, batch=self.batch * (2 if cfg else 1),
-                                       height=height, width=width)
+        unet = self._unet_for_call(num_frames, cfg, height, width)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(prompt, cfg, negative_prompt, prompt_embeds,
                                                                    negative_prompt_embeds)
         embeds = np.concatenate([negative_prompt_embeds, prompt_embeds]) if cfg else prompt_embeds
