@@ -203,7 +203,8 @@ def _only(consumers, name, op_type):
 
 
 def _match_normalization(mean, shapes, producer, consumers, constants, outputs):
-    """(x, axis, eps, nodes, normalized shape) of one exported normalisation starting at ReduceMean ``mean``, or None."""
+    """(x, axis, eps, nodes, normalized shape) of one exported normalisation starting at ReduceMean ``mean``, or
+    None."""
     x = mean.input[0]
     shape = shapes.get(x)
     if shape is None or not _keepdims(mean):

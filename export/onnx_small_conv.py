@@ -2,9 +2,9 @@
 
 At the UNet's lowest levels the feature maps are 2x2 or 4x4 (3x3 convolutions over 1280 channels). ONNX Runtime's
 convolution kernels parallelise over output rows and channel blocks and reach a fraction of the GEMM speed on such
-shapes. ``convs_to_matmul`` gathers the patches
-instead (NHWC transpose, pad, one strided slice per kernel tap, concat) and multiplies them by the weight laid out
-as (taps x channels, out_channels): the weights keep their size, the product is one well-shaped GEMM.
+shapes. ``convs_to_matmul`` gathers the patches instead (NHWC transpose, pad, one strided slice per kernel tap,
+concat) and multiplies them by the weight laid out as (taps x channels, out_channels): the weights keep their size,
+the product is one well-shaped GEMM.
 
 The rewrite works on the graph as exported, while the weights are still graph inputs, and returns how each weight
 must be laid out; ``parameters_to_initializers`` applies that when it writes the weights, so the artifact only ever

@@ -32,7 +32,8 @@ def _generate_args(p):
     p.add_argument("--low-memory", action="store_true", help="keep one graph loaded at a time (peak memory of the "
                    "largest graph instead of all of them; graphs are reopened on each call)")
     p.add_argument("--resident-buckets", type=int, default=1, help="how many frame buckets of the UNet stay loaded "
-                   "(the least recently used is closed first; default 1: one UNet's memory whatever the frame count; 0: all)")
+                   "(the least recently used is closed first; default 1: one UNet's memory whatever the frame "
+                   "count; 0: all)")
     p.add_argument("--output-type", default="pil", choices=("pil", "np"), help="frames handed to the writer")
 
 

@@ -8,25 +8,24 @@ elsewhere).
 
 import ctypes
 import ctypes.util
-import logging
+import functools
 
-logger = logging.getLogger(__name__)
 
-_libc = None
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return getattr(libc, "malloc_trim", None)
 
 
 def trim_heap():
     """Return the heap's free pages to the operating system; True where that was possible (glibc)."""
-    global _libc
-    if _libc is None:
-        name = ctypes.util.find_library("c")
-        try:
-            _libc = ctypes.CDLL(name) if name else False
-        except OSError:
-            _libc = False
-        if _libc is not False and not hasattr(_libc, "malloc_trim"):
-            _libc = False
-    if _libc is False:
+    trim = _malloc_trim()
+    if trim is None:
         return False
-    _libc.malloc_trim(0)
+    trim(0)
     return True

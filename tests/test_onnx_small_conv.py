@@ -119,7 +119,8 @@ def test_exported_cell_stores_only_the_patch_layout_and_matches_mindspore(ms, tm
 
     rng = np.random.default_rng(0)
     cell = SmallMaps()
-    inputs = [rng.standard_normal((2, 8, 4, 4)).astype(np.float32), rng.standard_normal((1, 8, 8, 8)).astype(np.float32)]
+    inputs = [rng.standard_normal((2, 8, 4, 4)).astype(np.float32),
+              rng.standard_normal((1, 8, 8, 8)).astype(np.float32)]
     expected = [t.asnumpy() for t in cell(*[ms.Tensor(a) for a in inputs])]
     weights = SharedWeights(tmp_path / "weights.bin")
     path = export_onnx(cell, [ms.Tensor(a) for a in inputs], tmp_path / "small.onnx", ["x", "big"], ["y", "z"],
