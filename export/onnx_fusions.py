@@ -162,7 +162,7 @@ def upgrade_opset(model, version=LAYER_NORM_OPSET):
     return version_converter.convert_version(model, version)
 
 
-def _constant_values(graph, base_dir):
+def constant_values(graph, base_dir):
     """Small constants by name: Constant nodes and initializers (external ones read from ``base_dir``)."""
     from onnx import TensorProto, numpy_helper
     from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
@@ -253,7 +253,7 @@ def fuse_normalization(model, base_dir=None):
     graph = model.graph
     name_nodes(graph)  # replacements below are keyed by node name
     producer, consumers = graph_maps(graph)
-    constants = _constant_values(graph, base_dir)
+    constants = constant_values(graph, base_dir)
     outputs = {o.name for o in graph.output}
     matches = [m for node in graph.node if node.op_type == "ReduceMean"
                for m in [_match_normalization(node, shapes, producer, consumers, constants, outputs)] if m]

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from framegraph.export.onnx_fusions import fuse_gelu, fuse_normalization
+from framegraph.export.onnx_linear import fold_linear
 from framegraph.export.onnx_small_conv import convs_to_matmul
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,9 @@ def externalize(model, source_dir, target_dir, weights):
 
 def parameters_to_initializers(model, cell, num_inputs, target_dir, weights, layouts=None):
     """Turn the graph inputs after the first ``num_inputs`` (the cell's parameters) into external initializers;
-    ``layouts``: parameter name -> function giving the array to store (``convs_to_matmul``)."""
+    ``layouts``: graph input name -> function giving the array to store from its parameter's array
+    (``convs_to_matmul``, ``fold_linear``); a layout with a ``source`` attribute reads that parameter instead of
+    the one named like the input."""
     from onnx import TensorProto, helper
 
     params = {p.name: p for p in cell.get_parameters()}
@@ -110,11 +113,13 @@ def parameters_to_initializers(model, cell, num_inputs, target_dir, weights, lay
         if i < num_inputs:
             keep.append(value)
             continue
-        if value.name not in params:
+        layout = (layouts or {}).get(value.name)
+        source = getattr(layout, "source", value.name)
+        if source not in params:
             raise RuntimeError(f"exported graph input {value.name!r} is neither a spec input nor a parameter")
-        array = params[value.name].asnumpy()
-        if layouts and value.name in layouts:
-            array = layouts[value.name](array)
+        array = params[source].asnumpy()
+        if layout is not None:
+            array = layout(array)
         offset, length = weights.add(value.name, array.tobytes())
         tensor = TensorProto(name=value.name, dims=list(array.shape),
                              data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
@@ -184,6 +189,7 @@ def export_onnx(cell, inputs, path, input_names, output_names, weights, quantize
     fix_conv_pads(model)
     model, _ = fuse_normalization(model, stage)
     layouts = convs_to_matmul(model, [v.name for v in model.graph.input[len(input_names):]])
+    layouts.update(fold_linear(model, [v.name for v in model.graph.input[len(input_names):]], stage))
     # A quantized graph goes through a float copy in the staging folder first, so that the shared weights file
     # only ever receives the int8 tensors.
     first = SharedWeights(stage / "float.bin") if quantize else weights
