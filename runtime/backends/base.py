@@ -85,11 +85,18 @@ class Graph:
         self.native = native
         self._run = run
         self._release = getattr(run, "release", None)
+        self._prefetch = getattr(run, "prefetch", None)
 
     def release_memory(self):
         """Give back the resident pages of this graph's memory-mapped weights (backends that map them); the next
         call reads them again from the page cache or the artifact. Returns the bytes released (0 if none)."""
         return self._release() if self._release is not None else 0
+
+    def prefetch_memory(self):
+        """Bring in, in one pass, the pages of this graph's memory-mapped weights that its runs read in place
+        (backends that map them), instead of one page fault at a time during the next run. Returns the bytes
+        brought in (0 if none)."""
+        return self._prefetch() if self._prefetch is not None else 0
 
     @property
     def name(self):

@@ -2,6 +2,7 @@
 
 import logging
 import mmap
+import sys
 import threading
 import weakref
 from pathlib import Path
@@ -20,6 +21,15 @@ CUDA = "CUDAExecutionProvider"
 # sessions of several frame buckets share the mapped weights (measured on two SVD-XT UNet buckets: the second
 # added 3.1 GB at "all", 0.9 GB at "extended").
 OPTIMIZATION_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC"}
+
+# Ops that read their weight initializers in place on every run while weight prepacking is off. ONNX Runtime
+# copies the other weights into its own layout when it builds the session (convolutions at optimization "all",
+# reshapes it constant-folds), so their mapped pages are not read again.
+READ_IN_PLACE = {"Gemm", "MatMul"}
+READ_IN_PLACE_UNLESS_ALL = {"Conv"}
+
+# madvise(MADV_POPULATE_READ) (Linux 5.14+): fault a mapping's pages in with one call instead of one fault per page
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 # device -> execution providers in order of preference (ONNX Runtime falls back along the list).
 DEVICE_PROVIDERS = {
@@ -101,10 +111,15 @@ class OnnxRuntimeBackend(Backend):
             options.intra_op_num_threads = int(self.num_threads)
         return options
 
+    def _read_in_place(self, consumers):
+        """Whether a weight whose consumer ops are ``consumers`` is read from its mapping on every run."""
+        ops = READ_IN_PLACE | (READ_IN_PLACE_UNLESS_ALL if self.optimization != "all" else set())
+        return bool(consumers) and set(consumers) <= ops
+
     def _load(self, path, entry):
         options = self.session_options()
         mapped = self._mapped.initializers(path, self.ort) if self._mapped is not None else []
-        for name, weight in mapped:
+        for name, weight, _ in mapped:
             options.add_initializer(name, weight.value)
         if mapped:
             options.add_session_config_entry("session.disable_prepacking", "1")
@@ -124,10 +139,13 @@ class OnnxRuntimeBackend(Backend):
             return session.run(want_outputs, dict(zip(input_names, arrays)))
 
         def release():
-            return sum(weight.release() for _, weight in mapped)
+            return sum(weight.release() for _, weight, _ in mapped)
+
+        def prefetch():
+            return sum(weight.populate() for _, weight, ops in mapped if self._read_in_place(ops))
 
         if mapped:
-            run.release = release
+            run.release, run.prefetch = release, prefetch
             # Building the session read every weight, but the ones ONNX Runtime copied into its own layout
             # (convolution weights at optimization="all") are never read again: drop them from this process now.
             # Pages the runs do read come back from the page cache on first use.
@@ -146,13 +164,18 @@ class MappedWeights:
         self._lock = threading.Lock()
 
     def initializers(self, graph_path, ort):
-        """[(name, _Mapped)] for every external initializer of the ONNX graph at ``graph_path``."""
+        """[(name, _Mapped, consumer op types)] for every external initializer of the ONNX graph at
+        ``graph_path``."""
         import numpy as np
         import onnx
         from onnx.external_data_helper import uses_external_data
 
         graph_path = Path(graph_path)
         model = onnx.load(str(graph_path), load_external_data=False)
+        consumers = {}
+        for node in model.graph.node:
+            for name in node.input:
+                consumers.setdefault(name, set()).add(node.op_type)
         out = []
         with self._lock:
             for tensor in model.graph.initializer:
@@ -168,7 +191,7 @@ class MappedWeights:
                 if weight is None:
                     weight = _Mapped(np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape), ort)
                     self._weights[key] = weight
-                out.append((tensor.name, weight))
+                out.append((tensor.name, weight, frozenset(consumers.get(tensor.name, ()))))
         return out
 
 
@@ -184,4 +207,17 @@ class _Mapped:
         if mapping is None or not hasattr(mapping, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
             return 0
         mapping.madvise(mmap.MADV_DONTNEED)
+        return len(mapping)
+
+    def populate(self):
+        """Bring this mapping's pages in now (from the page cache, or the artifact when they are not cached) with
+        one madvise instead of a page fault per 4 KiB page on first use; returns the mapping's size in bytes, or 0
+        where that is not available (other systems, Linux before 5.14)."""
+        mapping = getattr(self.array, "_mmap", None)
+        if mapping is None or not sys.platform.startswith("linux") or not hasattr(mapping, "madvise"):
+            return 0
+        try:
+            mapping.madvise(MADV_POPULATE_READ)
+        except OSError:  # EINVAL before Linux 5.14: the pages then come in on first use, as without this call
+            return 0
         return len(mapping)

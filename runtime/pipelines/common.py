@@ -103,3 +103,14 @@ class ArtifactPipeline:
         peak memory then stays that of a call without a switch (SVD-XT: 7.6 GB, against 9.4 GB when the bucket was
         switched after the encoders had run)."""
         return None if self.artifact.low_memory else self._unet_graph(num_frames, cfg, height, width)
+
+    @staticmethod
+    def _prefetch_unet(unet):
+        """Bring the held UNet bucket's weight pages in before the first step, in one pass rather than a page
+        fault at a time (SVD-XT UNet from the page cache: 0.3 s, against about 1 s more on the first step).
+        Called after the encoders gave their pages back, so the call's peak memory stays the denoising loop's; in
+        low-memory mode (no held bucket) the pages come in on first use."""
+        if unet is not None:
+            size = unet.prefetch_memory()
+            if size:
+                logger.debug("brought in %.2f GB of UNet weight pages", size / 1e9)

@@ -187,6 +187,7 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
         guidance = np.linspace(min_guidance_scale, max_guidance_scale, num_frames, dtype=np.float32)
         guidance = np.tile(guidance[None], (n, 1))[:, :, None, None, None]
 
+        self._prefetch_unet(unet)
         bar = ProgressBar(len(timesteps), progress, **self.progress_bar_config)
         for i, t in enumerate(timesteps):
             model_input = np.concatenate([latents] * 2) if cfg else latents

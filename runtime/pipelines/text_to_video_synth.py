@@ -196,6 +196,7 @@ class TextToVideoSDPipeline(ArtifactPipeline):
         latents = (latents * self.scheduler.init_noise_sigma).astype(np.float32)
         step_kwargs = {"eta": eta, "generator": rng} if "eta" in _step_parameters(self.scheduler) else {}
 
+        self._prefetch_unet(unet)
         bar = ProgressBar(len(timesteps), progress, **self.progress_bar_config)
         for i, t in enumerate(timesteps):
             model_input = np.concatenate([latents] * 2) if cfg else latents
