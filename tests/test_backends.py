@@ -354,3 +354,29 @@ def test_onnxruntime_optimization_level_is_selectable():
     assert extended.session_options().graph_optimization_level == levels.ORT_ENABLE_EXTENDED
     with pytest.raises(ValueError, match="optimization='fastest'.*all, extended, basic"):
         load_backend("onnxruntime", optimization="fastest")
+
+
+def test_weights_of_constant_subgraphs_are_not_counted_as_read_in_place(tmp_path):
+    """A Gemm fed only by constants is folded by ONNX Runtime at build: its weight is not prefetched for the runs;
+    the Gemm on the graph input reads its weight in place."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from framegraph.runtime.backends.onnxruntime import FOLDED, MappedWeights, OnnxRuntimeBackend
+
+    rng = np.random.default_rng(0)
+    arrays = {name: rng.standard_normal((16, 16)).astype(np.float32) for name in ("w_run", "w_fold", "pos")}
+    nodes = [helper.make_node("Gemm", ["pos", "w_fold"], ["embed"], transB=1),
+             helper.make_node("Gemm", ["x", "w_run"], ["h"], transB=1),
+             helper.make_node("Add", ["h", "embed"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 16])],
+                              initializer=[numpy_helper.from_array(a, n) for n, a in arrays.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    path = tmp_path / "g.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="w.bin", size_threshold=0)
+    mapped = {name: ops for name, _, ops in MappedWeights().initializers(path, ort)}
+    assert mapped == {"w_run": {"Gemm"}, "w_fold": {FOLDED}, "pos": {FOLDED}}
+    backend = OnnxRuntimeBackend()
+    assert backend._read_in_place(mapped["w_run"]) and not backend._read_in_place(mapped["w_fold"])

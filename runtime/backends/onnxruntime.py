@@ -27,6 +27,7 @@ OPTIMIZATION_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED
 # reshapes it constant-folds), so their mapped pages are not read again.
 READ_IN_PLACE = {"Gemm", "MatMul"}
 READ_IN_PLACE_UNLESS_ALL = {"Conv"}
+FOLDED = "(constant-folded)"
 
 # madvise(MADV_POPULATE_READ) (Linux 5.14+): fault a mapping's pages in with one call instead of one fault per page
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
@@ -173,9 +174,16 @@ class MappedWeights:
         graph_path = Path(graph_path)
         model = onnx.load(str(graph_path), load_external_data=False)
         consumers = {}
-        for node in model.graph.node:
+        overridable = {v.name for v in model.graph.input}
+        constant = {t.name for t in model.graph.initializer if t.name not in overridable}
+        for node in model.graph.node:  # in topological order, as ONNX requires
+            # nodes that only read constants are folded by ONNX Runtime when it builds the session, their weights
+            # are not read again (the SVD UNet's frame position embedding MLP: 0.4 GB)
+            folded = all(name in constant for name in node.input if name)
+            if folded:
+                constant.update(node.output)
             for name in node.input:
-                consumers.setdefault(name, set()).add(node.op_type)
+                consumers.setdefault(name, set()).add(FOLDED if folded else node.op_type)
         out = []
         with self._lock:
             for tensor in model.graph.initializer:
