@@ -34,11 +34,12 @@ def test_isolated_forward_chunked_export_equals_in_process_export(t2v_artifact, 
     for reference in onnx_graphs:
         graph = isolated.find(reference.name, "onnx", **reference.bucket)
         assert graph.max_abs_error is not None and graph.max_abs_error <= graph.tolerance
-        # children rebuilt the same weights and appended to one shared weights file, in the same order
-        weights = {f.path: f.sha256 for f in graph.files if f.path.endswith("weights.bin")}
-        assert weights == {f.path: f.sha256 for f in reference.files if f.path.endswith("weights.bin")}
         if graph.name == "unet":  # the feed-forward runs over slices: more matrix products, same numbers
             assert matmuls(out / graph.main_file) > matmuls(t2v_artifact / reference.main_file)
+            _assert_same_weights(out / graph.main_file, t2v_artifact / reference.main_file)
+        else:  # children rebuilt the same weights and appended to one shared weights file, in the same order
+            weights = {f.path: f.sha256 for f in graph.files if f.path.endswith("weights.bin")}
+            assert weights == {f.path: f.sha256 for f in reference.files if f.path.endswith("weights.bin")}
         feeds = {t.name: np.random.default_rng(0).standard_normal(t.shape).astype(t.dtype) for t in graph.inputs}
         if graph.name == "text_encoder":
             feeds = {t.name: np.arange(np.prod(t.shape)).reshape(t.shape).astype(t.dtype) % 50 for t in graph.inputs}
@@ -46,6 +47,38 @@ def test_isolated_forward_chunked_export_equals_in_process_export(t2v_artifact, 
         theirs = ort.InferenceSession(str(t2v_artifact / reference.main_file)).run(None, feeds)
         for a, b in zip(ours, theirs):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def _assert_same_weights(chunked, whole):
+    """The weights of two UNet graphs are the same tensors. In the forward-chunked one each GEGLU projection is
+    shared by the slices and stored whole; the unchunked export stores it as the two halves of its rows
+    (``fold_linear``), named ``NAME[start:stop]``."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import uses_external_data
+
+    def load(path):  # the tensors in weights.bin; the graphs' own small constants differ with their structure
+        external = {t.name for t in onnx.load(str(path), load_external_data=False).graph.initializer
+                    if uses_external_data(t)}
+        return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer if t.name in external}
+
+    ours, theirs = load(chunked), load(whole)
+    halves = {}
+    for name in theirs:
+        if name.endswith("]") and "[" in name:
+            source, rows = name[:-1].rsplit("[", 1)
+            halves.setdefault(source, []).append((int(rows.split(":")[0]), name))
+    accounted = set()
+    for name, array in ours.items():
+        if name in theirs:
+            parts = [name]
+        else:
+            assert name in halves, f"{name} is in the chunked graph only"
+            parts = [part for _, part in sorted(halves[name])]
+        expected = theirs[name] if parts == [name] else np.concatenate([theirs[p] for p in parts])
+        np.testing.assert_array_equal(array, expected, err_msg=name)
+        accounted.update(parts)
+    assert accounted == set(theirs), f"only in the unchunked graph: {sorted(set(theirs) - accounted)[:5]}"
 
 
 def test_child_error_is_raised_in_the_parent():
