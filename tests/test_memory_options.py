@@ -108,15 +108,19 @@ def _resident_bytes(path):
     return sum(m.rss for m in psutil.Process().memory_maps(grouped=True) if m.path == str(path))
 
 
-def test_released_weight_pages_leave_the_process_and_come_back_on_use(svd_artifact):
+def _run_unet_once(svd_artifact):
+    """(artifact, its 2-frame UNet graph, feeds, the graph's output on them, the UNet's weights file)."""
     from framegraph.runtime.artifact import Artifact
 
     artifact = Artifact(svd_artifact, "stable-video-diffusion")
     entry = artifact.manifest.find("unet", "onnx", num_frames=2, batch=2)
-    weights_file = (svd_artifact / "unet" / "weights.bin").resolve()
     graph = artifact.graph("unet", **entry.bucket)
     feeds = _unet_feeds(entry)
-    expected = graph(**feeds)["noise_pred"]
+    return artifact, graph, feeds, graph(**feeds)["noise_pred"], (svd_artifact / "unet" / "weights.bin").resolve()
+
+
+def test_released_weight_pages_leave_the_process_and_come_back_on_use(svd_artifact):
+    artifact, graph, feeds, expected, weights_file = _run_unet_once(svd_artifact)
     used = _resident_bytes(weights_file)
     assert used > 0.5 * weights_file.stat().st_size  # the run read the weights through the mapping
     assert graph.release_memory() >= weights_file.stat().st_size * 0.95
@@ -129,14 +133,7 @@ def test_released_weight_pages_leave_the_process_and_come_back_on_use(svd_artifa
 def test_prefetch_brings_in_what_the_runs_read_and_only_that(svd_artifact):
     """After a release, prefetch_memory maps the Gemm/MatMul weights back in; a run then reads little else
     through the mapping (the convolution weights live in ONNX Runtime's own layout)."""
-    from framegraph.runtime.artifact import Artifact
-
-    artifact = Artifact(svd_artifact, "stable-video-diffusion")
-    entry = artifact.manifest.find("unet", "onnx", num_frames=2, batch=2)
-    weights_file = (svd_artifact / "unet" / "weights.bin").resolve()
-    graph = artifact.graph("unet", **entry.bucket)
-    feeds = _unet_feeds(entry)
-    expected = graph(**feeds)["noise_pred"]
+    artifact, graph, feeds, expected, weights_file = _run_unet_once(svd_artifact)
     graph.release_memory()
     fetched = graph.prefetch_memory()
     assert 0.3 * weights_file.stat().st_size < fetched < weights_file.stat().st_size
