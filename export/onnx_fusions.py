@@ -45,6 +45,13 @@ def name_nodes(graph):
             node.name = f"{node.op_type}_{i}"
 
 
+def attributes(node):
+    """A node's attributes as {name: Python value}."""
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
 def replace_nodes(graph, replacement, key=id):
     """Put ``replacement[key(node)]`` (a list of nodes, possibly empty) in place of each node it names, in order."""
     kept = []

@@ -18,7 +18,8 @@ import logging
 
 import numpy as np
 
-from framegraph.export.onnx_fusions import NORM_SCALE_PREFIX, constant_values, graph_maps, name_nodes, static_shapes
+from framegraph.export.onnx_fusions import (NORM_SCALE_PREFIX, attributes, constant_values, graph_maps, name_nodes,
+                                            replace_nodes, static_shapes)
 
 logger = logging.getLogger(__name__)
 
@@ -33,19 +34,12 @@ class Rows:
         return np.ascontiguousarray(np.asarray(array)[self.start:self.stop])
 
 
-def _attr(node, name, default):
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _plain_gemm(node):
     """A Gemm computing x @ W^T or x @ W with no C input, unit alpha and beta."""
-    return (node.op_type == "Gemm" and len(node.input) == 2 and not _attr(node, "transA", 0)
-            and _attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0)
+    if node.op_type != "Gemm" or len(node.input) != 2:
+        return False
+    attrs = attributes(node)
+    return not attrs.get("transA", 0) and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
 
 
 def _sole(consumers, name, op_type, outputs):
@@ -62,14 +56,13 @@ def _other(node, name):
 
 
 class _Graph:
-    """What the matchers read: shapes, producers/consumers, small constants, the graph's outputs and weights."""
+    """What the matchers read: shapes, consumers, small constants, the graph's outputs and weights."""
 
     def __init__(self, model, weights, base_dir):
         graph = model.graph
-        self.graph = graph
         self.shapes = static_shapes(model)
         self.shapes.update({t.name: list(t.dims) for t in graph.initializer})
-        self.producer, self.consumers = graph_maps(graph)
+        _, self.consumers = graph_maps(graph)
         self.constants = constant_values(graph, base_dir)
         self.outputs = {o.name for o in graph.output}
         self.weights = set(weights) | {t.name for t in graph.initializer}
@@ -112,6 +105,8 @@ def _match_geglu(gemm, add, g):
     reshape = _sole(g.consumers, add.output[0], "Reshape", g.outputs)
     if reshape is None or reshape.input[1] not in g.constants:
         return None
+    if not attributes(gemm).get("transB", 0):  # MindSpore's Dense weights are (out, in); others are left alone
+        return None
     weight, bias = gemm.input[1], _other(add, gemm.output[0])
     shape = g.shapes.get(reshape.output[0])
     n2 = g.shapes[gemm.output[0]][1]
@@ -127,18 +122,12 @@ def _match_geglu(gemm, add, g):
 
 
 def _split_gemm(gemm, add, reshape, parts, g, declare, constants):
-    """Nodes computing each slice of ``parts`` with its own Gemm over its rows of the weight; returns (nodes,
-    layouts)."""
+    """Nodes computing each slice of ``parts`` with its own Gemm over its rows of the (out, in) weight; returns
+    (nodes, layouts)."""
     from onnx import helper
 
-    trans_b = _attr(gemm, "transB", 0)
     weight, bias = gemm.input[1], _other(add, gemm.output[0])
-    weight_shape = g.shapes[weight]
-    shape = [int(v) for v in g.constants[reshape.input[1]].reshape(-1)]
-    if -1 in shape or 0 in shape:
-        shape = g.shapes[reshape.output[0]]
-    if not trans_b:  # MindSpore's Dense weights are (out, in); other layouts are left alone
-        return None
+    weight_shape, shape = g.shapes[weight], g.shapes[reshape.output[0]]
     nodes, layouts = [], {}
     for node, start, stop in parts:
         w_name, b_name = f"{weight}[{start}:{stop}]", f"{bias}[{start}:{stop}]"
@@ -166,7 +155,7 @@ def fold_linear(model, weight_names, base_dir=None):
     name_nodes(graph)
     g = _Graph(model, weight_names, base_dir)
     counts = {"bias": 0, "norm": 0, "split": 0}
-    remove, insert, layouts = set(), {}, {}
+    replacement, layouts = {}, {}  # node name -> nodes in its place
 
     def declare(name, dims):
         graph.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
@@ -176,21 +165,23 @@ def fold_linear(model, weight_names, base_dir=None):
         return name
 
     for node in list(graph.node):
-        if _plain_gemm(node) and node.name not in remove:
+        if _plain_gemm(node):
             add = _match_bias(node, g)
             if add is None:
                 continue
             geglu = _match_geglu(node, add, g)
-            split = _split_gemm(node, add, geglu[0], geglu[1], g, declare, constants) if geglu else None
-            if split is not None:
-                insert[node.name], new_layouts = split
+            if geglu is not None:
+                reshape, parts = geglu
+                nodes, new_layouts = _split_gemm(node, add, reshape, parts, g, declare, constants)
                 layouts.update(new_layouts)
-                remove.update(n.name for n in [node, add, geglu[0]] + [s for s, _, _ in geglu[1]])
+                for n in [add, reshape] + [s for s, _, _ in parts]:
+                    replacement[n.name] = []
+                replacement[node.name] = nodes
                 counts["split"] += 1
                 continue
             node.input.append(_other(add, node.output[0]))
             node.output[0] = add.output[0]
-            remove.add(add.name)
+            replacement[add.name] = []
             counts["bias"] += 1
         elif node.op_type == "LayerNormalization" and len(node.input) == 2:
             normalized = g.shapes.get(node.input[1])
@@ -200,24 +191,17 @@ def fold_linear(model, weight_names, base_dir=None):
                 continue
             node.input[1] = gamma
             node.output[0] = mul.output[0]
-            remove.add(mul.name)
+            replacement[mul.name] = []
             add = _sole(g.consumers, mul.output[0], "Add", g.outputs)
             beta = _other(add, mul.output[0]) if add is not None else None
             if beta is not None and beta in g.weights and g.shapes.get(beta) == normalized:
                 node.input.append(beta)
                 node.output[0] = add.output[0]
-                remove.add(add.name)
+                replacement[add.name] = []
             counts["norm"] += 1
-    if not remove:
+    if not replacement:
         return {}
-    kept = []
-    for node in graph.node:
-        if node.name in insert:
-            kept.extend(insert[node.name])
-        elif node.name not in remove:
-            kept.append(node)
-    del graph.node[:]
-    graph.node.extend(kept)
+    replace_nodes(graph, replacement, key=lambda node: node.name)
     used = {name for node in graph.node for name in node.input}
     dropped = [t for t in graph.initializer if t.name.startswith(NORM_SCALE_PREFIX) and t.name not in used]
     for tensor in dropped:

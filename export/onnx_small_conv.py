@@ -15,17 +15,11 @@ import logging
 
 import numpy as np
 
-from framegraph.export.onnx_fusions import graph_maps, name_nodes, replace_nodes, static_shapes
+from framegraph.export.onnx_fusions import attributes, graph_maps, name_nodes, replace_nodes, static_shapes
 
 logger = logging.getLogger(__name__)
 
 MAX_OUTPUT_POSITIONS = 16  # output height x width up to which the patch GEMM beat the Conv kernel (see README)
-
-
-def _attrs(node):
-    from onnx import helper
-
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _weight_parameter(name, consumers, params):
@@ -93,7 +87,7 @@ def _patch_gemm_nodes(node, shape, out_shape, weight, attrs, constants):
 
 def _rewritable(node, shapes, consumers, params, max_positions):
     """The attributes of Conv ``node`` when it can and should become a patch GEMM, else None."""
-    attrs = _attrs(node)
+    attrs = attributes(node)
     shape, out_shape = shapes.get(node.input[0]), shapes.get(node.output[0])
     if shape is None or out_shape is None or len(shape) != 4 or "kernel_shape" not in attrs:
         return None

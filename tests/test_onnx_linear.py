@@ -58,15 +58,16 @@ def _dense(w_shape=(5, 8)):
     return _model(nodes, inputs, (2, 3, w_shape[0]), {"rows": [6, 8], "back": [2, 3, w_shape[0]]})
 
 
-def _weights(rng, **shapes):
+def _arrays(seed, **shapes):
+    """Seeded random float32 arrays by name, drawn in order: the weights, then the graph input ``x``."""
+    rng = np.random.default_rng(seed)
     return {k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
 
 
 def test_dense_bias_is_folded_into_the_gemm():
-    rng = np.random.default_rng(0)
     model = _dense()
-    weights = _weights(rng, w=(5, 8), b=(5,))
-    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    weights = _arrays(0, w=(5, 8), b=(5,), x=(2, 3, 8))
+    x = weights["x"]
     before = _run(model, weights, x)
     assert fold_linear(model, ["w", "b"]) == {}
     assert _ops(model) == ["Reshape", "Gemm", "Reshape", "Relu"]
@@ -94,10 +95,9 @@ def _norm(axis, gamma_shape, beta=True):
 
 @pytest.mark.parametrize("beta", [True, False], ids=["scale and shift", "scale only"])
 def test_layer_norm_affine_moves_into_the_norm(beta):
-    rng = np.random.default_rng(1)
     model = _norm(-1, (6,), beta)
-    weights = _weights(rng, gamma=(6,), beta=(6,))
-    x = rng.standard_normal((2, 4, 6)).astype(np.float32)
+    weights = _arrays(1, gamma=(6,), beta=(6,), x=(2, 4, 6))
+    x = weights["x"]
     before = _run(model, weights, x)
     fold_linear(model, ["gamma", "beta"] if beta else ["gamma"])
     assert _ops(model) == ["LayerNormalization", "Relu"]
@@ -131,10 +131,9 @@ def _geglu(shared_weight=False):
 
 
 def test_geglu_projection_becomes_two_gemms_over_the_weight_halves():
-    rng = np.random.default_rng(2)
     model = _geglu()
-    weights = _weights(rng, w=(10, 8), b=(10,))
-    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    weights = _arrays(2, w=(10, 8), b=(10,), x=(2, 3, 8))
+    x = weights["x"]
     before = _run(model, weights, x)
     layouts = fold_linear(model, ["w", "b"])
     assert sorted(layouts) == ["b[0:5]", "b[5:10]", "w[0:5]", "w[5:10]"]
