@@ -142,8 +142,10 @@ class OnnxRuntimeBackend(Backend):
         def release():
             return sum(weight.release() for _, weight, _ in mapped)
 
+        read_in_place = [weight for _, weight, ops in mapped if self._read_in_place(ops)]
+
         def prefetch():
-            return sum(weight.populate() for _, weight, ops in mapped if self._read_in_place(ops))
+            return sum(weight.populate() for weight in read_in_place)
 
         if mapped:
             run.release, run.prefetch = release, prefetch
@@ -208,24 +210,25 @@ class _Mapped:
         self.array = array
         self.value = ort.OrtValue.ortvalue_from_numpy(array)
 
+    def _advise(self, advice):
+        """``madvise(advice)`` over this mapping; its size in bytes, or 0 where the call is not available or the
+        kernel refuses the advice."""
+        mapping = getattr(self.array, "_mmap", None)
+        if advice is None or mapping is None or not hasattr(mapping, "madvise"):
+            return 0
+        try:
+            mapping.madvise(advice)
+        except OSError:  # e.g. MADV_POPULATE_READ before Linux 5.14 (EINVAL)
+            return 0
+        return len(mapping)
+
     def release(self):
         """Drop the resident pages of this mapping (clean, file-backed: they are re-read on access); returns the
         mapping's size in bytes, or 0 where madvise is not available."""
-        mapping = getattr(self.array, "_mmap", None)
-        if mapping is None or not hasattr(mapping, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-            return 0
-        mapping.madvise(mmap.MADV_DONTNEED)
-        return len(mapping)
+        return self._advise(getattr(mmap, "MADV_DONTNEED", None))
 
     def populate(self):
         """Bring this mapping's pages in now (from the page cache, or the artifact when they are not cached) with
         one madvise instead of a page fault per 4 KiB page on first use; returns the mapping's size in bytes, or 0
-        where that is not available (other systems, Linux before 5.14)."""
-        mapping = getattr(self.array, "_mmap", None)
-        if mapping is None or not sys.platform.startswith("linux") or not hasattr(mapping, "madvise"):
-            return 0
-        try:
-            mapping.madvise(MADV_POPULATE_READ)
-        except OSError:  # EINVAL before Linux 5.14: the pages then come in on first use, as without this call
-            return 0
-        return len(mapping)
+        where that is not available (other systems, Linux before 5.14: the pages then come in on first use)."""
+        return self._advise(MADV_POPULATE_READ if sys.platform.startswith("linux") else None)
