@@ -131,6 +131,15 @@ class Attention(nn.Cell):
         out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
         return self.to_out[0](out)
 
+    def single_key(self, context):
+        """The output for a ``context`` of one token, [B, 1, C], the same for every query.
+
+        A softmax over one score is exactly 1, so each query receives that token's value unchanged: ``to_q``,
+        ``to_k`` and the two attention products drop out. SVD's cross-attention context is one CLIP image
+        embedding, so this is what its ``attn2`` computes, at no cost per token.
+        """
+        return self.to_out[0](self.to_v(context))
+
 
 class GEGLU(nn.Cell):
     """``proj`` to twice the width, then ``value * gelu(gate)`` with the exact GELU."""
@@ -188,7 +197,10 @@ class BasicTransformerBlock(nn.Cell):
     def construct(self, x, context):
         h = self.norm1(x)
         x = self.attn1(h, h) + x
-        x = self.attn2(self.norm2(x), context) + x
+        if context.shape[1] == 1:
+            x = self.attn2.single_key(context) + x
+        else:
+            x = self.attn2(self.norm2(x), context) + x
         return feed_forward(self.ff, self.norm3(x), self.chunk_size) + x
 
 
@@ -196,7 +208,8 @@ class TemporalBasicTransformerBlock(nn.Cell):
     """diffusers' ``TemporalBasicTransformerBlock``: attention across frames at each spatial position.
 
     Input and output are [B*F, S, C]; internally [B*S, F, C]. ``time_mix_inner_dim == dim`` in SVD, so both
-    feed-forwards are residual (diffusers' ``is_res``).
+    feed-forwards are residual (diffusers' ``is_res``). ``context`` is the first frame's cross-attention context,
+    [B, L, D]; diffusers repeats it for every spatial position.
     """
 
     def __init__(self, dim, heads, dim_head, cross_attention_dim):
@@ -211,14 +224,20 @@ class TemporalBasicTransformerBlock(nn.Cell):
         self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def construct(self, x, num_frames, time_context):
+    def construct(self, x, num_frames, context):
         bf, seq, c = x.shape
         b = bf // num_frames
         x = x.reshape(b, num_frames, seq, c).transpose(0, 2, 1, 3).reshape(b * seq, num_frames, c)
         x = feed_forward(self.ff_in, self.norm_in(x), self.chunk_size) + x
         h = self.norm1(x)
         x = self.attn1(h, h) + x
-        x = self.attn2(self.norm2(x), time_context) + x
+        length, dim = context.shape[1], context.shape[2]
+        if length == 1:
+            value = self.attn2.single_key(context).reshape(b, 1, 1, c)
+            x = (x.reshape(b, seq, num_frames, c) + value).reshape(b * seq, num_frames, c)
+        else:
+            per_position = ops.broadcast_to(context.reshape(b, 1, length, dim), (b, seq, length, dim))
+            x = self.attn2(self.norm2(x), per_position.reshape(b * seq, length, dim)) + x
         x = feed_forward(self.ff, self.norm3(x), self.chunk_size) + x
         return x.reshape(b, seq, num_frames, c).transpose(0, 2, 1, 3).reshape(bf, seq, c)
 
@@ -250,10 +269,9 @@ class TransformerSpatioTemporalModel(nn.Cell):
         bf, c, height, width = x.shape
         b = bf // num_frames
         seq = height * width
-        # cross-attention context of the temporal blocks: the first frame's context, one copy per position
+        # cross-attention context of the temporal blocks: the first frame's
         length, dim = context.shape[1], context.shape[2]
-        first = context.reshape(b, num_frames, length, dim)[:, 0:1]
-        time_context = ops.broadcast_to(first, (b, seq, length, dim)).reshape(b * seq, length, dim)
+        first = context.reshape(b, num_frames, length, dim)[:, 0]
 
         residual = x
         h = self.norm(x).transpose(0, 2, 3, 1).reshape(bf, seq, c)
@@ -266,7 +284,7 @@ class TransformerSpatioTemporalModel(nn.Cell):
 
         for i in range(self.num_layers):
             h = self.transformer_blocks[i](h, context)
-            mixed = self.temporal_transformer_blocks[i](h + frame_emb, num_frames, time_context)
+            mixed = self.temporal_transformer_blocks[i](h + frame_emb, num_frames, first)
             h = self.time_mixer(h, mixed)
 
         h = self.proj_out(h).reshape(bf, height, width, c).transpose(0, 3, 1, 2)

@@ -1,5 +1,6 @@
 """svd-export on the tiny fixture: manifest, graph signatures, checks, golden reproduction, safe writes."""
 
+import re
 import shutil
 import signal
 import subprocess
@@ -112,7 +113,7 @@ def test_unet_weights_stored_once_for_all_buckets(svd_artifact):
     assert len(graphs) == 4
     assert {f.path for g in graphs for f in g.files if f.path.endswith(".bin")} == {"unet/weights.bin"}
     weight_bytes = (svd_artifact / "unet" / "weights.bin").stat().st_size
-    params = sum(a.nbytes for a in _unet_params())
+    params = sum(a.nbytes for name, a in _unet_params().items() if not UNREAD.search(name))
     # four buckets share one copy of the parameters; alignment padding and small constants only on top
     assert params <= weight_bytes < 1.05 * params
     for g in graphs:
@@ -122,11 +123,27 @@ def test_unet_weights_stored_once_for_all_buckets(svd_artifact):
         assert not embedded, f"{g.key} embeds large tensors: {embedded[:3]}"
 
 
+# SVD's cross-attention context is a single token, so the graphs compute attn2 from to_v and to_out alone
+UNREAD = re.compile(r"transformer_blocks\.\d+\.(attn2\.to_q|attn2\.to_k|norm2)\.")
+
+
 def _unet_params():
     from safetensors.numpy import load_file
     from conftest import FIXTURES
 
-    return load_file(str(FIXTURES / "svd-tiny/pipeline/unet/diffusion_pytorch_model.safetensors")).values()
+    return load_file(str(FIXTURES / "svd-tiny/pipeline/unet/diffusion_pytorch_model.safetensors"))
+
+
+def test_single_key_cross_attention_weights_left_out(svd_artifact):
+    import onnx
+
+    entry = Manifest.load(svd_artifact).find("unet", "onnx", num_frames=3, batch=2)
+    names = {t.name for t in onnx.load(str(svd_artifact / entry.main_file), load_external_data=False).graph.initializer}
+    params = _unet_params()
+    unread = {n for n in params if UNREAD.search(n)}
+    assert unread and not unread & names
+    value_weights = {n for n in params if n.endswith("attn2.to_v.weight")}
+    assert value_weights and value_weights <= names
 
 
 def test_moved_artifact_loads_from_any_directory(svd_artifact, tmp_path, monkeypatch):

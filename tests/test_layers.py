@@ -145,3 +145,17 @@ def test_gelu_is_exact_not_tanh(ms):
     tanh = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
     assert np.abs(out - exact).max() < 1e-6
     assert np.abs(tanh - exact).max() > 1e-4  # the tanh form would fail the bound above
+
+
+def test_single_key_attention_equals_full_attention(ms):
+    """A softmax over one key is exactly 1, so ``Attention.single_key`` is the full attention of every query."""
+    from framegraph.models.unet_spatio_temporal_blocks import Attention
+
+    attn = Attention(16, heads=2, dim_head=8, cross_attention_dim=12)
+    x = ms.Tensor(RNG.standard_normal((3, 5, 16)).astype(np.float32))
+    context = ms.Tensor(RNG.standard_normal((3, 1, 12)).astype(np.float32))
+    full = attn(x, context).asnumpy()
+    single = attn.single_key(context).asnumpy()
+    assert single.shape == (3, 1, 16)
+    np.testing.assert_allclose(full, np.broadcast_to(single, full.shape), rtol=1e-6, atol=1e-6)
+    assert np.abs(full[:, 0] - full[:, 1]).max() < 1e-6 and np.abs(single).max() > 1e-3
