@@ -189,11 +189,10 @@ class UNet3DConditionModel(nn.Cell):
         timesteps = ops.broadcast_to(timestep.astype(ms.float32).reshape(-1), (b,))
         emb = self.time_embedding(self.time_proj(timesteps).astype(sample.dtype))
 
-        # one copy of the embedding and of the text conditioning per frame (diffusers' repeat_interleave)
+        # one copy of the embedding per frame (diffusers' repeat_interleave); the text conditioning stays one per
+        # video: the cross-attentions project it once and let every frame's queries attend to it
         emb = ops.broadcast_to(emb.reshape(b, 1, -1), (b, f, emb.shape[-1])).reshape(b * f, -1)
-        length, dim = encoder_hidden_states.shape[1], encoder_hidden_states.shape[2]
-        context = ops.broadcast_to(encoder_hidden_states.reshape(b, 1, length, dim), (b, f, length, dim))
-        context = context.reshape(b * f, length, dim)
+        context = encoder_hidden_states
 
         x = self.conv_in(sample.transpose(0, 2, 1, 3, 4).reshape(b * f, c, h, w))
         x = self.transformer_in(x, f)

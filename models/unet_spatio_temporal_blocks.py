@@ -140,6 +140,19 @@ class Attention(nn.Cell):
         """
         return self.to_out[0](self.to_v(context))
 
+    def shared_context(self, x, context):
+        """Attention of [B*F, Lq, C] queries over a context shared by each video's F frames, given once: [B, L, D].
+
+        diffusers repeats the context for every frame, so it projects the same keys and values F times; here they
+        are projected once per video, and the queries of all F frames attend to them together. Each query's
+        softmax runs over the same keys either way, so the result is the same.
+        """
+        bf, lq = x.shape[0], x.shape[1]
+        b = context.shape[0]
+        q = self.to_q(x)
+        out = attention(q.reshape(b, (bf // b) * lq, q.shape[2]), self.to_k(context), self.to_v(context), self.heads)
+        return self.to_out[0](out.reshape(bf, lq, out.shape[2]))
+
 
 class GEGLU(nn.Cell):
     """``proj`` to twice the width, then ``value * gelu(gate)`` with the exact GELU."""
@@ -195,10 +208,13 @@ class BasicTransformerBlock(nn.Cell):
         self.ff = FeedForward(dim)
 
     def construct(self, x, context):
+        """``x`` [N, L, C]; ``context`` [N, Lc, D], or [B, Lc, D] shared by the N // B frames of each video."""
         h = self.norm1(x)
         x = self.attn1(h, h) + x
-        if context.shape[1] == 1:
+        if context.shape[1] == 1 and context.shape[0] == x.shape[0]:
             x = self.attn2.single_key(context) + x
+        elif context.shape[0] != x.shape[0]:
+            x = self.attn2.shared_context(self.norm2(x), context) + x
         else:
             x = self.attn2(self.norm2(x), context) + x
         return feed_forward(self.ff, self.norm3(x), self.chunk_size) + x

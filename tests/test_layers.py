@@ -159,3 +159,18 @@ def test_single_key_attention_equals_full_attention(ms):
     assert single.shape == (3, 1, 16)
     np.testing.assert_allclose(full, np.broadcast_to(single, full.shape), rtol=1e-6, atol=1e-6)
     assert np.abs(full[:, 0] - full[:, 1]).max() < 1e-6 and np.abs(single).max() > 1e-3
+
+
+def test_shared_context_attention_equals_attention_over_repeated_context(ms):
+    """Keys and values projected once per video equal diffusers' per-frame copies of the context."""
+    from framegraph.models.unet_spatio_temporal_blocks import Attention
+
+    attn = Attention(16, heads=2, dim_head=8, cross_attention_dim=12)
+    frames = 3
+    x = RNG.standard_normal((2 * frames, 5, 16)).astype(np.float32)
+    context = RNG.standard_normal((2, 7, 12)).astype(np.float32)
+    repeated = np.repeat(context, frames, axis=0)  # diffusers' repeat_interleave over the frames
+    full = attn(ms.Tensor(x), ms.Tensor(repeated)).asnumpy()
+    shared = attn.shared_context(ms.Tensor(x), ms.Tensor(context)).asnumpy()
+    np.testing.assert_allclose(shared, full, rtol=1e-5, atol=1e-6)
+    assert np.abs(full[0] - full[frames]).max() > 1e-3  # the two videos' contexts differ
