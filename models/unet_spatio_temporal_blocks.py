@@ -141,7 +141,8 @@ class Attention(nn.Cell):
         return self.to_out[0](self.to_v(context))
 
     def shared_context(self, x, context):
-        """Attention of [B*F, Lq, C] queries over a context shared by each video's F frames, given once: [B, L, D].
+        """Attention of [B*G, Lq, C] queries over a context shared by each video's G groups (frames, or positions
+        in the temporal blocks), given once: [B, L, D].
 
         diffusers repeats the context for every frame, so it projects the same keys and values F times; here they
         are projected once per video, and the queries of all F frames attend to them together. Each query's
@@ -247,13 +248,11 @@ class TemporalBasicTransformerBlock(nn.Cell):
         x = feed_forward(self.ff_in, self.norm_in(x), self.chunk_size) + x
         h = self.norm1(x)
         x = self.attn1(h, h) + x
-        length, dim = context.shape[1], context.shape[2]
-        if length == 1:
+        if context.shape[1] == 1:
             value = self.attn2.single_key(context).reshape(b, 1, 1, c)
             x = (x.reshape(b, seq, num_frames, c) + value).reshape(b * seq, num_frames, c)
-        else:
-            per_position = ops.broadcast_to(context.reshape(b, 1, length, dim), (b, seq, length, dim))
-            x = self.attn2(self.norm2(x), per_position.reshape(b * seq, length, dim)) + x
+        else:  # one context per video, shared by its seq positions
+            x = self.attn2.shared_context(self.norm2(x), context) + x
         x = feed_forward(self.ff, self.norm3(x), self.chunk_size) + x
         return x.reshape(b, seq, num_frames, c).transpose(0, 2, 1, 3).reshape(bf, seq, c)
 

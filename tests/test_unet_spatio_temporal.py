@@ -108,3 +108,20 @@ def _read_config(folder):
     from framegraph.models.loading import read_config
 
     return read_config(folder)
+
+
+def test_temporal_block_with_a_longer_context_equals_the_single_token_path(ms):
+    """A context of identical tokens gives each query uniform weights over equal values: the one token's value.
+    So the shared-context path (contexts longer than one token) must equal the single-key path."""
+    from framegraph.models.unet_spatio_temporal_blocks import TemporalBasicTransformerBlock
+
+    rng = np.random.default_rng(0)
+    block = TemporalBasicTransformerBlock(16, heads=2, dim_head=8, cross_attention_dim=12)
+    frames = 3
+    x = ms.Tensor(rng.standard_normal((2 * frames, 5, 16)).astype(np.float32))
+    token = rng.standard_normal((2, 1, 12)).astype(np.float32)
+    one = block(x, frames, ms.Tensor(token)).asnumpy()
+    four = block(x, frames, ms.Tensor(np.repeat(token, 4, axis=1))).asnumpy()
+    np.testing.assert_allclose(four, one, rtol=1e-5, atol=1e-5)
+    other = block(x, frames, ms.Tensor(rng.standard_normal((2, 4, 12)).astype(np.float32))).asnumpy()
+    assert np.abs(other - one).max() > 1e-3
