@@ -154,6 +154,21 @@ class Attention(nn.Cell):
         out = attention(q.reshape(b, (bf // b) * lq, q.shape[2]), self.to_k(context), self.to_v(context), self.heads)
         return self.to_out[0](out.reshape(bf, lq, out.shape[2]))
 
+    def add_to(self, x, context, norm):
+        """``x`` plus this cross-attention of ``norm(x)`` over ``context``.
+
+        ``x`` is [N, L, C]; ``context`` is [N, Lc, D], or [B, Lc, D] shared by the N // B groups of each video
+        (its frames; its spatial positions in the temporal blocks). A one-token context takes ``single_key``, a
+        shared one ``shared_context``; ``norm`` is applied only where the queries are needed.
+        """
+        n, b = x.shape[0], context.shape[0]
+        if context.shape[1] == 1:
+            value = self.single_key(context)  # [B, 1, C], received by every query of the video's groups
+            return (x.reshape(b, (n // b) * x.shape[1], x.shape[2]) + value).reshape(x.shape)
+        if b != n:
+            return self.shared_context(norm(x), context) + x
+        return self.construct(norm(x), context) + x
+
 
 class GEGLU(nn.Cell):
     """``proj`` to twice the width, then ``value * gelu(gate)`` with the exact GELU."""
@@ -212,12 +227,7 @@ class BasicTransformerBlock(nn.Cell):
         """``x`` [N, L, C]; ``context`` [N, Lc, D], or [B, Lc, D] shared by the N // B frames of each video."""
         h = self.norm1(x)
         x = self.attn1(h, h) + x
-        if context.shape[1] == 1 and context.shape[0] == x.shape[0]:
-            x = self.attn2.single_key(context) + x
-        elif context.shape[0] != x.shape[0]:
-            x = self.attn2.shared_context(self.norm2(x), context) + x
-        else:
-            x = self.attn2(self.norm2(x), context) + x
+        x = self.attn2.add_to(x, context, self.norm2)
         return feed_forward(self.ff, self.norm3(x), self.chunk_size) + x
 
 
@@ -248,11 +258,7 @@ class TemporalBasicTransformerBlock(nn.Cell):
         x = feed_forward(self.ff_in, self.norm_in(x), self.chunk_size) + x
         h = self.norm1(x)
         x = self.attn1(h, h) + x
-        if context.shape[1] == 1:
-            value = self.attn2.single_key(context).reshape(b, 1, 1, c)
-            x = (x.reshape(b, seq, num_frames, c) + value).reshape(b * seq, num_frames, c)
-        else:  # one context per video, shared by its seq positions
-            x = self.attn2.shared_context(self.norm2(x), context) + x
+        x = self.attn2.add_to(x, context, self.norm2)  # one context per video, shared by its positions
         x = feed_forward(self.ff, self.norm3(x), self.chunk_size) + x
         return x.reshape(b, seq, num_frames, c).transpose(0, 2, 1, 3).reshape(bf, seq, c)
 
