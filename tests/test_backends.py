@@ -380,3 +380,49 @@ def test_weights_of_constant_subgraphs_are_not_counted_as_read_in_place(tmp_path
     assert mapped == {"w_run": {"Gemm"}, "w_fold": {FOLDED}, "pos": {FOLDED}}
     backend = OnnxRuntimeBackend()
     assert backend._read_in_place(mapped["w_run"]) and not backend._read_in_place(mapped["w_fold"])
+
+
+def _matmul_artifact(folder, quantize):
+    """y = x @ w with w (64 x 32) in an external weights file, as float or as ONNX Runtime's int8 MatMulInteger."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder.mkdir()
+    w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 32])],
+                              initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.save(model, str(folder / "float.onnx"), save_as_external_data=True, location="float.bin", size_threshold=0)
+    if quantize:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(folder / "float.onnx"), str(folder / "unet.onnx"), weight_type=QuantType.QInt8,
+                         use_external_data_format=True)
+        assert "MatMulInteger" in {n.op_type for n in onnx.load(str(folder / "unet.onnx")).graph.node}
+    else:
+        (folder / "float.onnx").rename(folder / "unet.onnx")
+    data = [p.name for p in folder.iterdir() if p.suffix != ".onnx"]
+    return w, write_artifact(folder, "unet.onnx", "onnx", inputs=[TensorSpec("x", "float32", [8, 64])],
+                             outputs=[TensorSpec("y", "float32", [8, 32])], extra_files=data)
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["float", "int8"])
+def test_shared_weights_keep_prepacking_only_for_int8_graphs(tmp_path, quantize):
+    """Mapped float weights are read in place (prepacking off); an int8 graph's session prepacks its weights."""
+    folder = tmp_path / "artifact"
+    w, entry = _matmul_artifact(folder, quantize)
+    graph = load_backend("onnxruntime").open(folder, entry)
+    options = graph.native.get_session_options()
+    if quantize:
+        with pytest.raises(RuntimeError, match="disable_prepacking"):
+            options.get_session_config_entry("session.disable_prepacking")
+    else:
+        assert options.get_session_config_entry("session.disable_prepacking") == "1"
+    x = np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32)
+    y, ref = graph(x=x)["y"], x @ w
+    if quantize:  # int8 weights and activations: measured 1.1% RMS
+        assert np.sqrt(np.mean((y - ref) ** 2)) < 0.02 * np.sqrt(np.mean(ref ** 2))
+    else:
+        np.testing.assert_allclose(y, ref, atol=1e-4, rtol=1e-5)

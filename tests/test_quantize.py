@@ -7,6 +7,7 @@ import pytest
 
 from conftest import FIXTURES, T2V_EXPORT
 from framegraph.export.onnx_fusions import NORM_SCALE_PREFIX
+from framegraph.export.quantize import FLOAT_LINEAR
 from framegraph.runtime.manifest import Manifest
 
 
@@ -30,8 +31,13 @@ def test_int8_unet_uses_standard_integer_ops_and_smaller_weights(int8_artifact, 
         assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
         ops = {n.op_type for n in model.graph.node}
         if entry.name == "unet":
-            assert {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"} <= ops
+            assert {"DynamicQuantizeLinear", "MatMulInteger", "Conv"} <= ops and "ConvInteger" not in ops
             assert entry.max_abs_error <= entry.tolerance
+            # every linear layer but the embeddings is int8
+            floats = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+            float_linear = [n.input[1] for n in model.graph.node if n.op_type in ("MatMul", "Gemm")
+                            and n.input[1] in floats]
+            assert float_linear and all(FLOAT_LINEAR.search(name) for name in float_linear)
         else:  # only the UNet is quantized
             assert "DynamicQuantizeLinear" not in ops and entry.max_abs_error <= 1e-4
     def weight_bytes(artifact):  # the UNet's stored weights, less the float unit scales of its normalisations
@@ -45,6 +51,20 @@ def test_int8_unet_uses_standard_integer_ops_and_smaller_weights(int8_artifact, 
         return (artifact / "unet" / "weights.bin").stat().st_size - sum(scales.values())
 
     assert weight_bytes(int8_artifact) < 0.6 * weight_bytes(t2v_artifact)
+
+
+def test_int8_weights_use_seven_bits(int8_artifact):
+    """Weights in [-64, 64] (``reduce_range``): without VNNI, full-range int8 weights overflow the 16-bit sums of
+    ONNX Runtime's u8 x s8 kernel."""
+    import onnx
+    from onnx import numpy_helper
+
+    entry = next(e for e in Manifest.load(int8_artifact).graphs if e.name == "unet")
+    model = onnx.load(str(int8_artifact / entry.main_file))
+    weights = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert weights
+    largest = max(int(np.abs(w.astype(np.int16)).max()) for w in weights)
+    assert 60 <= largest <= 64
 
 
 def test_int8_frames_are_close_to_float_frames(int8_artifact, t2v_artifact):

@@ -27,6 +27,10 @@ OPTIMIZATION_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED
 # reshapes it constant-folds), so their mapped pages are not read again.
 READ_IN_PLACE = {"Gemm", "MatMul"}
 READ_IN_PLACE_UNLESS_ALL = {"Conv"}
+# Ops of int8 graphs (``svd-export --quantize int8``): a graph with any of them keeps weight prepacking on, since
+# without it ONNX Runtime's int8 GEMM packs its weight again on every call (int8 SVD-XT UNet: 4.16 s per step
+# without prepacking, 3.90 s with). Its weights are then copied into packed form, not read in place.
+INTEGER_WEIGHT_OPS = {"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv"}
 FOLDED = "(constant-folded)"
 
 # madvise(MADV_POPULATE_READ) (Linux 5.14+): fault a mapping's pages in with one call instead of one fault per page
@@ -60,6 +64,8 @@ class OnnxRuntimeBackend(Backend):
     once) are held in memory once, and pages can be dropped by the kernel instead of swapped. Weight prepacking is
     turned off then: ONNX Runtime would keep a packed private copy of every GEMM weight per session beside the
     mapped one (measured on the SVD-XT UNet: 9.1 GB peak RSS with prepacking, 6.9 GB without, 6.4 GB unshared).
+    Graphs with int8 weights keep prepacking on (see INTEGER_WEIGHT_OPS): each of their sessions holds its own
+    packed weights, a quarter of the float size.
     """
 
     name = "onnxruntime"
@@ -112,17 +118,19 @@ class OnnxRuntimeBackend(Backend):
             options.intra_op_num_threads = int(self.num_threads)
         return options
 
-    def _read_in_place(self, consumers):
-        """Whether a weight whose consumer ops are ``consumers`` is read from its mapping on every run."""
+    def _read_in_place(self, consumers, prepacked=False):
+        """Whether a weight whose consumer ops are ``consumers`` is read from its mapping on every run (never when
+        the session prepacks its weights)."""
         ops = READ_IN_PLACE | (READ_IN_PLACE_UNLESS_ALL if self.optimization != "all" else set())
-        return bool(consumers) and set(consumers) <= ops
+        return not prepacked and bool(consumers) and set(consumers) <= ops
 
     def _load(self, path, entry):
         options = self.session_options()
         mapped = self._mapped.initializers(path, self.ort) if self._mapped is not None else []
         for name, weight, _ in mapped:
             options.add_initializer(name, weight.value)
-        if mapped:
+        prepacked = any(ops & INTEGER_WEIGHT_OPS for _, _, ops in mapped)
+        if mapped and not prepacked:
             options.add_session_config_entry("session.disable_prepacking", "1")
         session = self.ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
         have_inputs = {i.name for i in session.get_inputs()}
@@ -142,13 +150,13 @@ class OnnxRuntimeBackend(Backend):
         def release():
             return sum(weight.release() for _, weight, _ in mapped)
 
-        read_in_place = [weight for _, weight, ops in mapped if self._read_in_place(ops)]
+        read_in_place = [weight for _, weight, ops in mapped if self._read_in_place(ops, prepacked)]
 
         def prefetch():
             return sum(weight.populate() for weight in read_in_place)
 
         if mapped:
-            run.release, run.prefetch = release, prefetch
+            run.release, run.prefetch, run.prepacked = release, prefetch, prepacked
             # Building the session read every weight, but the ones ONNX Runtime copied into its own layout
             # (convolution weights at optimization="all") are never read again: drop them from this process now.
             # Pages the runs do read come back from the page cache on first use.
