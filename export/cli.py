@@ -52,8 +52,8 @@ def build_parser():
                    help="run the UNet's feed-forward layers over slices of this many positions inside the graph (the "
                    "compiled unet.enable_forward_chunking(): same numbers, lower peak memory at large sizes)")
     p.add_argument("--quantize", choices=("int8",), default=None,
-                   help="int8 UNet weights in the ONNX graphs (ONNX Runtime dynamic quantization of the spatial "
-                   "transformer layers and convolutions; faster on CPU, less exact: compare the frames)")
+                   help="int8 UNet weights in the ONNX graphs (ONNX Runtime dynamic quantization of the linear "
+                   "layers, 7-bit weights; convolutions stay float; faster on CPU, less exact: compare the frames)")
     p.add_argument("--isolate", choices=("auto", "always", "never"), default="auto",
                    help="export components in child processes so MindSpore's compile memory is returned after each "
                    "graph (auto: components with >= 1 GiB of parameters; needed at real size on 24 GiB)")

@@ -50,7 +50,7 @@ def test_int8_unet_uses_standard_integer_ops_and_smaller_weights(int8_artifact, 
         assert scales  # the tiny UNet's normalisations are fused, and these scales are a large part of its weights
         return (artifact / "unet" / "weights.bin").stat().st_size - sum(scales.values())
 
-    assert weight_bytes(int8_artifact) < 0.6 * weight_bytes(t2v_artifact)
+    assert weight_bytes(int8_artifact) < 0.35 * weight_bytes(t2v_artifact)  # measured: 0.29
 
 
 def test_int8_weights_use_seven_bits(int8_artifact):
@@ -77,7 +77,7 @@ def test_int8_frames_are_close_to_float_frames(int8_artifact, t2v_artifact):
         pipe.set_progress_bar_config(disable=True)
         frames.append(pipe(prompt, num_frames=4, num_inference_steps=10, generator=0).frames)
     mse = float(np.mean((frames[0] - frames[1]) ** 2))
-    assert 0 < mse and 10 * np.log10(1 / mse) >= 30  # measured: 42 dB
+    assert 0 < mse and 10 * np.log10(1 / mse) >= 30  # measured: 49 dB
 
 
 def test_quantize_needs_onnx(t2v_tiny, tmp_path):
