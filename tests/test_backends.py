@@ -418,8 +418,10 @@ def test_shared_weights_keep_prepacking_only_for_int8_graphs(tmp_path, quantize)
     if quantize:
         with pytest.raises(RuntimeError, match="disable_prepacking"):
             options.get_session_config_entry("session.disable_prepacking")
+        assert graph.prefetch_memory() == 0  # the session reads its packed copies, not the mapping
     else:
         assert options.get_session_config_entry("session.disable_prepacking") == "1"
+        assert graph.prefetch_memory() == w.nbytes  # the MatMul reads the mapped weight on every run
     x = np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32)
     y, ref = graph(x=x)["y"], x @ w
     if quantize:  # int8 weights and activations: measured 1.1% RMS

@@ -118,11 +118,10 @@ class OnnxRuntimeBackend(Backend):
             options.intra_op_num_threads = int(self.num_threads)
         return options
 
-    def _read_in_place(self, consumers, prepacked=False):
-        """Whether a weight whose consumer ops are ``consumers`` is read from its mapping on every run (never when
-        the session prepacks its weights)."""
+    def _read_in_place(self, consumers):
+        """Whether a weight whose consumer ops are ``consumers`` is read from its mapping on every run."""
         ops = READ_IN_PLACE | (READ_IN_PLACE_UNLESS_ALL if self.optimization != "all" else set())
-        return not prepacked and bool(consumers) and set(consumers) <= ops
+        return bool(consumers) and set(consumers) <= ops
 
     def _load(self, path, entry):
         options = self.session_options()
@@ -150,13 +149,14 @@ class OnnxRuntimeBackend(Backend):
         def release():
             return sum(weight.release() for _, weight, _ in mapped)
 
-        read_in_place = [weight for _, weight, ops in mapped if self._read_in_place(ops, prepacked)]
+        # a prepacking session reads its packed copies, not the mapped weights
+        read_in_place = [] if prepacked else [weight for _, weight, ops in mapped if self._read_in_place(ops)]
 
         def prefetch():
             return sum(weight.populate() for weight in read_in_place)
 
         if mapped:
-            run.release, run.prefetch, run.prepacked = release, prefetch, prepacked
+            run.release, run.prefetch = release, prefetch
             # Building the session read every weight, but the ones ONNX Runtime copied into its own layout
             # (convolution weights at optimization="all") are never read again: drop them from this process now.
             # Pages the runs do read come back from the page cache on first use.
