@@ -21,6 +21,8 @@ class Artifact:
     another closes the one used least recently first. A process serving several frame counts then holds one
     UNet's memory, and pays a reopen (a few seconds at SVD-XT size) when the frame count changes; None keeps them
     all open. Other buckets (e.g. the VAE decoder's chunk sizes, used together in one call) are not limited.
+    With ``resident_buckets=1`` a frame-bucket graph is opened ``exclusive`` (see ``Backend.open``): ONNX Runtime
+    then packs its weights for speed instead of sharing them with other buckets' sessions.
     """
 
     def __init__(self, path, pipeline_kind, backend="onnxruntime", verify=True, low_memory=False,
@@ -80,10 +82,13 @@ class Artifact:
             if entry.key not in self._graphs:
                 if self.low_memory and self._graphs:
                     self.close()
-                if "num_frames" in entry.bucket:
+                limited = "num_frames" in entry.bucket
+                if limited:
                     self._make_room(entry.name)
                 logger.info("opening %s", entry.key)
-                self._graphs[entry.key] = self.backend.open(self.path, entry)
+                # one bucket open at a time: no other session of these weights to share them with
+                exclusive = limited and self.resident_buckets == 1
+                self._graphs[entry.key] = self.backend.open(self.path, entry, exclusive=exclusive)
                 self._names[entry.key] = entry.name
             self._graphs.move_to_end(entry.key)
             return self._graphs[entry.key]

@@ -19,7 +19,9 @@ One run, same random weights for every engine:
      with diffusers'. ``onnxruntime-lowmem`` / ``mindspore-lowmem`` are framegraph with ``low_memory=True``;
      ``onnxruntime-2buckets`` also opens (and runs once) the second frame bucket's UNet and keeps both open
      (``resident_buckets=None``), to show what a second bucket costs in memory; ``-resident1`` does the same with
-     the default ``resident_buckets=1``, which closes it again to reopen the first; ``onnxruntime-unshared*`` turn ``share_weights`` off; ``onnxruntime-int8`` runs an
+     the default ``resident_buckets=1``, which closes it again to reopen the first; ``onnxruntime-unshared*`` turn
+     ``share_weights`` off, ``onnxruntime-mapped`` on (the UNet then reads the mapped weights, unpacked);
+     ``onnxruntime-int8`` runs an
      artifact exported with ``--quantize int8`` and reports the PSNR of its frames against ``onnxruntime``'s.
 
 Columns: load_s (from_pretrained / from_artifacts + opening the graphs the call uses), first_step_s (call start to
@@ -59,7 +61,8 @@ INPUT_IMAGE = ROOT / "tests" / "fixtures" / "svd-tiny" / "input.png"
 EXPORTS = {"onnx": (["onnx"], True, None), "mindir": (["mindir"], False, None), "onnx-int8": (["onnx"], False, "int8")}
 ENGINE_EXPORT = {"onnxruntime": "onnx", "onnxruntime-lowmem": "onnx", "onnxruntime-2buckets": "onnx",
                  "onnxruntime-2buckets-resident1": "onnx",
-                 "onnxruntime-unshared": "onnx", "onnxruntime-unshared-2buckets": "onnx", "onnxruntime-int8": "onnx-int8",
+                 "onnxruntime-unshared": "onnx", "onnxruntime-unshared-2buckets": "onnx", "onnxruntime-mapped": "onnx",
+                 "onnxruntime-int8": "onnx-int8",
                  "mindspore": "mindir", "mindspore-lowmem": "mindir"}
 ENGINES = ("diffusers",) + tuple(ENGINE_EXPORT)
 DEFAULT_ENGINES = ENGINES

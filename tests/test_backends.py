@@ -428,3 +428,26 @@ def test_shared_weights_keep_prepacking_only_for_int8_graphs(tmp_path, quantize)
         assert np.sqrt(np.mean((y - ref) ** 2)) < 0.02 * np.sqrt(np.mean(ref ** 2))
     else:
         np.testing.assert_allclose(y, ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("share_weights", [None, True, False], ids=["auto", "shared", "unshared"])
+@pytest.mark.parametrize("exclusive", [False, True], ids=["shareable", "exclusive"])
+def test_exclusive_graphs_pack_their_own_weights(tmp_path, share_weights, exclusive):
+    """By default a float graph opened exclusive (one bucket resident) loads and prepacks its own weights; a
+    shareable one reads the shared mapping. An explicit share_weights decides for every graph."""
+    folder = tmp_path / "artifact"
+    w, entry = _matmul_artifact(folder, quantize=False)
+    backend = load_backend("onnxruntime", share_weights=share_weights)
+    graph = backend.open(folder, entry, exclusive=exclusive)
+    shared = share_weights if share_weights is not None else not exclusive
+    assert backend.shares(exclusive) == shared
+    options = graph.native.get_session_options()
+    if shared:
+        assert options.get_session_config_entry("session.disable_prepacking") == "1"
+        assert graph.prefetch_memory() == w.nbytes
+    else:
+        with pytest.raises(RuntimeError, match="disable_prepacking"):
+            options.get_session_config_entry("session.disable_prepacking")
+        assert graph.prefetch_memory() == 0 and graph.release_memory() == 0  # nothing mapped
+    x = np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32)
+    np.testing.assert_allclose(graph(x=x)["y"], x @ w, atol=1e-4, rtol=1e-5)

@@ -167,7 +167,8 @@ class Graph:
 
 
 class Backend:
-    """Base class: subclasses set ``name`` and ``format`` and implement ``_load(path, entry) -> (run, native)``."""
+    """Base class: subclasses set ``name`` and ``format`` and implement
+    ``_load(path, entry, exclusive) -> (run, native)``."""
 
     name = None
     format = None
@@ -175,8 +176,11 @@ class Backend:
     def __repr__(self):
         return f"{type(self).__name__}()"
 
-    def open(self, folder, entry):
-        """Open ``entry`` (a manifest GraphEntry) from the artifact ``folder`` as a checked :class:`Graph`."""
+    def open(self, folder, entry, exclusive=False):
+        """Open ``entry`` (a manifest GraphEntry) from the artifact ``folder`` as a checked :class:`Graph`.
+
+        ``exclusive=True`` tells the backend that no other session of this graph's weights will be open at the same
+        time (the caller keeps one frame bucket of it open), so it need not share them between sessions."""
         if entry.format != self.format:
             raise ArtifactError(
                 f"graph {entry.key} is in format {entry.format!r} but the {self.name} backend runs {self.format!r} "
@@ -191,8 +195,8 @@ class Backend:
             )
         path = folder / entry.main_file
         logger.info("opening %s with %s from %s", entry.key, self.name, path)
-        run, native = self._load(path, entry)
+        run, native = self._load(path, entry, exclusive)
         return Graph(entry, run, self.name, native)
 
-    def _load(self, path, entry):
+    def _load(self, path, entry, exclusive):
         raise NotImplementedError
