@@ -21,8 +21,8 @@ class Artifact:
     another closes the one used least recently first. A process serving several frame counts then holds one
     UNet's memory, and pays a reopen (a few seconds at SVD-XT size) when the frame count changes; None keeps them
     all open. Other buckets (e.g. the VAE decoder's chunk sizes, used together in one call) are not limited.
-    With ``resident_buckets=1`` a frame-bucket graph is opened ``exclusive`` (see ``Backend.open``): ONNX Runtime
-    then packs its weights for speed instead of sharing them with other buckets' sessions.
+    With ``resident_buckets=1`` a frame-bucket graph is opened ``exclusive`` (see ``Backend.open``): its weights
+    have no other session to be shared with (ONNX Runtime's ``pack_exclusive`` packs them then).
     """
 
     def __init__(self, path, pipeline_kind, backend="onnxruntime", verify=True, low_memory=False,

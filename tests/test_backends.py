@@ -430,16 +430,16 @@ def test_shared_weights_keep_prepacking_only_for_int8_graphs(tmp_path, quantize)
         np.testing.assert_allclose(y, ref, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("share_weights", [None, True, False], ids=["auto", "shared", "unshared"])
+@pytest.mark.parametrize("pack_exclusive", [False, True], ids=["mapped", "pack_exclusive"])
 @pytest.mark.parametrize("exclusive", [False, True], ids=["shareable", "exclusive"])
-def test_exclusive_graphs_pack_their_own_weights(tmp_path, share_weights, exclusive):
-    """By default a float graph opened exclusive (one bucket resident) loads and prepacks its own weights; a
-    shareable one reads the shared mapping. An explicit share_weights decides for every graph."""
+def test_pack_exclusive_graphs_load_and_pack_their_own_weights(tmp_path, pack_exclusive, exclusive):
+    """With pack_exclusive, a float graph opened exclusive (one bucket resident) loads and prepacks its own weights;
+    otherwise it reads the shared mapping in place."""
     folder = tmp_path / "artifact"
     w, entry = _matmul_artifact(folder, quantize=False)
-    backend = load_backend("onnxruntime", share_weights=share_weights)
+    backend = load_backend("onnxruntime", pack_exclusive=pack_exclusive)
     graph = backend.open(folder, entry, exclusive=exclusive)
-    shared = share_weights if share_weights is not None else not exclusive
+    shared = not (exclusive and pack_exclusive)
     assert backend.shares(exclusive) == shared
     options = graph.native.get_session_options()
     if shared:

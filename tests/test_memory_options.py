@@ -22,7 +22,7 @@ def test_frame_buckets_share_one_mapped_copy_of_the_unet_weights(svd_artifact):
 
     shared = Artifact(svd_artifact, "stable-video-diffusion", resident_buckets=None)
     copied = Artifact(svd_artifact, "stable-video-diffusion", share_weights=False, resident_buckets=None)
-    assert shared.backend.shares() and not copied.backend.shares()
+    assert shared.backend.share_weights and not copied.backend.share_weights
     entries = [shared.manifest.find("unet", "onnx", num_frames=f, batch=2) for f in (2, 3)]
     for entry in entries:
         graph = shared.graph("unet", **entry.bucket)
@@ -40,12 +40,14 @@ def test_frame_buckets_share_one_mapped_copy_of_the_unet_weights(svd_artifact):
 
 
 @pytest.mark.parametrize("resident_buckets", [1, 2])
-def test_one_resident_bucket_packs_the_unet_weights_instead_of_mapping_them(svd_artifact, resident_buckets):
-    """With one frame bucket resident (the default) the UNet session is alone with its weights: it loads and packs
-    them itself. With two, the bucket sessions share the mapped weights. The encoders map theirs either way."""
+def test_pack_exclusive_packs_the_unet_weights_when_one_bucket_is_resident(svd_artifact, resident_buckets):
+    """With pack_exclusive and one frame bucket resident (the default) the UNet session is alone with its weights:
+    it loads and packs them itself. With two, the bucket sessions share the mapped weights. The encoders map
+    theirs either way."""
     from framegraph.runtime.artifact import Artifact
 
-    artifact = Artifact(svd_artifact, "stable-video-diffusion", resident_buckets=resident_buckets)
+    artifact = Artifact(svd_artifact, "stable-video-diffusion", resident_buckets=resident_buckets,
+                        pack_exclusive=True)
     entry = artifact.manifest.find("unet", "onnx", num_frames=2, batch=2)
     unet = artifact.graph("unet", **entry.bucket)
     encoder = artifact.graph("image_encoder", **artifact.manifest.find("image_encoder", "onnx").bucket)
@@ -61,7 +63,7 @@ def test_one_resident_bucket_packs_the_unet_weights_instead_of_mapping_them(svd_
         assert unet_mapped and options.get_session_config_entry("session.disable_prepacking") == "1"
     assert encoder.native.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
     feeds = _unet_feeds(entry)
-    shared = Artifact(svd_artifact, "stable-video-diffusion", share_weights=True, resident_buckets=resident_buckets)
+    shared = Artifact(svd_artifact, "stable-video-diffusion", resident_buckets=resident_buckets)
     np.testing.assert_allclose(unet(**feeds)["noise_pred"], shared.graph("unet", **entry.bucket)(**feeds)
                                ["noise_pred"], rtol=1e-5, atol=1e-5)
     artifact.close()
@@ -73,7 +75,7 @@ def test_mapped_weights_are_released_with_their_sessions(svd_artifact):
 
     from framegraph.runtime.artifact import Artifact
 
-    artifact = Artifact(svd_artifact, "stable-video-diffusion", share_weights=True)
+    artifact = Artifact(svd_artifact, "stable-video-diffusion")
     entry = artifact.manifest.find("unet", "onnx", num_frames=2, batch=1)
     artifact.graph("unet", **entry.bucket)(**_unet_feeds(entry))
     assert len(artifact.backend._mapped._weights) > 0
@@ -138,11 +140,10 @@ def _resident_bytes(path):
 
 
 def _run_unet_once(svd_artifact):
-    """(artifact, its 2-frame UNet graph, feeds, the graph's output on them, the UNet's weights file), with the
-    UNet reading the shared mapped weights."""
+    """(artifact, its 2-frame UNet graph, feeds, the graph's output on them, the UNet's weights file)."""
     from framegraph.runtime.artifact import Artifact
 
-    artifact = Artifact(svd_artifact, "stable-video-diffusion", share_weights=True)
+    artifact = Artifact(svd_artifact, "stable-video-diffusion")
     entry = artifact.manifest.find("unet", "onnx", num_frames=2, batch=2)
     graph = artifact.graph("unet", **entry.bucket)
     feeds = _unet_feeds(entry)
@@ -175,11 +176,11 @@ def test_prefetch_brings_in_what_the_runs_read_and_only_that(svd_artifact):
     artifact.close()
 
 
-@pytest.mark.parametrize("share_weights", [None, True], ids=["default", "shared"])
-def test_pipeline_gives_back_the_encoder_pages_after_encoding(svd_artifact, input_image, share_weights):
+@pytest.mark.parametrize("pack_exclusive", [False, True], ids=["mapped", "pack_exclusive"])
+def test_pipeline_gives_back_the_encoder_pages_after_encoding(svd_artifact, input_image, pack_exclusive):
     from framegraph.runtime import StableVideoDiffusionPipeline
 
-    pipe = StableVideoDiffusionPipeline.from_artifacts(svd_artifact, share_weights=share_weights)
+    pipe = StableVideoDiffusionPipeline.from_artifacts(svd_artifact, pack_exclusive=pack_exclusive)
     pipe.set_progress_bar_config(disable=True)
     pipe(input_image, num_frames=2, num_inference_steps=1, decode_chunk_size=2, output_type="np", generator=0)
     for name in ("image_encoder", "unet"):
@@ -187,7 +188,7 @@ def test_pipeline_gives_back_the_encoder_pages_after_encoding(svd_artifact, inpu
         resident = _resident_bytes(weights_file)
         if name == "image_encoder":
             assert resident < 0.05 * weights_file.stat().st_size
-        elif share_weights:  # the UNet runs every step: its pages stay
+        elif not pack_exclusive:  # the UNet runs every step: its pages stay
             assert resident > 0.5 * weights_file.stat().st_size
-        else:  # by default the UNet's session packed its own copy: its runs do not read the file's pages
+        else:  # the UNet's session packed its own copy: its runs do not read the file's pages
             assert resident < 0.5 * weights_file.stat().st_size
