@@ -21,8 +21,8 @@ One run, same random weights for every engine:
      (``resident_buckets=None``), to show what a second bucket costs in memory; ``-resident1`` does the same with
      the default ``resident_buckets=1``, which closes it again to reopen the first; ``onnxruntime-unshared*`` turn
      ``share_weights`` off, ``onnxruntime-packed`` turns ``pack_exclusive`` on (the UNet packs its own weights);
-     ``onnxruntime-int8`` runs an
-     artifact exported with ``--quantize int8`` and reports the PSNR of its frames against ``onnxruntime``'s.
+     ``onnxruntime-int8`` runs an artifact exported with ``--quantize int8`` and reports the PSNR of its frames
+     against ``onnxruntime``'s.
 
 Columns: load_s (from_pretrained / from_artifacts + opening the graphs the call uses), first_step_s (call start to
 the end of step 1: includes image / prompt encoding), step_s_median (median of steps 2..N), total_s (pipeline call,
