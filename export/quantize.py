@@ -108,10 +108,11 @@ def quantize_int8(source, target):
     level = root.level
     root.setLevel(max(level, logging.WARNING))  # the quantizer logs a line per tensor on the root logger
     try:
-        selected, linear = _quantize(source, target)
+        selected, products = _quantize(source, target)
     finally:
         root.setLevel(level)
-    logger.info("quantized %s to int8 weights: %d linear layers (of %d)", target.name, selected, linear)
+    logger.info("quantized %s to int8 weights: %d of its %d products by a constant weight (the others are "
+                "embeddings)", target.name, selected, products)
     return target
 
 
@@ -121,12 +122,15 @@ def _quantize(source, target):
 
     with tempfile.TemporaryDirectory(prefix="framegraph-quantize-", dir=target.parent) as tmp:
         model = onnx.load(str(source))
-        count = gemm_to_matmul(model)
+        gemm_to_matmul(model)
         selected = quantizable_matmuls(model)
+        initializers = {t.name for t in model.graph.initializer}
+        products = sum(1 for n in model.graph.node
+                       if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in initializers)
         matmul = Path(tmp) / "matmul.onnx"
         onnx.save(model, str(matmul), save_as_external_data=True, location="matmul.data")
         del model
         quantize_dynamic(str(matmul), str(target), op_types_to_quantize=["MatMul"], nodes_to_quantize=selected,
                          weight_type=QuantType.QInt8, reduce_range=True, use_external_data_format=True,
                          extra_options={"MatMulConstBOnly": True})
-    return len(selected), count
+    return len(selected), products
