@@ -11,6 +11,11 @@ from framegraph.runtime.manifest import ArtifactError, Manifest, verify_files
 
 logger = logging.getLogger(__name__)
 
+# Graphs a pipeline call runs once, before denoising, and gives the weight pages of back after: they are opened
+# ``streamed`` (see Backend.open), so a backend may give their pages back part by part while they run.
+RUN_ONCE = {"image_encoder", "vae_encoder", "text_encoder"}
+
+
 class Artifact:
     """``Artifact(path, pipeline_kind, backend)``; ``graph(name, **bucket)`` returns a callable graph.
 
@@ -22,7 +27,8 @@ class Artifact:
     UNet's memory, and pays a reopen (a few seconds at SVD-XT size) when the frame count changes; None keeps them
     all open. Other buckets (e.g. the VAE decoder's chunk sizes, used together in one call) are not limited.
     With ``resident_buckets=1`` a frame-bucket graph is opened ``exclusive`` (see ``Backend.open``): its weights
-    have no other session to be shared with (ONNX Runtime's ``pack_exclusive`` packs them then).
+    have no other session to be shared with (ONNX Runtime's ``pack_exclusive`` packs them then). The encoders
+    (RUN_ONCE) are opened ``streamed``.
     """
 
     def __init__(self, path, pipeline_kind, backend="onnxruntime", verify=True, low_memory=False,
@@ -88,7 +94,8 @@ class Artifact:
                 logger.info("opening %s", entry.key)
                 # one bucket open at a time: no other session of these weights to share them with
                 exclusive = limited and self.resident_buckets == 1
-                self._graphs[entry.key] = self.backend.open(self.path, entry, exclusive=exclusive)
+                self._graphs[entry.key] = self.backend.open(self.path, entry, exclusive=exclusive,
+                                                            streamed=entry.name in RUN_ONCE)
                 self._names[entry.key] = entry.name
             self._graphs.move_to_end(entry.key)
             return self._graphs[entry.key]

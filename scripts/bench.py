@@ -268,7 +268,7 @@ def make_inputs(args, kind, pipeline_dir, runs):
     spec = {
         "kind": kind, "pipeline": str(pipeline_dir), "height": args.height, "width": args.width, "frames": f,
         "steps": args.steps, "threads": args.threads, "inputs": str(runs / "inputs.npz"), "image": str(image),
-        "outputs": str(runs), "vae_scale_factor": scale,
+        "outputs": str(runs), "vae_scale_factor": scale, "calls": args.calls,
     }
     if kind == "svd":
         spec.update(min_guidance_scale=1.0, max_guidance_scale=args.guidance_scale or 3.0)
@@ -394,6 +394,9 @@ def build_parser():
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--frames", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--calls", type=int, default=1, help="pipeline calls per engine process: the timings are the "
+                   "last call's, the peak RSS the whole process's (2: what a serving process holds on its second "
+                   "request, when the weights of the first are still resident)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="threads per engine "
                    "(default: all cores)")
     p.add_argument("--guidance-scale", type=float, default=None, help="SVD max_guidance_scale (default 3.0) or "
@@ -422,6 +425,8 @@ def main(argv=None):
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if not engines or set(engines) - set(ENGINES):
         raise SystemExit(f"--engines must be a subset of {','.join(ENGINES)}, got {args.engines!r}")
+    if args.calls < 1:
+        raise SystemExit("--calls must be at least 1")
     if args.guidance_scale is not None and args.guidance_scale <= 1:
         raise SystemExit("--guidance-scale must be > 1: the benchmark runs with classifier-free guidance on")
     model = Path(args.model).resolve()
@@ -435,7 +440,7 @@ def main(argv=None):
     runs.mkdir(parents=True, exist_ok=True)
     report = {"model": str(model), "kind": kind, "settings": {
         "height": args.height, "width": args.width, "frames": args.frames, "steps": args.steps,
-        "threads": args.threads, "dtype": "float32", "seed": args.seed, "engines": engines},
+        "threads": args.threads, "dtype": "float32", "seed": args.seed, "engines": engines, "calls": args.calls},
         "machine": machine(), "versions": versions()}
 
     report["pipeline"] = make_pipeline(model, args.work_dir / "pipeline", args.seed)

@@ -109,10 +109,16 @@ def run_engine(engine, spec, result):
     pipe, call = load(spec, inputs, image, result)
     result.update(load_s=round(time.perf_counter() - start, 3), rss_after_load_gb=round(rss_peak_gb(), 3),
                   status="loaded")
-    timer = StepTimer(result)
-    timer.begin()
-    frames = call(pipe, timer)
-    result.update(**timer.end(), **timer.summary())
+    calls = int(spec.get("calls", 1))
+    for number in range(1, calls + 1):  # figures of the last call; the peak RSS is the whole process's
+        timer = StepTimer(result)
+        timer.begin()
+        frames = call(pipe, timer)
+        result.update(**timer.end(), **timer.summary(), calls_done=number)
+        if number < calls:
+            result.update(first_call_total_s=result["total_s"], peak_rss_first_call_gb=round(rss_peak_gb(), 3))
+            logger.info("call %d of %d: %.1f s, peak RSS so far %.2f GB", number, calls, result["total_s"],
+                        rss_peak_gb())
     frames = np.asarray(frames, dtype=np.float32)
     out = Path(spec["outputs"]) / f"{engine}.npz"
     np.savez(out, frames=frames, latents=timer.latents)

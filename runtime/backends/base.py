@@ -75,8 +75,9 @@ class Graph:
     """One opened graph: ``graph(**feeds) -> {output name: np.ndarray}``, with every feed checked first.
 
     ``run`` is the backend's callable: it takes the input arrays in manifest order and returns the output arrays
-    in manifest order. ``native`` is the engine's own object (an onnxruntime InferenceSession, a MindSpore
-    GraphCell, a MindSpore Lite Model) for callers that need engine-specific features.
+    in manifest order. ``native`` is the engine's own object (an onnxruntime InferenceSession, or the list of them
+    for a graph ONNX Runtime runs in parts; a MindSpore GraphCell, a MindSpore Lite Model) for callers that need
+    engine-specific features.
     """
 
     def __init__(self, entry, run, backend, native=None):
@@ -168,7 +169,7 @@ class Graph:
 
 class Backend:
     """Base class: subclasses set ``name`` and ``format`` and implement
-    ``_load(path, entry, exclusive) -> (run, native)``."""
+    ``_load(path, entry, exclusive, streamed) -> (run, native)``."""
 
     name = None
     format = None
@@ -176,11 +177,13 @@ class Backend:
     def __repr__(self):
         return f"{type(self).__name__}()"
 
-    def open(self, folder, entry, exclusive=False):
+    def open(self, folder, entry, exclusive=False, streamed=False):
         """Open ``entry`` (a manifest GraphEntry) from the artifact ``folder`` as a checked :class:`Graph`.
 
         ``exclusive=True`` tells the backend that no other session of this graph's weights will be open at the same
-        time (the caller keeps one frame bucket of it open), so it need not share them between sessions."""
+        time (the caller keeps one frame bucket of it open), so it need not share them between sessions.
+        ``streamed=True`` tells it that the caller runs the graph once per call and gives its weight pages back
+        after the call (the encoders), so it may give them back part by part during the run instead."""
         if entry.format != self.format:
             raise ArtifactError(
                 f"graph {entry.key} is in format {entry.format!r} but the {self.name} backend runs {self.format!r} "
@@ -195,8 +198,8 @@ class Backend:
             )
         path = folder / entry.main_file
         logger.info("opening %s with %s from %s", entry.key, self.name, path)
-        run, native = self._load(path, entry, exclusive)
+        run, native = self._load(path, entry, exclusive, streamed)
         return Graph(entry, run, self.name, native)
 
-    def _load(self, path, entry, exclusive):
+    def _load(self, path, entry, exclusive, streamed):
         raise NotImplementedError

@@ -95,7 +95,7 @@ class MindSporeBackend(Backend):
         except (ImportError, RuntimeError, ValueError) as exc:
             logger.warning("could not set MindSpore CPU threads to %d (%s); using its default", num_threads, exc)
 
-    def _load(self, path, entry, exclusive):
+    def _load(self, path, entry, exclusive, streamed=False):
         ms = self.ms
         cell = ms.nn.GraphCell(ms.load(str(path)))
 

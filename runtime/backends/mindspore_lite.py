@@ -64,7 +64,7 @@ class MindSporeLiteBackend(Backend):
             getattr(context, self.target).device_id = int(self.device_id)
         return context
 
-    def _load(self, path, entry, exclusive):
+    def _load(self, path, entry, exclusive, streamed=False):
         model = self.mslite.Model()
         model.build_from_file(str(path), self.mslite.ModelType.MINDIR, self.context())
         tensors = model.get_inputs()
