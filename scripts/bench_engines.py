@@ -116,8 +116,8 @@ def run_engine(engine, spec, result):
         frames = call(pipe, timer)
         result.update(**timer.end(), **timer.summary(), calls_done=number)
         if number < calls:
-            result.update(first_call_total_s=result["total_s"], peak_rss_first_call_gb=round(rss_peak_gb(), 3))
-            logger.info("call %d of %d: %.1f s, peak RSS so far %.2f GB", number, calls, result["total_s"],
+            result.update(first_call_total_s=result.data["total_s"], peak_rss_first_call_gb=round(rss_peak_gb(), 3))
+            logger.info("call %d of %d: %.1f s, peak RSS so far %.2f GB", number, calls, result.data["total_s"],
                         rss_peak_gb())
     frames = np.asarray(frames, dtype=np.float32)
     out = Path(spec["outputs"]) / f"{engine}.npz"

@@ -20,14 +20,21 @@ def _weights(layers):
     return [(rng.standard_normal((SIZE, SIZE)) / np.sqrt(SIZE)).astype(np.float32) for _ in range(layers)]
 
 
-def _chain(weights, skip=False):
+def _chain(weights, skip=False, bias=False):
     """x -> (MatMul w_i, Relu, + residual) per layer; with ``skip``, the input is also added to the last layer's
-    output, so no cut can leave one tensor alive."""
+    output, so no cut can leave one tensor alive; with ``bias``, every layer adds a bias computed at the start from
+    constants alone (as a text encoder's causal mask is)."""
     nodes, h = [], "x"
+    constants = []
+    if bias:
+        constants = [numpy_helper.from_array(np.full((SIZE,), 0.25, np.float32), "quarter")]
+        nodes.append(helper.make_node("Mul", ["quarter", "quarter"], ["bias"]))
     for i in range(len(weights)):
         nodes += [helper.make_node("MatMul", [h, f"w{i}"], [f"m{i}"]),
-                  helper.make_node("Relu", [f"m{i}"], [f"r{i}"]),
-                  helper.make_node("Add", [f"r{i}", h], [f"h{i}"])]
+                  helper.make_node("Relu", [f"m{i}"], [f"r{i}"])]
+        if bias:
+            nodes.append(helper.make_node("Add", [f"r{i}", "bias"], [f"b{i}"]))
+        nodes.append(helper.make_node("Add", [f"b{i}" if bias else f"r{i}", h], [f"h{i}"]))
         h = f"h{i}"
     if skip:
         nodes.append(helper.make_node("Add", [h, "x"], ["y"]))
@@ -35,15 +42,16 @@ def _chain(weights, skip=False):
         nodes.append(helper.make_node("Identity", [h], ["y"]))
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, SIZE])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, SIZE])],
-                              initializer=[numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)])
+                              initializer=[numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)]
+                              + constants)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     return onnx.shape_inference.infer_shapes(model)
 
 
-def _reference(x, weights, skip=False):
+def _reference(x, weights, skip=False, bias=False):
     h = x
     for w in weights:
-        h = np.maximum(h @ w, 0) + h
+        h = np.maximum(h @ w, 0) + np.float32(0.0625 if bias else 0) + h
     return h + x if skip else h
 
 
@@ -98,6 +106,25 @@ def test_split_parts_compute_what_the_whole_graph_computes(tmp_path):
     whole = ort.InferenceSession(str(tmp_path / "chain.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(h, whole.run(None, {"x": x})[0])
     np.testing.assert_allclose(h, _reference(x, weights), rtol=1e-4, atol=1e-4)
+
+
+def test_tensors_computed_from_constants_do_not_block_cuts_and_are_recomputed_where_needed(tmp_path):
+    weights = _weights(3)
+    model = _save(_chain(weights, bias=True), tmp_path)
+    cuts = plan_cuts(model.graph, SIZE * SIZE * 4)
+    assert [name for _, name, _ in cuts] == ["h0", "h1"]
+    parts = split_model(model, cuts)
+    for part in parts:  # each part computes the bias itself
+        assert [n.op_type for n in part.graph.node].count("Mul") == 1
+        assert "quarter" in {t.name for t in part.graph.initializer}
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(tmp_path))
+    x = np.random.default_rng(1).standard_normal((4, SIZE)).astype(np.float32)
+    h = x
+    for part in parts:
+        session = ort.InferenceSession(part.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        h = session.run(None, {session.get_inputs()[0].name: h})[0]
+    np.testing.assert_allclose(h, _reference(x, weights, bias=True), rtol=1e-4, atol=1e-4)
 
 
 def test_a_cut_tensor_without_a_recorded_type_keeps_the_graph_whole(tmp_path):

@@ -33,10 +33,25 @@ def _has_subgraphs(graph):
     return any(a.type in kinds for node in graph.node for a in node.attribute)
 
 
+def constant_outputs(graph):
+    """{tensor name: producing node} for the tensors computed from initializers alone (ONNX Runtime folds them when
+    it builds the session; e.g. a text encoder's causal mask): a part that needs one gets a copy of its nodes."""
+    constants = {t.name for t in graph.initializer}
+    produced = {}
+    for node in graph.node:
+        if all(name in constants for name in node.input if name):
+            for name in node.output:
+                if name:
+                    constants.add(name)
+                    produced[name] = node
+    return produced
+
+
 def cut_points(graph):
     """[(node index, tensor name, external weight bytes read up to and including that node)] for every node after
-    which exactly one computed tensor (or graph input) is still needed: cutting there leaves one tensor to pass."""
-    constants = {t.name for t in graph.initializer}
+    which exactly one computed tensor (or graph input) is still needed: cutting there leaves one tensor to pass.
+    Tensors computed from initializers alone do not count (see constant_outputs)."""
+    constants = {t.name for t in graph.initializer} | set(constant_outputs(graph))
     sizes = external_sizes(graph)
     end = len(graph.node)
     last_use = {}
@@ -53,7 +68,7 @@ def cut_points(graph):
             if name in sizes and name not in seen:
                 seen.add(name)
                 read += sizes[name]
-        live.update(name for name in node.output if name)
+        live.update(name for name in node.output if name and name not in constants)
         live = {name for name in live if last_use.get(name, -1) > index}
         if len(live) == 1:
             cuts.append((index, next(iter(live)), read))
@@ -109,8 +124,18 @@ def split_model(model, cuts):
     starts = [0] + [index + 1 for index, _, _ in cuts]
     stops = [index + 1 for index, _, _ in cuts] + [len(graph.node)]
     parts = []
+    constant = constant_outputs(graph)
+    order = {id(node): index for index, node in enumerate(graph.node)}
     for number, (start, stop) in enumerate(zip(starts, stops)):
-        nodes = graph.node[start:stop]
+        nodes = list(graph.node[start:stop])
+        # copies of the constant nodes this part reads but another part computes
+        needed, pending = {}, [name for node in nodes for name in node.input]
+        while pending:
+            node = constant.get(pending.pop())
+            if node is not None and not start <= order[id(node)] < stop and id(node) not in needed:
+                needed[id(node)] = node
+                pending.extend(node.input)
+        nodes = sorted(needed.values(), key=lambda node: order[id(node)]) + nodes
         used = {name for node in nodes for name in node.input if name}
         inputs = [v for v in graph.input if v.name in used or v.name not in initializers] if number == 0 \
             else [boundaries[number - 1]]
