@@ -20,7 +20,7 @@ One run, same random weights for every engine:
      ``onnxruntime-2buckets`` also opens (and runs once) the second frame bucket's UNet and keeps both open
      (``resident_buckets=None``), to show what a second bucket costs in memory; ``-resident1`` does the same with
      the default ``resident_buckets=1``, which closes it again to reopen the first; ``onnxruntime-unshared*`` turn
-     ``share_weights`` off, ``onnxruntime-packed`` turns ``pack_exclusive`` on (the UNet packs its own weights);
+     ``share_weights`` off, ``onnxruntime-mapped`` turns ``pack_exclusive`` off (the UNet reads the mapped weights);
      ``onnxruntime-int8`` runs an artifact exported with ``--quantize int8`` and reports the PSNR of its frames
      against ``onnxruntime``'s.
 
@@ -61,7 +61,7 @@ INPUT_IMAGE = ROOT / "tests" / "fixtures" / "svd-tiny" / "input.png"
 EXPORTS = {"onnx": (["onnx"], True, None), "mindir": (["mindir"], False, None), "onnx-int8": (["onnx"], False, "int8")}
 ENGINE_EXPORT = {"onnxruntime": "onnx", "onnxruntime-lowmem": "onnx", "onnxruntime-2buckets": "onnx",
                  "onnxruntime-2buckets-resident1": "onnx",
-                 "onnxruntime-unshared": "onnx", "onnxruntime-unshared-2buckets": "onnx", "onnxruntime-packed": "onnx",
+                 "onnxruntime-unshared": "onnx", "onnxruntime-unshared-2buckets": "onnx", "onnxruntime-mapped": "onnx",
                  "onnxruntime-int8": "onnx-int8",
                  "mindspore": "mindir", "mindspore-lowmem": "mindir"}
 ENGINES = ("diffusers",) + tuple(ENGINE_EXPORT)

@@ -10,7 +10,7 @@ WORKER is one of:
                         (resident_buckets=None: what keeping a second bucket costs)
   onnxruntime-2buckets-resident1  the same with resident_buckets=1, the default (one UNet bucket open at a time)
   onnxruntime-unshared[-2buckets]  the same with share_weights=False (each session reads its own weights)
-  onnxruntime-packed    the same with pack_exclusive=True (the held UNet bucket loads and packs its own weights)
+  onnxruntime-mapped    the same with pack_exclusive=False (the held UNet bucket reads the shared mapped weights)
   onnxruntime-int8      framegraph runtime on an artifact exported with --quantize int8
   mindspore     framegraph runtime on the artifact's MindIR graphs
   gemm          fp32 GEMM peak of this machine (numpy and torch, square matmuls, best of a few)
@@ -276,7 +276,7 @@ ENGINE_IMPORTS = {
     "onnxruntime-unshared": _import_framegraph("onnxruntime", share_weights=False),
     "onnxruntime-unshared-2buckets": _import_framegraph("onnxruntime", extra_bucket=True, share_weights=False,
                                                         resident_buckets=None),
-    "onnxruntime-packed": _import_framegraph("onnxruntime", pack_exclusive=True),
+    "onnxruntime-mapped": _import_framegraph("onnxruntime", pack_exclusive=False),
     "onnxruntime-int8": _import_framegraph("onnxruntime"),  # on the --quantize int8 artifact
     "mindspore": _import_framegraph("mindspore"),
     "mindspore-lowmem": _import_framegraph("mindspore", low_memory=True),

@@ -41,9 +41,9 @@ def test_frame_buckets_share_one_mapped_copy_of_the_unet_weights(svd_artifact):
 
 @pytest.mark.parametrize("resident_buckets", [1, 2])
 def test_pack_exclusive_packs_the_unet_weights_when_one_bucket_is_resident(svd_artifact, resident_buckets):
-    """With pack_exclusive and one frame bucket resident (the default) the UNet session is alone with its weights:
-    it loads and packs them itself. With two, the bucket sessions share the mapped weights. The encoders map
-    theirs either way."""
+    """With pack_exclusive (the default) and one frame bucket resident (the default) the UNet session is alone with
+    its weights: it loads and packs them itself. With two, the bucket sessions share the mapped weights. The
+    encoders map theirs either way."""
     from framegraph.runtime.artifact import Artifact
 
     artifact = Artifact(svd_artifact, "stable-video-diffusion", resident_buckets=resident_buckets,
@@ -63,7 +63,8 @@ def test_pack_exclusive_packs_the_unet_weights_when_one_bucket_is_resident(svd_a
         assert unet_mapped and options.get_session_config_entry("session.disable_prepacking") == "1"
     assert encoder.native.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
     feeds = _unet_feeds(entry)
-    shared = Artifact(svd_artifact, "stable-video-diffusion", resident_buckets=resident_buckets)
+    shared = Artifact(svd_artifact, "stable-video-diffusion", resident_buckets=resident_buckets,
+                      pack_exclusive=False)
     np.testing.assert_allclose(unet(**feeds)["noise_pred"], shared.graph("unet", **entry.bucket)(**feeds)
                                ["noise_pred"], rtol=1e-5, atol=1e-5)
     artifact.close()
@@ -75,7 +76,7 @@ def test_mapped_weights_are_released_with_their_sessions(svd_artifact):
 
     from framegraph.runtime.artifact import Artifact
 
-    artifact = Artifact(svd_artifact, "stable-video-diffusion")
+    artifact = Artifact(svd_artifact, "stable-video-diffusion", pack_exclusive=False)
     entry = artifact.manifest.find("unet", "onnx", num_frames=2, batch=1)
     artifact.graph("unet", **entry.bucket)(**_unet_feeds(entry))
     assert len(artifact.backend._mapped._weights) > 0
@@ -143,7 +144,7 @@ def _run_unet_once(svd_artifact):
     """(artifact, its 2-frame UNet graph, feeds, the graph's output on them, the UNet's weights file)."""
     from framegraph.runtime.artifact import Artifact
 
-    artifact = Artifact(svd_artifact, "stable-video-diffusion")
+    artifact = Artifact(svd_artifact, "stable-video-diffusion", pack_exclusive=False)  # the UNet reads the mapping
     entry = artifact.manifest.find("unet", "onnx", num_frames=2, batch=2)
     graph = artifact.graph("unet", **entry.bucket)
     feeds = _unet_feeds(entry)

@@ -160,9 +160,11 @@ def test_a_streamed_graph_runs_in_parts_and_gives_each_parts_pages_back_before_t
     weights_file = (tmp_path / "weights.bin").resolve()
     seen = []
     for session in graph.native:  # record what of the file is resident as each part starts
-        def run(names, feeds, _run=session.run):
+        def run(*args, _run=session.run):
             seen.append(_resident_bytes(weights_file))
-            return _run(names, feeds)
+            options = args[2]  # the arena gives back its chunks at the end of the run
+            assert options.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+            return _run(*args)
         session.run = run
     x = np.random.default_rng(2).standard_normal((4, SIZE)).astype(np.float32)
     for _ in range(2):
@@ -174,16 +176,24 @@ def test_a_streamed_graph_runs_in_parts_and_gives_each_parts_pages_back_before_t
     assert graph.prefetch_memory() == 0  # nothing is kept resident to prefetch
 
 
-def test_graphs_not_streamed_or_with_stream_part_gb_0_run_whole(tmp_path):
+def test_graphs_not_streamed_run_whole_and_keep_their_pages(tmp_path):
+    """Not streamed (the UNet): one session, and the pages its run read stay. Streamed with stream_part_gb=0: one
+    session, and the pages leave after the run."""
     weights, entry = _chain_artifact(tmp_path)
     layer = SIZE * SIZE * 4
+    weights_file = (tmp_path / "weights.bin").resolve()
     x = np.random.default_rng(2).standard_normal((4, SIZE)).astype(np.float32)
     for backend, streamed in [(load_backend("onnxruntime", stream_part_gb=layer / 1e9), False),
                               (load_backend("onnxruntime", stream_part_gb=0), True)]:
         graph = backend.open(tmp_path, entry, streamed=streamed)
         assert not isinstance(graph.native, list)
-        graph(x=x)
-        assert _resident_bytes((tmp_path / "weights.bin").resolve()) >= 3 * layer - 8192
+        np.testing.assert_allclose(graph(x=x)["y"], _reference(x, weights), rtol=1e-4, atol=1e-4)
+        if streamed:
+            assert _resident_bytes(weights_file) <= 8192
+            assert graph.prefetch_memory() == 0
+        else:
+            assert _resident_bytes(weights_file) >= 3 * layer - 8192
+            assert graph.prefetch_memory() == 3 * layer
         graph.release_memory()
     with pytest.raises(ValueError, match="stream_part_gb"):
         load_backend("onnxruntime", stream_part_gb=-1)

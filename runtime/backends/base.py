@@ -182,8 +182,8 @@ class Backend:
 
         ``exclusive=True`` tells the backend that no other session of this graph's weights will be open at the same
         time (the caller keeps one frame bucket of it open), so it need not share them between sessions.
-        ``streamed=True`` tells it that the caller runs the graph once per call and gives its weight pages back
-        after the call (the encoders), so it may give them back part by part during the run instead."""
+        ``streamed=True`` tells it that the caller runs the graph once per call (or once per chunk) outside its
+        denoising loop (the encoders, the VAE decoder), so nothing of it need stay resident between runs."""
         if entry.format != self.format:
             raise ArtifactError(
                 f"graph {entry.key} is in format {entry.format!r} but the {self.name} backend runs {self.format!r} "

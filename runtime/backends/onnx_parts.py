@@ -47,12 +47,13 @@ def constant_outputs(graph):
     return produced
 
 
-def cut_points(graph):
-    """[(node index, tensor name, external weight bytes read up to and including that node)] for every node after
-    which exactly one computed tensor (or graph input) is still needed: cutting there leaves one tensor to pass.
-    Tensors computed from initializers alone do not count (see constant_outputs)."""
+def cut_points(graph, sizes=None):
+    """[(node index, tensor name, weight bytes read up to and including that node)] for every node after which
+    exactly one computed tensor (or graph input) is still needed: cutting there leaves one tensor to pass. Tensors
+    computed from initializers alone do not count (see constant_outputs). ``sizes`` ({initializer: bytes}) are the
+    weights counted; by default those in external files."""
     constants = {t.name for t in graph.initializer} | set(constant_outputs(graph))
-    sizes = external_sizes(graph)
+    sizes = external_sizes(graph) if sizes is None else sizes
     end = len(graph.node)
     last_use = {}
     for index, node in enumerate(graph.node):
@@ -75,14 +76,15 @@ def cut_points(graph):
     return cuts
 
 
-def plan_cuts(graph, part_bytes):
-    """The cut points that split ``graph`` into parts of about ``part_bytes`` of external weights each ([] where
-    the graph is small enough, has nested graphs, or has no cut point)."""
-    total = sum(external_sizes(graph).values())
+def plan_cuts(graph, part_bytes, sizes=None):
+    """The cut points that split ``graph`` into parts of about ``part_bytes`` of weights each ([] where the graph
+    is small enough, has nested graphs, or has no cut point). ``sizes`` as for :func:`cut_points`."""
+    sizes = external_sizes(graph) if sizes is None else sizes
+    total = sum(sizes.values())
     parts = int(-(-total // part_bytes)) if part_bytes and part_bytes > 0 else 1
     if parts < 2 or _has_subgraphs(graph):
         return []
-    cuts = cut_points(graph)
+    cuts = cut_points(graph, sizes)
     chosen = []
     for k in range(1, parts):
         target = total * k / parts

@@ -67,25 +67,30 @@ class OnnxRuntimeBackend(Backend):
     Graphs with int8 weights keep prepacking on (see INTEGER_WEIGHT_OPS): each of their sessions holds its own
     packed weights, a quarter of the float size.
 
-    ``pack_exclusive`` (default off): a graph opened ``exclusive`` (the UNet when one frame bucket of it is
+    ``pack_exclusive`` (default on): a graph opened ``exclusive`` (the UNet when one frame bucket of it is
     resident, ``resident_buckets=1``) does not share: its session loads its weights itself and packs the GEMM
-    weights into ONNX Runtime's blocked layout once. At SVD-XT size, 128x128, 4 frames: 0.92-0.93x the step time,
-    but the packed copy stays resident while the encoders run (8.0 GB peak RSS against 6.7 GB) and the session
-    build takes 13 s instead of 4 s. The gain comes from not packing each weight again on every call, which costs
-    in proportion to the weight, against a product that grows with the rows: it shrinks at larger resolutions.
+    weights into ONNX Runtime's blocked layout once, instead of reading the mapped ones and packing them again on
+    every call. At SVD-XT size, 128x128, 4 frames: 0.85-0.93x the step time, the same peak RSS (the packed copy is
+    the size of the mapped pages it replaces; the encoders run in parts beside it, see below), but a session build
+    of 13 s instead of 4 s, and memory the kernel cannot drop under pressure as it can clean mapped pages. The gain
+    shrinks at larger resolutions: the per-call packing costs in proportion to the weight, the product grows with
+    the rows too. Off, the UNet reads the shared mapping like every other graph.
 
-    ``stream_part_gb`` (default 0.5): a graph opened ``streamed`` with shared weights (an encoder, run once per
-    call) is cut into parts of about this many GB of weights, run one after another, each part's mapped pages given
-    back before the next part runs (see onnx_parts); its ``native`` is then the list of the parts' sessions. At
-    SVD-XT size the CLIP image encoder (2.5 GB) runs in 6 parts, and what its weights add to the process while it
-    runs falls from 2.5 GB to about 0.5 GB. 0 runs every graph whole.
+    A graph opened ``streamed`` (one a pipeline call runs once, or once per chunk, outside the denoising loop: the
+    encoders and the VAE decoder) keeps nothing resident between its runs: its mapped weight pages are given back
+    after each run and its working memory (ONNX Runtime's arena) is shrunk at the end of each run. With shared
+    weights it is also cut into parts of about ``stream_part_gb`` (default 0.25) GB of the weights its runs read in
+    place, run one after another, each part's pages given back before the next part runs (see onnx_parts); its
+    ``native`` is then the list of the parts' sessions. At SVD-XT size the CLIP image encoder (2.5 GB) runs in 10
+    parts, so what its weights add to the process while it runs falls from 2.5 GB to about 0.25 GB, on top of the
+    UNet's that stay resident between calls. 0 runs every graph whole.
     """
 
     name = "onnxruntime"
     format = "onnx"
 
-    def __init__(self, device="cpu", num_threads=None, providers=None, share_weights=None, pack_exclusive=False,
-                 optimization="all", stream_part_gb=0.5):
+    def __init__(self, device="cpu", num_threads=None, providers=None, share_weights=None, pack_exclusive=True,
+                 optimization="all", stream_part_gb=0.25):
         self.ort = _import_onnxruntime()
         if optimization not in OPTIMIZATION_LEVELS:
             raise ValueError(f"optimization={optimization!r}: use one of {', '.join(OPTIMIZATION_LEVELS)}")
@@ -160,7 +165,8 @@ class OnnxRuntimeBackend(Backend):
 
     def _parts(self, path, mapped):
         """[(serialized part, its mapped weights)] of the graph at ``path`` cut into parts of about
-        ``stream_part_gb`` of weights each (see onnx_parts), or None where it runs whole."""
+        ``stream_part_gb`` of the weights its runs read in place each (see onnx_parts), or None where it runs
+        whole."""
         import onnx
 
         from .onnx_parts import plan_cuts, split_model
@@ -168,7 +174,9 @@ class OnnxRuntimeBackend(Backend):
         if not self.stream_part_gb:
             return None
         model = onnx.load(str(path), load_external_data=False)
-        cuts = plan_cuts(model.graph, self.stream_part_gb * 1e9)
+        # balance the weights the runs read from the mapping (not those ONNX Runtime copied at the build)
+        sizes = {name: weight.array.nbytes for name, weight, ops in mapped if self._read_in_place(ops)}
+        cuts = plan_cuts(model.graph, self.stream_part_gb * 1e9, sizes)
         parts = split_model(model, cuts) if cuts else None
         if not parts:
             return None
@@ -189,7 +197,7 @@ class OnnxRuntimeBackend(Backend):
         else:
             stages = [(self._session(model, weights, folder=path.parent)[0], weights) for model, weights in parts]
             prepacked = False
-            logger.info("%s runs in %d parts of %s GB of weights, each given back after it runs", entry.key,
+            logger.info("%s runs in %d parts of %s GB of mapped weights, each given back after it runs", entry.key,
                         len(stages), " + ".join(f"{sum(w.array.nbytes for _, w, _ in ws) / 1e9:.2f}"
                                                 for _, ws in stages))
         first, last = stages[0][0], stages[-1][0]
@@ -207,24 +215,28 @@ class OnnxRuntimeBackend(Backend):
         def release():
             return sum(weight.release() for _, weight, _ in mapped)
 
-        if len(stages) == 1:
-            def run(arrays, _keep=mapped):  # the session reads the mapped weights: they live as long as it does
-                return first.run(want_outputs, dict(zip(input_names, arrays)))
-        else:
-            def run(arrays, _keep=mapped):
-                feeds = dict(zip(input_names, arrays))
-                for number, (stage, weights) in enumerate(stages):
-                    names = want_outputs if number == len(stages) - 1 else [stage.get_outputs()[0].name]
-                    outputs = stage.run(names, feeds)
-                    if number < len(stages) - 1:
-                        feeds = {stages[number + 1][0].get_inputs()[0].name: outputs[0]}
-                    for _, weight, _ in weights:  # this part's pages leave before the next part's come in
-                        weight.release()
-                return outputs
+        run_options, last = None, len(stages) - 1
+        if streamed:  # the working memory of the run leaves the process at its end (BFC arena chunks)
+            run_options = self.ort.RunOptions()
+            run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
-        # a prepacking session reads its packed copies, not the mapped weights; a graph run in parts gives its
-        # pages back as it goes
-        read_in_place = [] if prepacked or len(stages) > 1 else [
+        def run(arrays, _keep=mapped):  # the sessions read the mapped weights: they live as long as they do
+            feeds = dict(zip(input_names, arrays))
+            for number, (stage, weights) in enumerate(stages):
+                names = want_outputs if number == last else [stage.get_outputs()[0].name]
+                outputs = stage.run(names, feeds, run_options)
+                if streamed:  # this part's pages leave before the next part's come in
+                    for _, weight, _ in weights:
+                        weight.release()
+                if number < last:
+                    feeds = {stages[number + 1][0].get_inputs()[0].name: outputs[0]}
+            if streamed:
+                trim_heap()
+            return outputs
+
+        # a prepacking session reads its packed copies, not the mapped weights; a streamed graph gives its pages
+        # back as it goes
+        read_in_place = [] if prepacked or streamed else [
             weight for _, weight, ops in mapped if self._read_in_place(ops)]
 
         def prefetch():
