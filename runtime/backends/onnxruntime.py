@@ -81,7 +81,7 @@ class OnnxRuntimeBackend(Backend):
     after each run and its working memory (ONNX Runtime's arena) is shrunk at the end of each run. With shared
     weights it is also cut into parts of about ``stream_part_gb`` (default 0.25) GB of the weights its runs read in
     place, run one after another, each part's pages given back before the next part runs (see onnx_parts); its
-    ``native`` is then the list of the parts' sessions. At SVD-XT size the CLIP image encoder (2.5 GB) runs in 10
+    ``native`` is then the list of the parts' sessions. At SVD-XT size the CLIP image encoder (2.5 GB) runs in 11
     parts, so what its weights add to the process while it runs falls from 2.5 GB to about 0.25 GB, on top of the
     UNet's that stay resident between calls. 0 runs every graph whole.
     """
