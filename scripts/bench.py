@@ -27,8 +27,10 @@ One run, same random weights for every engine:
 Columns: load_s (from_pretrained / from_artifacts + opening the graphs the call uses), first_step_s (call start to
 the end of step 1: includes image / prompt encoding), step_s_median (median of steps 2..N), total_s (pipeline call,
 image in -> frames out, decode included), peak_rss_gb, GFLOP/step (UNet, guidance batch), GFLOP/s
-(GFLOP/step / step_s_median), eff (GFLOP/s / fp32 GEMM GFLOP/s), max|d| (max abs difference of the frames in [0, 1]
-from diffusers').
+(GFLOP/step / step_s_median), eff (GFLOP/s / fp32 GEMM GFLOP/s, the best of the GEMM runs before and after the
+engines), GEMM after (numpy's fp32 GEMM in the engine's own process right after its calls: the machine's speed at
+that moment) and eff vs after (GFLOP/s / GEMM after), max|d| (max abs difference of the frames in [0, 1] from
+diffusers').
 
 Real-size models (svd-xt, text-to-video-ms-1.7b) need up to ~10-20 GB per process: on a shared machine run this under
 ``flock /tmp/realsize.lock python scripts/bench.py ...`` so that only one real-size job runs at a time.
@@ -290,6 +292,8 @@ def derive(engines, gflop_per_step, gemm_peak, steps, reference_result=None):
             r["gflops"] = round(gflop_per_step / median, 1)
             if gemm_peak:
                 r["efficiency"] = round(r["gflops"] / gemm_peak, 3)
+            if r.get("gemm_after_gflops"):
+                r["efficiency_vs_gemm_after"] = round(r["gflops"] / r["gemm_after_gflops"], 3)
         if r.get("status") != "ok" and r.get("first_step_s") is not None:
             done = r.get("steps_done", 0)
             r["estimated_denoise_s"] = round(r["first_step_s"] + median * (steps - 1), 1)
@@ -340,6 +344,7 @@ COLUMNS = [("engine", "engine", "{}"), ("load_s", "load_s", "{:.1f}"), ("first_s
            ("step_s_median", "step_s_median", "{:.2f}"), ("total_s", "total_s", "{:.1f}"),
            ("peak_rss_gb", "peak_rss_gb", "{:.2f}"), ("GFLOP/step", "gflop_per_step", "{:.1f}"),
            ("GFLOP/s", "gflops", "{:.1f}"), ("eff", "efficiency", "{:.0%}"),
+           ("GEMM after", "gemm_after_gflops", "{:.1f}"), ("eff vs after", "efficiency_vs_gemm_after", "{:.0%}"),
            ("max|d| vs diffusers", "max_abs_diff_frames_vs_diffusers", "{:.2e}"),
            ("PSNR vs onnxruntime", "psnr_vs_onnxruntime_db", "{:.1f} dB"), ("status", "status", "{}")]
 

@@ -23,6 +23,7 @@ worker.
 """
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -119,6 +120,9 @@ def run_engine(engine, spec, result):
             result.update(first_call_total_s=result.data["total_s"], peak_rss_first_call_gb=round(rss_peak_gb(), 3))
             logger.info("call %d of %d: %.1f s, peak RSS so far %.2f GB", number, calls, result.data["total_s"],
                         rss_peak_gb())
+    del pipe, call  # the engine's memory goes before the GEMM's arrays come, so they do not add to its peak RSS
+    gc.collect()
+    result.update(gemm_after_gflops=gemm_after())
     frames = np.asarray(frames, dtype=np.float32)
     out = Path(spec["outputs"]) / f"{engine}.npz"
     np.savez(out, frames=frames, latents=timer.latents)
@@ -285,28 +289,41 @@ ENGINES = tuple(ENGINE_IMPORTS)
 
 
 # -- measurements ----------------------------------------------------------------------------------------------
+def best_gflops(name, matmul, n, repeats):
+    """GFLOP/s of the fastest of ``repeats`` calls of ``matmul`` (an fp32 ``n``^3 product, 2 n^3 FLOP)."""
+    matmul()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul()
+        best = min(best, time.perf_counter() - start)
+    logger.info("%s %d^3 fp32 matmul: best %.3f s, %.1f GFLOP/s", name, n, best, 2.0 * n ** 3 / best / 1e9)
+    return round(2.0 * n ** 3 / best / 1e9, 1)
+
+
+def _square_pair(n):
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+
+
 def run_gemm(spec, result, n=4096, repeats=5):
-    """Best-of-``repeats`` fp32 ``n``^3 matmul with numpy's BLAS and with torch (2 n^3 FLOP each)."""
+    """Best-of-``repeats`` fp32 ``n``^3 matmul with numpy's BLAS and with torch."""
     import torch
 
     torch.set_num_threads(spec["threads"])
-    flop = 2.0 * n ** 3
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
+    a, b = _square_pair(n)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    figures = {}
-    for name, matmul in (("numpy", lambda: a @ b), ("torch", lambda: torch.mm(ta, tb))):
-        matmul()  # warm-up
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            matmul()
-            best = min(best, time.perf_counter() - start)
-        figures[f"{name}_gflops"] = round(flop / best / 1e9, 1)
-        logger.info("%s %d^3 fp32 matmul: best %.3f s, %.1f GFLOP/s", name, n, best, flop / best / 1e9)
+    figures = {f"{name}_gflops": best_gflops(name, matmul, n, repeats)
+               for name, matmul in (("numpy", lambda: a @ b), ("torch", lambda: torch.mm(ta, tb)))}
     result.update(n=n, repeats=repeats, threads=spec["threads"], **figures,
                   peak_gflops=max(figures.values()), status="ok")
+
+
+def gemm_after(n=4096, repeats=3):
+    """numpy's fp32 GEMM rate measured in an engine's process right after its calls: the machine's speed at that
+    moment, beside the run's peak measured before and after all engines (its speed drifts by minutes)."""
+    a, b = _square_pair(n)
+    return best_gflops("numpy (after the calls)", lambda: a @ b, n, repeats)
 
 
 def run_flops(spec, result):

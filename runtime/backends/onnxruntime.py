@@ -196,13 +196,13 @@ class OnnxRuntimeBackend(Backend):
             stages = [(session, mapped)]
         else:
             stages = [(self._session(model, weights, folder=path.parent)[0], weights) for model, weights in parts]
-            prepacked = False
+            prepacked = False  # each part's session decides for itself; a streamed graph prefetches nothing anyway
             logger.info("%s runs in %d parts of %s GB of mapped weights, each given back after it runs", entry.key,
                         len(stages), " + ".join(f"{sum(w.array.nbytes for _, w, _ in ws) / 1e9:.2f}"
                                                 for _, ws in stages))
-        first, last = stages[0][0], stages[-1][0]
-        have_inputs = {i.name for i in first.get_inputs()}
-        have_outputs = {o.name for o in last.get_outputs()}
+        sessions = [stage for stage, _ in stages]
+        have_inputs = {i.name for i in sessions[0].get_inputs()}
+        have_outputs = {o.name for o in sessions[-1].get_outputs()}
         want_inputs = {s.name for s in entry.inputs}
         want_outputs = [s.name for s in entry.outputs]
         if have_inputs != want_inputs or not set(want_outputs) <= have_outputs:
@@ -215,7 +215,7 @@ class OnnxRuntimeBackend(Backend):
         def release():
             return sum(weight.release() for _, weight, _ in mapped)
 
-        run_options, last = None, len(stages) - 1
+        run_options, final = None, len(stages) - 1
         if streamed:  # the working memory of the run leaves the process at its end (BFC arena chunks)
             run_options = self.ort.RunOptions()
             run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
@@ -223,13 +223,13 @@ class OnnxRuntimeBackend(Backend):
         def run(arrays, _keep=mapped):  # the sessions read the mapped weights: they live as long as they do
             feeds = dict(zip(input_names, arrays))
             for number, (stage, weights) in enumerate(stages):
-                names = want_outputs if number == last else [stage.get_outputs()[0].name]
+                names = want_outputs if number == final else [stage.get_outputs()[0].name]
                 outputs = stage.run(names, feeds, run_options)
                 if streamed:  # this part's pages leave before the next part's come in
                     for _, weight, _ in weights:
                         weight.release()
-                if number < last:
-                    feeds = {stages[number + 1][0].get_inputs()[0].name: outputs[0]}
+                if number < final:
+                    feeds = {sessions[number + 1].get_inputs()[0].name: outputs[0]}
             if streamed:
                 trim_heap()
             return outputs
@@ -250,7 +250,7 @@ class OnnxRuntimeBackend(Backend):
             logger.info("released %.2f GB of mapped weight pages read while building %s", release() / 1e9,
                         entry.key)
         trim_heap()  # what the graph optimizer allocated and freed while building the session
-        return run, first if len(stages) == 1 else [stage for stage, _ in stages]
+        return run, sessions[0] if len(sessions) == 1 else sessions
 
 
 class MappedWeights:
