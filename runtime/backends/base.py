@@ -52,7 +52,8 @@ def load_backend(name, **options):
     """The backend called ``name`` ("onnxruntime", "mindspore", "mindspore_lite"), built with ``options``.
 
     Common options: ``device`` ("cpu", "cuda"/"gpu", "ascend" where the engine supports it) and ``num_threads``.
-    A Backend instance is returned as is, so callers may pass either a name or a configured backend. Raises :class:`BackendUnavailableError` (an ImportError) when the engine is not installed.
+    A Backend instance is returned as is, so callers may pass either a name or a configured backend. Raises
+    :class:`BackendUnavailableError` (an ImportError) when the engine is not installed.
     """
     if isinstance(name, Backend):
         return name

@@ -70,11 +70,11 @@ class OnnxRuntimeBackend(Backend):
     ``pack_exclusive`` (default on): a graph opened ``exclusive`` (the UNet when one frame bucket of it is
     resident, ``resident_buckets=1``) does not share: its session loads its weights itself and packs the GEMM
     weights into ONNX Runtime's blocked layout once, instead of reading the mapped ones and packing them again on
-    every call. At SVD-XT size, 128x128, 4 frames: 0.85-0.93x the step time, the same peak RSS (the packed copy is
-    the size of the mapped pages it replaces; the encoders run in parts beside it, see below), but a session build
-    of 13 s instead of 4 s, and memory the kernel cannot drop under pressure as it can clean mapped pages. The gain
-    shrinks at larger resolutions: the per-call packing costs in proportion to the weight, the product grows with
-    the rows too. Off, the UNet reads the shared mapping like every other graph.
+    every call. At SVD-XT size, 128x128, 4 frames: 0.85-1.03x the step time (mostly 0.91-0.98x), the same peak
+    RSS (the packed copy is the size of the mapped pages it replaces; the encoders run in parts beside it, see
+    below), but a session build of 13 s instead of 4 s, and memory the kernel cannot drop under pressure as it can
+    clean mapped pages. The gain shrinks at larger resolutions: the per-call packing costs in proportion to the
+    weight, the product grows with the rows too. Off, the UNet reads the shared mapping like every other graph.
 
     A graph opened ``streamed`` (one a pipeline call runs once, or once per chunk, outside the denoising loop: the
     encoders and the VAE decoder) keeps nothing resident between its runs: its mapped weight pages are given back
