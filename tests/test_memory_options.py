@@ -216,3 +216,26 @@ def test_pipeline_runs_the_image_encoder_in_parts_with_the_same_frames(svd_artif
     # the same nodes; fusions that would have spanned a cut (e.g. a residual Add into the next LayerNorm) are not
     # made, so the float rounding can differ
     np.testing.assert_allclose(frames[0], frames[2e-5], rtol=0, atol=1e-4)
+
+
+def test_the_last_denoising_step_gives_back_the_unets_working_memory(svd_artifact, input_image):
+    """The UNet's last run of a call asks the engine to give back its working memory (Graph.run(shrink=True)), so
+    the UNet's activations do not stay through the decode; the runs before it keep it for the next step."""
+    from framegraph.runtime import StableVideoDiffusionPipeline
+
+    pipe = StableVideoDiffusionPipeline.from_artifacts(svd_artifact)
+    pipe.set_progress_bar_config(disable=True)
+    unet = pipe.artifact.graph("unet", num_frames=2, batch=2, height=32, width=32)
+    shrinks, original = [], unet.run
+
+    def run(feeds, shrink=False):
+        shrinks.append(shrink)
+        return original(feeds, shrink=shrink)
+
+    unet.run = run
+    call = dict(num_frames=2, num_inference_steps=3, decode_chunk_size=2, output_type="np", generator=0)
+    frames = pipe(input_image, **call).frames
+    assert shrinks == [False, False, True]
+    unet.run = original
+    np.testing.assert_array_equal(pipe(input_image, **call).frames, frames)
+    pipe.artifact.close()

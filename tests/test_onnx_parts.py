@@ -197,3 +197,23 @@ def test_graphs_not_streamed_run_whole_and_keep_their_pages(tmp_path):
         graph.release_memory()
     with pytest.raises(ValueError, match="stream_part_gb"):
         load_backend("onnxruntime", stream_part_gb=-1)
+
+
+def test_run_with_shrink_asks_the_arena_to_give_back_its_memory(tmp_path):
+    """Graph.run(feeds, shrink=True) (the denoising loop's last UNet run) passes ONNX Runtime the arena-shrinkage
+    run option; a plain call of a graph that is not streamed passes none."""
+    weights, entry = _chain_artifact(tmp_path)
+    graph = load_backend("onnxruntime").open(tmp_path, entry)
+    seen = []
+
+    def run(*args, _run=graph.native.run):
+        seen.append(args[2] if len(args) > 2 else None)
+        return _run(*args)
+
+    graph.native.run = run
+    x = np.random.default_rng(3).standard_normal((4, SIZE)).astype(np.float32)
+    plain = graph(x=x)["y"]
+    shrunk = graph.run({"x": x}, shrink=True)["y"]
+    np.testing.assert_array_equal(plain, shrunk)
+    assert seen[0] is None
+    assert seen[1].get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"

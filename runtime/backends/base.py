@@ -148,9 +148,16 @@ class Graph:
                 )
 
     def __call__(self, **feeds):
+        return self.run(feeds)
+
+    def run(self, feeds, shrink=False):
+        """``graph(**feeds)``; with ``shrink=True`` the engine also gives back, at the end of this run, the working
+        memory it kept from its runs (ONNX Runtime: its arena's free chunks), for the last run of a series (the
+        denoising loop's last step: the UNet's activations need not stay through the decode)."""
         self.check_feeds(feeds)
         arrays = [np.ascontiguousarray(np.asarray(feeds[spec.name])) for spec in self.entry.inputs]
-        outputs = list(self._run(arrays))
+        shrinks = shrink and getattr(self._run, "shrinks", False)
+        outputs = list(self._run(arrays, shrink=True) if shrinks else self._run(arrays))
         if len(outputs) != len(self.entry.outputs):
             raise ArtifactError(
                 f"graph {self.name} returned {len(outputs)} outputs but the manifest lists {len(self.entry.outputs)} "

@@ -215,13 +215,13 @@ class OnnxRuntimeBackend(Backend):
         def release():
             return sum(weight.release() for _, weight, _ in mapped)
 
-        run_options, final = None, len(stages) - 1
-        if streamed:  # the working memory of the run leaves the process at its end (BFC arena chunks)
-            run_options = self.ort.RunOptions()
-            run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        final = len(stages) - 1
+        shrinking = self.ort.RunOptions()  # the working memory of the run leaves the process at its end
+        shrinking.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
-        def run(arrays, _keep=mapped):  # the sessions read the mapped weights: they live as long as they do
+        def run(arrays, shrink=False, _keep=mapped):  # the sessions read the mapped weights: they live as long
             feeds = dict(zip(input_names, arrays))
+            run_options = shrinking if streamed or shrink else None
             for number, (stage, weights) in enumerate(stages):
                 names = want_outputs if number == final else [stage.get_outputs()[0].name]
                 outputs = stage.run(names, feeds, run_options)
@@ -230,9 +230,11 @@ class OnnxRuntimeBackend(Backend):
                         weight.release()
                 if number < final:
                     feeds = {sessions[number + 1].get_inputs()[0].name: outputs[0]}
-            if streamed:
+            if run_options is not None:
                 trim_heap()
             return outputs
+
+        run.shrinks = True
 
         # a prepacking session reads its packed copies, not the mapped weights; a streamed graph gives its pages
         # back as it goes

@@ -127,7 +127,9 @@ class TextToVideoSDPipeline(ArtifactPipeline):
                              f"{have} — pass one of them or re-export with --decode-chunk-sizes {decode_chunk_size}")
 
     # -- stages ------------------------------------------------------------------------------------------------
-    def _unet(self, model_input, t, embeds, cfg, num_frames, height, width, graph=None):
+    def _unet(self, model_input, t, embeds, cfg, num_frames, height, width, graph=None, last=False):
+        """Run the UNet graph batch by graph batch; ``last``: the denoising loop's last step, whose last run gives
+        the UNet's working memory back (``Graph.run(shrink=True)``)."""
         n = model_input.shape[0] // (2 if cfg else 1)
         if graph is None:
             graph = self._unet_graph(num_frames, cfg, height, width)
@@ -137,8 +139,8 @@ class TextToVideoSDPipeline(ArtifactPipeline):
             idx = np.arange(start, start + self.batch)
             if cfg:
                 idx = np.concatenate([idx, idx + n])
-            outputs.append(graph(sample=model_input[idx], timestep=timestep,
-                                 encoder_hidden_states=embeds[idx])["noise_pred"])
+            feeds = {"sample": model_input[idx], "timestep": timestep, "encoder_hidden_states": embeds[idx]}
+            outputs.append(graph.run(feeds, shrink=last and start + self.batch >= n)["noise_pred"])
         if not cfg:
             return np.concatenate(outputs)
         half = self.batch
@@ -201,7 +203,8 @@ class TextToVideoSDPipeline(ArtifactPipeline):
         for i, t in enumerate(timesteps):
             model_input = np.concatenate([latents] * 2) if cfg else latents
             model_input = self.scheduler.scale_model_input(model_input, t).astype(np.float32)
-            noise_pred = self._unet(model_input, t, embeds, cfg, num_frames, height, width, unet)
+            noise_pred = self._unet(model_input, t, embeds, cfg, num_frames, height, width, unet,
+                                    last=i == len(timesteps) - 1)
             if cfg:
                 uncond, text = noise_pred[:n], noise_pred[n:]
                 noise_pred = uncond + guidance_scale * (text - uncond)
