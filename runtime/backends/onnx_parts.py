@@ -33,18 +33,24 @@ def _has_subgraphs(graph):
     return any(a.type in kinds for node in graph.node for a in node.attribute)
 
 
-def constant_outputs(graph):
-    """{tensor name: producing node} for the tensors computed from initializers alone (ONNX Runtime folds them when
-    it builds the session; e.g. a text encoder's causal mask): a part that needs one gets a copy of its nodes."""
-    constants = {t.name for t in graph.initializer}
-    produced = {}
-    for node in graph.node:
+def constant_nodes(graph):
+    """Indices of the nodes that read initializers, or what other such nodes compute, alone: ONNX Runtime folds
+    them when it builds the session (e.g. a text encoder's causal mask). An initializer that is also a graph input
+    can be overridden, so it is not a constant."""
+    overridable = {v.name for v in graph.input}
+    constants = {t.name for t in graph.initializer if t.name not in overridable}
+    folded = []
+    for index, node in enumerate(graph.node):  # in topological order, as ONNX requires
         if all(name in constants for name in node.input if name):
-            for name in node.output:
-                if name:
-                    constants.add(name)
-                    produced[name] = node
-    return produced
+            constants.update(name for name in node.output if name)
+            folded.append(index)
+    return folded
+
+
+def constant_outputs(graph):
+    """{tensor name: producing node} for the tensors the constant nodes compute (see constant_nodes): a part that
+    needs one gets a copy of its nodes."""
+    return {name: graph.node[index] for index in constant_nodes(graph) for name in graph.node[index].output if name}
 
 
 def cut_points(graph, sizes=None):

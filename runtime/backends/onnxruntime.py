@@ -10,6 +10,7 @@ from pathlib import Path
 from ..heap import trim_heap
 from ..manifest import ArtifactError
 from .base import Backend, BackendUnavailableError, register_backend
+from .onnx_parts import constant_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -273,16 +274,12 @@ class MappedWeights:
         graph_path = Path(graph_path)
         model = onnx.load(str(graph_path), load_external_data=False)
         consumers = {}
-        overridable = {v.name for v in model.graph.input}
-        constant = {t.name for t in model.graph.initializer if t.name not in overridable}
-        for node in model.graph.node:  # in topological order, as ONNX requires
-            # nodes that only read constants are folded by ONNX Runtime when it builds the session, their weights
-            # are not read again (the SVD UNet's frame position embedding MLP: 0.4 GB)
-            folded = all(name in constant for name in node.input if name)
-            if folded:
-                constant.update(node.output)
+        # nodes that only read constants are folded by ONNX Runtime when it builds the session, their weights are
+        # not read again (the SVD UNet's frame position embedding MLP: 0.4 GB)
+        folded = set(constant_nodes(model.graph))
+        for index, node in enumerate(model.graph.node):
             for name in node.input:
-                consumers.setdefault(name, set()).add(FOLDED if folded else node.op_type)
+                consumers.setdefault(name, set()).add(FOLDED if index in folded else node.op_type)
         out = []
         with self._lock:
             for tensor in model.graph.initializer:
