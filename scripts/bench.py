@@ -10,8 +10,8 @@ One run, same random weights for every engine:
      processes) into ``WORK/artifact-HxW-fFRAMES-FORMAT``: ONNX with the measured frame bucket and a second one
      (``--second-frames``), MindIR with the measured one; an up-to-date export (same pipeline, options and framegraph
      export/model sources) is reused. Export time, peak RSS (process tree) and artifact size are reported;
-  3. the fp32 GEMM peak of this machine is measured (numpy and torch, 4096^3, best of 5; before and after the
-     engines) and the UNet FLOPs of one denoising step are counted (torch FlopCounterMode, one diffusers UNet call
+  3. the fp32 GEMM peak of this machine is measured (numpy, torch and ONNX Runtime's MLAS with B as an input and
+     prepacked; 4096^3, best of 5; the fastest of them, before and after the engines) and the UNet FLOPs of one denoising step are counted (torch FlopCounterMode, one diffusers UNet call
      at the guidance batch of 2);
   4. each engine runs in its own process (``scripts/bench_engines.py``) on the same input image, latents and
      conditioning-image noise, guidance on; step ends are timed with ``callback_on_step_end``; peak RSS is the
@@ -28,8 +28,8 @@ Columns: load_s (from_pretrained / from_artifacts + opening the graphs the call 
 the end of step 1: includes image / prompt encoding), step_s_median (median of steps 2..N), total_s (pipeline call,
 image in -> frames out, decode included), peak_rss_gb, GFLOP/step (UNet, guidance batch), GFLOP/s
 (GFLOP/step / step_s_median), eff (GFLOP/s / fp32 GEMM GFLOP/s, the best of the GEMM runs before and after the
-engines), GEMM after (numpy's fp32 GEMM in the engine's own process right after its calls: the machine's speed at
-that moment) and eff vs after (GFLOP/s / GEMM after), max|d| (max abs difference of the frames in [0, 1] from
+engines), GEMM after (the fp32 GEMM, numpy's or ONNX Runtime's, whichever is faster, in the engine's own process right
+after its calls: the machine's speed at that moment) and eff vs after (GFLOP/s / GEMM after), max|d| (max abs difference of the frames in [0, 1] from
 diffusers').
 
 Real-size models (svd-xt, text-to-video-ms-1.7b) need up to ~10-20 GB per process: on a shared machine run this under
@@ -476,7 +476,8 @@ def main(argv=None):
     gemm.append(run_worker("gemm", spec_path, runs / "gemm-after.json", args.threads))
     peaks = [g.get("peak_gflops") for g in gemm if g.get("peak_gflops")]
     report["gemm"] = {"peak_gflops": max(peaks) if peaks else None, "runs": gemm,
-                      "method": "fp32 4096^3 matmul, numpy and torch, best of 5, before and after the engines"}
+                      "method": "fp32 4096^3 matmul, numpy, torch and ONNX Runtime (B input, B prepacked), best of 5, "
+                                "the fastest, before and after the engines"}
     earlier = None
     if "diffusers" not in engines:
         earlier = earlier_result(runs / "diffusers.json", spec)

@@ -13,7 +13,7 @@ WORKER is one of:
   onnxruntime-mapped    the same with pack_exclusive=False (the held UNet bucket reads the shared mapped weights)
   onnxruntime-int8      framegraph runtime on an artifact exported with --quantize int8
   mindspore     framegraph runtime on the artifact's MindIR graphs
-  gemm          fp32 GEMM peak of this machine (numpy and torch, square matmuls, best of a few)
+  gemm          fp32 GEMM peak of this machine (numpy, torch and ONNX Runtime, square matmuls, best of a few)
   flops         UNet FLOPs of one denoising step (torch FlopCounterMode on one diffusers UNet call)
 
 The result JSON is rewritten after every stage and step, so a worker stopped by the time limit still leaves what it
@@ -122,7 +122,7 @@ def run_engine(engine, spec, result):
                         rss_peak_gb())
     del pipe, call  # the engine's memory goes before the GEMM's arrays come, so they do not add to its peak RSS
     gc.collect()
-    result.update(gemm_after_gflops=gemm_after())
+    result.update(gemm_after_gflops=gemm_after(spec["threads"]))
     frames = np.asarray(frames, dtype=np.float32)
     out = Path(spec["outputs"]) / f"{engine}.npz"
     np.savez(out, frames=frames, latents=timer.latents)
@@ -306,24 +306,58 @@ def _square_pair(n):
     return rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
 
 
+def ort_matmul(a, b, threads, constant_b):
+    """A callable running ``a @ b`` in ONNX Runtime's CPU provider (MLAS: the kernels framegraph's graphs run on),
+    with ``b`` a graph input, or an initializer that ONNX Runtime prepacks (``constant_b``) as it does the UNet's
+    weights."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    def info(name):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(a.shape if name == "a" else b.shape))
+
+    inputs = [info("a")] + ([] if constant_b else [info("b")])
+    initializers = [numpy_helper.from_array(b, "b")] if constant_b else []
+    out = helper.make_tensor_value_info("c", TensorProto.FLOAT, [a.shape[0], b.shape[1]])
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul", inputs, [out], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = {"a": a} if constant_b else {"a": a, "b": b}
+    return lambda: session.run(None, feeds)
+
+
+def gemm_rates(a, b, threads, repeats, label=""):
+    """{name_gflops: rate} of the fp32 product ``a @ b`` with numpy's BLAS and ONNX Runtime (B as an input and B
+    prepacked)."""
+    n = a.shape[0]
+    return {f"{name}_gflops": best_gflops(name + label, matmul, n, repeats) for name, matmul in (
+        ("numpy", lambda: a @ b),
+        ("onnxruntime", ort_matmul(a, b, threads, constant_b=False)),
+        ("onnxruntime_prepacked", ort_matmul(a, b, threads, constant_b=True)))}
+
+
 def run_gemm(spec, result, n=4096, repeats=5):
-    """Best-of-``repeats`` fp32 ``n``^3 matmul with numpy's BLAS and with torch."""
+    """Best-of-``repeats`` fp32 ``n``^3 matmul with numpy's BLAS, torch and ONNX Runtime: the machine's fp32 GEMM
+    limit is the fastest of them (on AVX-512 machines ONNX Runtime's MLAS measured ~1.8x numpy's OpenBLAS)."""
     import torch
 
     torch.set_num_threads(spec["threads"])
     a, b = _square_pair(n)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    figures = {f"{name}_gflops": best_gflops(name, matmul, n, repeats)
-               for name, matmul in (("numpy", lambda: a @ b), ("torch", lambda: torch.mm(ta, tb)))}
+    figures = gemm_rates(a, b, spec["threads"], repeats)
+    figures["torch_gflops"] = best_gflops("torch", lambda: torch.mm(ta, tb), n, repeats)
     result.update(n=n, repeats=repeats, threads=spec["threads"], **figures,
                   peak_gflops=max(figures.values()), status="ok")
 
 
-def gemm_after(n=4096, repeats=3):
-    """numpy's fp32 GEMM rate measured in an engine's process right after its calls: the machine's speed at that
-    moment, beside the run's peak measured before and after all engines (its speed drifts by minutes)."""
+def gemm_after(threads, n=4096, repeats=3):
+    """The fp32 GEMM rate (the best of numpy and ONNX Runtime) measured in an engine's process right after its
+    calls: the machine's speed at that moment, beside the run's peak measured before and after all engines (its
+    speed drifts by minutes)."""
     a, b = _square_pair(n)
-    return best_gflops("numpy (after the calls)", lambda: a @ b, n, repeats)
+    return max(gemm_rates(a, b, threads, repeats, label=" (after the calls)").values())
 
 
 def run_flops(spec, result):
