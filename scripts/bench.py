@@ -11,7 +11,8 @@ One run, same random weights for every engine:
      (``--second-frames``), MindIR with the measured one; an up-to-date export (same pipeline, options and framegraph
      export/model sources) is reused. Export time, peak RSS (process tree) and artifact size are reported;
   3. the fp32 GEMM peak of this machine is measured (numpy, torch and ONNX Runtime's MLAS with B as an input and
-     prepacked; 4096^3, best of 5; the fastest of them, before and after the engines) and the UNet FLOPs of one denoising step are counted (torch FlopCounterMode, one diffusers UNet call
+     prepacked; 4096^3, best of 5; the fastest of them, before and after the engines) and the UNet FLOPs of one
+     denoising step are counted (torch FlopCounterMode, one diffusers UNet call
      at the guidance batch of 2);
   4. each engine runs in its own process (``scripts/bench_engines.py``) on the same input image, latents and
      conditioning-image noise, guidance on; step ends are timed with ``callback_on_step_end``; peak RSS is the
@@ -26,11 +27,12 @@ One run, same random weights for every engine:
 
 Columns: load_s (from_pretrained / from_artifacts + opening the graphs the call uses), first_step_s (call start to
 the end of step 1: includes image / prompt encoding), step_s_median (median of steps 2..N), total_s (pipeline call,
-image in -> frames out, decode included), peak_rss_gb, GFLOP/step (UNet, guidance batch), GFLOP/s
-(GFLOP/step / step_s_median), eff (GFLOP/s / fp32 GEMM GFLOP/s, the best of the GEMM runs before and after the
-engines), GEMM after (the fp32 GEMM, numpy's or ONNX Runtime's, whichever is faster, in the engine's own process right
-after its calls: the machine's speed at that moment) and eff vs after (GFLOP/s / GEMM after), max|d| (max abs difference of the frames in [0, 1] from
-diffusers').
+image in -> frames out, decode included), stolen CPU s (CPU seconds the hypervisor gave to other guests during that
+call, /proc/stat's steal, all CPUs: time the engine could not run), peak_rss_gb, GFLOP/step (UNet, guidance batch),
+GFLOP/s (GFLOP/step / step_s_median), eff (GFLOP/s / fp32 GEMM GFLOP/s, the best of the GEMM runs before and after
+the engines), GEMM after (the fp32 GEMM, numpy's or ONNX Runtime's, whichever is faster, in the engine's own process
+right after its calls: the machine's speed at that moment) and eff vs after (GFLOP/s / GEMM after), max|d| (max abs
+difference of the frames in [0, 1] from diffusers').
 
 Real-size models (svd-xt, text-to-video-ms-1.7b) need up to ~10-20 GB per process: on a shared machine run this under
 ``flock /tmp/realsize.lock python scripts/bench.py ...`` so that only one real-size job runs at a time.
@@ -342,7 +344,8 @@ def _outputs(result):
 
 COLUMNS = [("engine", "engine", "{}"), ("load_s", "load_s", "{:.1f}"), ("first_step_s", "first_step_s", "{:.2f}"),
            ("step_s_median", "step_s_median", "{:.2f}"), ("total_s", "total_s", "{:.1f}"),
-           ("peak_rss_gb", "peak_rss_gb", "{:.2f}"), ("GFLOP/step", "gflop_per_step", "{:.1f}"),
+           ("stolen CPU s", "stolen_cpu_s", "{:.2f}"), ("peak_rss_gb", "peak_rss_gb", "{:.2f}"),
+           ("GFLOP/step", "gflop_per_step", "{:.1f}"),
            ("GFLOP/s", "gflops", "{:.1f}"), ("eff", "efficiency", "{:.0%}"),
            ("GEMM after", "gemm_after_gflops", "{:.1f}"), ("eff vs after", "efficiency_vs_gemm_after", "{:.0%}"),
            ("max|d| vs diffusers", "max_abs_diff_frames_vs_diffusers", "{:.2e}"),

@@ -40,6 +40,17 @@ logger = logging.getLogger("bench_engines")
 GIB = 1024 ** 3
 
 
+def stolen_s():
+    """CPU seconds the hypervisor gave to other guests so far, summed over this machine's CPUs (``steal`` in
+    /proc/stat); None where the kernel does not report it."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def rss_peak_gb():
     """Peak RSS of this process so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
@@ -113,9 +124,12 @@ def run_engine(engine, spec, result):
     calls = int(spec.get("calls", 1))
     for number in range(1, calls + 1):  # figures of the last call; the peak RSS is the whole process's
         timer = StepTimer(result)
+        stolen = stolen_s()
         timer.begin()
         frames = call(pipe, timer)
         result.update(**timer.end(), **timer.summary(), calls_done=number)
+        if stolen is not None:  # a step slowed by the machine, not by the engine, shows here
+            result.update(stolen_cpu_s=round(stolen_s() - stolen, 2))
         if number < calls:
             result.update(first_call_total_s=result.data["total_s"], peak_rss_first_call_gb=round(rss_peak_gb(), 3))
             logger.info("call %d of %d: %.1f s, peak RSS so far %.2f GB", number, calls, result.data["total_s"],
