@@ -344,12 +344,19 @@ def ort_matmul(a, b, threads, constant_b):
 
 def gemm_rates(a, b, threads, repeats, label=""):
     """{name_gflops: rate} of the fp32 product ``a @ b`` with numpy's BLAS and ONNX Runtime (B as an input and B
-    prepacked)."""
+    prepacked). Each ONNX Runtime session is built right before it is measured and freed after, so that no other
+    session's threads compete with it."""
     n = a.shape[0]
-    return {f"{name}_gflops": best_gflops(name + label, matmul, n, repeats) for name, matmul in (
-        ("numpy", lambda: a @ b),
-        ("onnxruntime", ort_matmul(a, b, threads, constant_b=False)),
-        ("onnxruntime_prepacked", ort_matmul(a, b, threads, constant_b=True)))}
+    makers = (("numpy", lambda: lambda: a @ b),
+              ("onnxruntime", lambda: ort_matmul(a, b, threads, constant_b=False)),
+              ("onnxruntime_prepacked", lambda: ort_matmul(a, b, threads, constant_b=True)))
+    rates = {}
+    for name, make in makers:
+        matmul = make()
+        rates[f"{name}_gflops"] = best_gflops(name + label, matmul, n, repeats)
+        del matmul
+        gc.collect()
+    return rates
 
 
 def run_gemm(spec, result, n=4096, repeats=5):
