@@ -40,11 +40,11 @@ logger = logging.getLogger("bench_engines")
 GIB = 1024 ** 3
 
 
-def stolen_s():
+def stolen_s(stat_path="/proc/stat"):
     """CPU seconds the hypervisor gave to other guests so far, summed over this machine's CPUs (``steal`` in
     /proc/stat); None where the kernel does not report it."""
     try:
-        with open("/proc/stat") as stat:
+        with open(stat_path) as stat:
             fields = stat.readline().split()
         return int(fields[8]) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
