@@ -12,8 +12,7 @@ One run, same random weights for every engine:
      export/model sources) is reused. Export time, peak RSS (process tree) and artifact size are reported;
   3. the fp32 GEMM peak of this machine is measured (numpy, torch and ONNX Runtime's MLAS with B as an input and
      prepacked; 4096^3, best of 5; the fastest of them, before and after the engines) and the UNet FLOPs of one
-     denoising step are counted (torch FlopCounterMode, one diffusers UNet call
-     at the guidance batch of 2);
+     denoising step are counted (torch FlopCounterMode, one diffusers UNet call at the guidance batch of 2);
   4. each engine runs in its own process (``scripts/bench_engines.py``) on the same input image, latents and
      conditioning-image noise, guidance on; step ends are timed with ``callback_on_step_end``; peak RSS is the
      process tree's (sampled) or the largest process's (``wait4`` rusage), whichever is larger; frames are compared
