@@ -390,6 +390,48 @@ def test_euler_begin_index_and_step_index():
     assert scheduler.step_index == 3
 
 
+
+@pytest.mark.parametrize("cls", [EulerDiscreteScheduler, DPMSolverMultistepScheduler])
+def test_add_noise_picks_sigma_as_diffusers_does(cls):
+    """Before a begin index: each timestep's own sigma; after set_begin_index: that index until the first step,
+    then the current step's (diffusers' img2img order: add_noise is called before the loop)."""
+    scheduler = cls()
+    scheduler.set_timesteps(6)
+    x = np.ones((2, 3), np.float32)
+    noise = np.full((2, 3), 0.5, np.float32)
+    t = scheduler.timesteps
+
+    def expected(indices):
+        sigma = scheduler.sigmas[indices].astype(np.float64)
+        if cls is EulerDiscreteScheduler:  # x + sigma * noise
+            return 1.0 + 0.5 * sigma
+        alpha_t = 1.0 / np.sqrt(1.0 + sigma ** 2)  # DPM-Solver: alpha_t * x + sigma_t * noise
+        return alpha_t + 0.5 * sigma * alpha_t
+
+    def check(timesteps, indices):
+        np.testing.assert_allclose(scheduler.add_noise(x, noise, np.array(timesteps))[:, 0], expected(indices),
+                                   rtol=1e-5)
+
+    check([t[1], t[4]], [1, 4])
+    scheduler.set_begin_index(3)
+    check([t[0], t[0]], [3, 3])
+    scheduler.step(np.zeros_like(x), t[3], x)
+    check([t[0], t[0]], [4, 4])
+
+
+def test_timestep_outside_the_schedule():
+    """diffusers' DPM-Solver starts an unknown timestep at the schedule's last step; Euler cannot place it."""
+    dpm = DPMSolverMultistepScheduler()
+    dpm.set_timesteps(5)
+    assert dpm.index_for_timestep(1234) == len(dpm.timesteps) - 1
+    euler = EulerDiscreteScheduler()
+    euler.set_timesteps(5)
+    with pytest.raises(ValueError, match="not in the scheduler's timesteps"):
+        euler.index_for_timestep(1234.5)
+    repeated = np.array([9, 7, 7, 3])
+    assert dpm.index_for_timestep(7, repeated) == euler.index_for_timestep(7, repeated) == 2
+
+
 # ------------------------------------------------------------------------------------------------ config handling
 
 

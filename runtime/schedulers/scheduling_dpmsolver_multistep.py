@@ -15,6 +15,7 @@ import numpy as np
 from .scheduling_utils import (
     SchedulerMixin,
     SchedulerOutput,
+    SigmaStepsMixin,
     UnsupportedConfigError,
     beta_sigmas,
     broadcast_to_sample,
@@ -40,7 +41,7 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 _ONE = np.float32(1.0)
 
 
-class DPMSolverMultistepScheduler(SchedulerMixin):
+class DPMSolverMultistepScheduler(SigmaStepsMixin, SchedulerMixin):
     """DPM-Solver multistep scheduler; same constructor arguments, defaults and config keys as diffusers 0.42.1."""
 
     _compatibles = ["DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"]
@@ -118,34 +119,11 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         self.timesteps = np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy()
         self.model_outputs = [None] * solver_order
         self.lower_order_nums = 0
-        self._step_index = None
-        self._begin_index = None
+        self._reset_index()
 
     # -- indices
-    @property
-    def step_index(self) -> int | None:
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        self._begin_index = begin_index
-
-    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        """Index of ``timestep`` in the schedule (second match if repeated; the last step if absent)."""
-        schedule = self.timesteps if schedule_timesteps is None else np.asarray(schedule_timesteps)
-        candidates = np.flatnonzero(schedule == np.asarray(timestep))
-        if len(candidates) == 0:
-            return len(self.timesteps) - 1
-        return int(candidates[1] if len(candidates) > 1 else candidates[0])
-
-    def _init_step_index(self, timestep) -> None:
-        if self.begin_index is None:
-            self._step_index = self.index_for_timestep(timestep)
-        else:
-            self._step_index = self._begin_index
+    def _absent_timestep_index(self, timestep) -> int:
+        return len(self.timesteps) - 1  # diffusers' DPM-Solver steps from the end of the schedule
 
     # -- schedule
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, mu: float | None = None,
@@ -206,8 +184,7 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         self.num_inference_steps = len(self.timesteps)
         self.model_outputs = [None] * cfg.solver_order
         self.lower_order_nums = 0
-        self._step_index = None
-        self._begin_index = None
+        self._reset_index()
 
     def _round(self, timesteps: np.ndarray) -> np.ndarray:
         return timesteps if self.config.beta_schedule == "squaredcos_cap_v2" else timesteps.round()
@@ -417,12 +394,7 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         """``alpha_t * x0 + sigma_t * noise`` at the given schedule timesteps (one per batch entry)."""
         original_samples = np.asarray(original_samples)
         timesteps = np.atleast_1d(np.asarray(timesteps))
-        if self.begin_index is None:
-            indices = [self.index_for_timestep(t) for t in timesteps]
-        elif self.step_index is not None:
-            indices = [self.step_index] * timesteps.shape[0]
-        else:
-            indices = [self.begin_index] * timesteps.shape[0]
+        indices = self._noise_indices(timesteps)
         sigma = broadcast_to_sample(self.sigmas[indices].astype(original_samples.dtype), original_samples)
         alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(sigma)
         return (alpha_t * original_samples + sigma_t * np.asarray(noise)).astype(original_samples.dtype)

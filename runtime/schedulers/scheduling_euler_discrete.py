@@ -14,6 +14,7 @@ import numpy as np
 from .scheduling_utils import (
     SchedulerMixin,
     SchedulerOutputWithX0,
+    SigmaStepsMixin,
     UnsupportedConfigError,
     beta_sigmas,
     broadcast_to_sample,
@@ -39,7 +40,7 @@ EulerDiscreteSchedulerOutput = SchedulerOutputWithX0
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "original_sample")
 
 
-class EulerDiscreteScheduler(SchedulerMixin):
+class EulerDiscreteScheduler(SigmaStepsMixin, SchedulerMixin):
     """Euler scheduler; same constructor arguments, defaults and config keys as diffusers 0.42.1."""
 
     _compatibles = ["DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"]
@@ -93,8 +94,7 @@ class EulerDiscreteScheduler(SchedulerMixin):
         self.use_karras_sigmas = use_karras_sigmas
         self.use_exponential_sigmas = use_exponential_sigmas
         self.use_beta_sigmas = use_beta_sigmas
-        self._step_index = None
-        self._begin_index = None
+        self._reset_index()
 
     # -- helpers
     def _train_sigmas(self) -> np.ndarray:
@@ -112,31 +112,6 @@ class EulerDiscreteScheduler(SchedulerMixin):
         if self.config.timestep_spacing in ("linspace", "trailing"):
             return float(max_sigma)
         return float(np.sqrt(max_sigma * max_sigma + np.float32(1.0)))
-
-    @property
-    def step_index(self) -> int | None:
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        self._begin_index = begin_index
-
-    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
-        """Index of ``timestep`` in the schedule; the second match if it occurs twice (img2img restarts)."""
-        schedule = self.timesteps if schedule_timesteps is None else np.asarray(schedule_timesteps)
-        indices = np.flatnonzero(schedule == np.asarray(timestep))
-        if len(indices) == 0:
-            raise ValueError(f"timestep {timestep!r} is not in the scheduler's timesteps; pass one of `timesteps`.")
-        return int(indices[1] if len(indices) > 1 else indices[0])
-
-    def _init_step_index(self, timestep) -> None:
-        if self.begin_index is None:
-            self._step_index = self.index_for_timestep(timestep)
-        else:
-            self._step_index = self._begin_index
 
     # -- schedule
     def scale_model_input(self, sample: np.ndarray, timestep) -> np.ndarray:
@@ -205,8 +180,7 @@ class EulerDiscreteScheduler(SchedulerMixin):
         else:
             self.timesteps = np.asarray(timesteps).astype(np.float32)
         self.sigmas = sigmas
-        self._step_index = None
-        self._begin_index = None
+        self._reset_index()
 
     def _spaced_timesteps(self, n: int) -> np.ndarray:
         cfg = self.config
@@ -304,11 +278,6 @@ class EulerDiscreteScheduler(SchedulerMixin):
         """``original + sigma(t) * noise`` for the given schedule timesteps (one per batch entry)."""
         original_samples = np.asarray(original_samples)
         timesteps = np.atleast_1d(np.asarray(timesteps))
-        if self.begin_index is None:
-            indices = [self.index_for_timestep(t) for t in timesteps]
-        elif self.step_index is not None:
-            indices = [self.step_index] * timesteps.shape[0]
-        else:
-            indices = [self.begin_index] * timesteps.shape[0]
+        indices = self._noise_indices(timesteps)
         sigma = broadcast_to_sample(self.sigmas[indices].astype(original_samples.dtype), original_samples)
         return (original_samples + np.asarray(noise) * sigma).astype(original_samples.dtype)

@@ -235,6 +235,54 @@ class SchedulerMixin:
 # --------------------------------------------------------------------------------------------------- outputs
 
 
+class SigmaStepsMixin:
+    """Where a sigma-table scheduler is in its schedule (diffusers' ``step_index`` and ``begin_index``).
+
+    The first ``step`` (or ``scale_model_input``) starts at ``begin_index`` when a pipeline set one, else at the
+    position of its timestep in ``timesteps``. A subclass says what a timestep that is not in the schedule means
+    (``_absent_timestep_index``)."""
+
+    _step_index = None
+    _begin_index = None
+
+    @property
+    def step_index(self) -> int | None:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        self._begin_index = begin_index
+
+    def _reset_index(self) -> None:
+        self._step_index = None
+        self._begin_index = None
+
+    def _absent_timestep_index(self, timestep) -> int:
+        raise ValueError(f"timestep {timestep!r} is not in the scheduler's timesteps; pass one of `timesteps`.")
+
+    def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
+        """Index of ``timestep`` in the schedule; the second match if it occurs twice (img2img restarts)."""
+        schedule = self.timesteps if schedule_timesteps is None else np.asarray(schedule_timesteps)
+        indices = np.flatnonzero(schedule == np.asarray(timestep))
+        if len(indices) == 0:
+            return self._absent_timestep_index(timestep)
+        return int(indices[1] if len(indices) > 1 else indices[0])
+
+    def _init_step_index(self, timestep) -> None:
+        self._step_index = self.index_for_timestep(timestep) if self.begin_index is None else self._begin_index
+
+    def _noise_indices(self, timesteps: np.ndarray) -> list[int]:
+        """The sigma indices ``add_noise`` uses for ``timesteps``, as diffusers picks them: the timesteps' own
+        positions before a begin index is set, then the current step (or the begin index before the first)."""
+        if self.begin_index is None:
+            return [self.index_for_timestep(t) for t in timesteps]
+        index = self.step_index if self.step_index is not None else self.begin_index
+        return [index] * timesteps.shape[0]
+
+
 class _Output:
     """Dataclass output that also indexes like diffusers' ``BaseOutput`` (``out[0]``, ``out["prev_sample"]``)."""
 
