@@ -12,6 +12,7 @@ from mindspore import nn, ops
 
 from .layers import Conv2d, GroupNorm, TimestepEmbedding, Timesteps, set_forward_chunking, silu
 from .loading import config_from_dict
+from .unet_config import check_block_lists, per_down_block
 from .unet_3d_blocks import DOWN_BLOCKS, UP_BLOCKS, TransformerTemporalModel, UNetMidBlock3DCrossAttn
 
 
@@ -49,33 +50,10 @@ class UNet3DConditionConfig:
         """One value per down block of what diffusers passes on as ``num_attention_heads`` (its naming quirk: it is
         ``attention_head_dim`` of the config, and a block of C channels then has C // value heads of value
         channels)."""
-        value = self.attention_head_dim
-        n = len(self.down_block_types)
-        if isinstance(value, int):
-            return [value] * n
-        if len(value) != n:
-            raise ValueError(
-                f"attention_head_dim={value!r} needs one entry per down block ({n}: {list(self.down_block_types)})"
-            )
-        return list(value)
+        return per_down_block("attention_head_dim", self.attention_head_dim, self.down_block_types)
 
     def validate(self):
-        n = len(self.down_block_types)
-        if len(self.up_block_types) != n:
-            raise ValueError(
-                f"{n} down_block_types but {len(self.up_block_types)} up_block_types; give as many of each"
-            )
-        if len(self.block_out_channels) != n:
-            raise ValueError(
-                f"{len(self.block_out_channels)} block_out_channels for {n} down blocks; give one per block"
-            )
-        for kind, names, known in (
-            ("down", self.down_block_types, DOWN_BLOCKS),
-            ("up", self.up_block_types, UP_BLOCKS),
-        ):
-            unknown = [b for b in names if b not in known]
-            if unknown:
-                raise ValueError(f"unsupported {kind} block types {unknown}; supported: {sorted(known)}")
+        check_block_lists(self, DOWN_BLOCKS, UP_BLOCKS)
         if self.num_attention_heads is not None:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads!r}: UNet3DConditionModel takes its head counts from "

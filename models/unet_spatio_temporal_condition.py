@@ -12,6 +12,7 @@ from mindspore import nn, ops
 
 from .layers import Conv2d, GroupNorm, TimestepEmbedding, Timesteps, set_forward_chunking, silu
 from .loading import config_from_dict
+from .unet_config import check_block_lists, per_down_block
 from .unet_spatio_temporal_blocks import DOWN_BLOCKS, UP_BLOCKS, UNetMidBlockSpatioTemporal
 
 
@@ -46,31 +47,10 @@ class UNetSpatioTemporalConditionConfig:
 
     def per_block(self, name):
         """An option that may be one value or one per down block, as a list with one entry per down block."""
-        value = getattr(self, name)
-        n = len(self.down_block_types)
-        if isinstance(value, int):
-            return [value] * n
-        if len(value) != n:
-            raise ValueError(f"{name}={value!r} needs one entry per down block ({n}: {list(self.down_block_types)})")
-        return list(value)
+        return per_down_block(name, getattr(self, name), self.down_block_types)
 
     def validate(self):
-        n = len(self.down_block_types)
-        if len(self.up_block_types) != n:
-            raise ValueError(
-                f"{n} down_block_types but {len(self.up_block_types)} up_block_types; give as many of each"
-            )
-        if len(self.block_out_channels) != n:
-            raise ValueError(
-                f"{len(self.block_out_channels)} block_out_channels for {n} down blocks; give one per block"
-            )
-        for kind, names, known in (
-            ("down", self.down_block_types, DOWN_BLOCKS),
-            ("up", self.up_block_types, UP_BLOCKS),
-        ):
-            unknown = [b for b in names if b not in known]
-            if unknown:
-                raise ValueError(f"unsupported {kind} block types {unknown}; supported: {sorted(known)}")
+        check_block_lists(self, DOWN_BLOCKS, UP_BLOCKS)
 
 
 class UNetSpatioTemporalConditionModel(nn.Cell):
