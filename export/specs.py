@@ -53,3 +53,16 @@ def _dtype(declared, float_dtype):
 
 def _randn(rng, shape):
     return rng.standard_normal(shape).astype(np.float32)
+
+
+def latent_dims(vae_config, unet_config):
+    """The sizes that the VAE and UNet configs give every pipeline's graphs: latent channels, the VAE's scale
+    factor, the UNet's input / output channels, context width and number of down-samplings."""
+    return {
+        "latent_channels": int(vae_config.get("latent_channels", 4)),
+        "vae_scale_factor": 2 ** (len(vae_config["block_out_channels"]) - 1),
+        "unet_in_channels": int(unet_config["in_channels"]),
+        "unet_out_channels": int(unet_config["out_channels"]),
+        "cross_attention_dim": int(unet_config["cross_attention_dim"]),
+        "unet_downsamples": len(unet_config["block_out_channels"]) - 1,
+    }

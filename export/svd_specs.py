@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from framegraph.export.specs import GraphSpec, TensorDef, _randn
+from framegraph.export.specs import GraphSpec, TensorDef, _randn, latent_dims
 
 
 def svd_graph_specs(dims):
@@ -64,12 +64,7 @@ def svd_dims(image_encoder_config, vae_config, unet_config):
     return {
         "clip_image_size": int(image_encoder_config["image_size"]),
         "projection_dim": int(image_encoder_config["projection_dim"]),
-        "latent_channels": int(vae_config.get("latent_channels", 4)),
-        "vae_scale_factor": 2 ** (len(vae_config["block_out_channels"]) - 1),
-        "unet_in_channels": int(unet_config["in_channels"]),
-        "unet_out_channels": int(unet_config["out_channels"]),
-        "cross_attention_dim": int(unet_config["cross_attention_dim"]),
-        "unet_downsamples": len(unet_config["block_out_channels"]) - 1,
+        **latent_dims(vae_config, unet_config),
     }
 
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from framegraph.export.specs import GraphSpec, TensorDef, _randn
+from framegraph.export.specs import GraphSpec, TensorDef, _randn, latent_dims
 
 DEFAULT_DECODE_SLICE = 8
 
@@ -53,12 +53,7 @@ def t2v_dims(text_config, vae_config, unet_config):
         "max_length": int(text_config.get("max_position_embeddings", 77)),
         "vocab_size": int(text_config["vocab_size"]),
         "text_hidden_size": int(text_config["hidden_size"]),
-        "latent_channels": int(vae_config.get("latent_channels", 4)),
-        "vae_scale_factor": 2 ** (len(vae_config["block_out_channels"]) - 1),
-        "unet_in_channels": int(unet_config["in_channels"]),
-        "unet_out_channels": int(unet_config["out_channels"]),
-        "cross_attention_dim": int(unet_config["cross_attention_dim"]),
-        "unet_downsamples": len(unet_config["block_out_channels"]) - 1,
+        **latent_dims(vae_config, unet_config),
     }
 
 
