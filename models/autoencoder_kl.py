@@ -17,7 +17,7 @@ from mindspore import nn
 
 from .layers import Conv2d
 from .loading import config_from_dict
-from .vae_blocks import Decoder, Encoder
+from .vae_blocks import Decoder, Encoder, VaeEncoderGraph  # noqa: F401 -- VaeEncoderGraph: part of this module's API
 
 logger = logging.getLogger(__name__)
 
@@ -115,17 +115,6 @@ class AutoencoderKL(nn.Cell):
     def construct(self, sample):
         """diffusers' ``forward`` with ``sample_posterior=False``: decode the mode of the encoded ``sample``."""
         return self.decode(self.encode(sample))
-
-
-class VaeEncoderGraph(nn.Cell):
-    """The graph that is exported for encoding: sample [N, 3, H, W] -> latent [N, latent_channels, H/s, W/s]."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def construct(self, sample):
-        return self.vae.encode(sample)
 
 
 class VaeDecoderGraph(nn.Cell):

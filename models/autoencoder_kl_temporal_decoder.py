@@ -15,7 +15,13 @@ from mindspore.common.initializer import initializer
 
 from .layers import Conv2d, GroupNorm, TemporalConv3d, silu
 from .loading import config_from_dict
-from .vae_blocks import AttentionBlock, Encoder, ResnetBlock2D, Upsample2D
+from .vae_blocks import (  # noqa: F401 -- VaeEncoderGraph: part of this module's API (the exporter, the tests)
+    AttentionBlock,
+    Encoder,
+    ResnetBlock2D,
+    Upsample2D,
+    VaeEncoderGraph,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -218,17 +224,6 @@ class AutoencoderKLTemporalDecoder(nn.Cell):
     def construct(self, sample, num_frames=1):
         """diffusers' ``forward`` with ``sample_posterior=False``: decode the mode of the encoded ``sample``."""
         return self.decode(self.encode(sample), num_frames)
-
-
-class VaeEncoderGraph(nn.Cell):
-    """The graph that is exported for encoding: sample [N, 3, H, W] -> latent [N, latent_channels, H/s, W/s]."""
-
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def construct(self, sample):
-        return self.vae.encode(sample)
 
 
 class VaeDecoderGraph(nn.Cell):

@@ -245,3 +245,14 @@ class Decoder(nn.Cell):
         for block in self.up_blocks:
             x = block(x)
         return self.conv_out(silu(self.conv_norm_out(x)))
+
+
+class VaeEncoderGraph(nn.Cell):
+    """The graph that is exported for encoding: sample [N, 3, H, W] -> latent [N, latent_channels, H/s, W/s]."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def construct(self, sample):
+        return self.vae.encode(sample)
