@@ -61,6 +61,34 @@ def replace_nodes(graph, replacement, key=id):
     graph.node.extend(kept)
 
 
+def _names_read(graph):
+    """Every tensor name a node of ``graph`` (or of a subgraph of one) reads, and the graph's outputs."""
+    from onnx import AttributeProto
+
+    names = {value.name for value in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.type == AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subgraphs:
+                names |= _names_read(sub)
+    return names
+
+
+def drop_unused_initializers(model):
+    """Remove the initializers no node reads (constants that the rewrites left behind, or that the exporter wrote
+    for nothing): ONNX Runtime logs a warning for each one every time it builds a session. Returns how many."""
+    graph = model.graph
+    read = _names_read(graph)
+    kept = [tensor for tensor in graph.initializer if tensor.name in read]
+    dropped = len(graph.initializer) - len(kept)
+    if dropped:
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        logger.info("dropped %d initializers that no node reads", dropped)
+    return dropped
+
+
 def _descendants(start, consumers, limit):
     seen, front = {id(start): start}, [start]
     while front and len(seen) <= limit:

@@ -236,3 +236,17 @@ def test_full_disk_fails_with_a_clear_message_and_no_artifact(tmp_path, monkeypa
     assert code == 2
     assert "no space left" in caplog.text and "--out on a" in caplog.text
     assert not out.exists() and not list(tmp_path.glob(".art.partial-*"))
+
+
+def test_onnx_graphs_have_no_unused_initializers(svd_artifact, t2v_artifact):
+    """ONNX Runtime warns once per unused initializer whenever it builds a session: a user would see hundreds."""
+    import onnx
+
+    for artifact in (svd_artifact, t2v_artifact):
+        for g in Manifest.load(artifact).graphs:
+            if g.format != "onnx":
+                continue
+            graph = onnx.load(str(artifact / g.main_file), load_external_data=False).graph
+            read = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
+            unused = [t.name for t in graph.initializer if t.name not in read]
+            assert not unused, f"{g.main_file}: {len(unused)} unused initializers, e.g. {unused[:3]}"

@@ -103,3 +103,34 @@ def test_exported_graphs_use_layer_normalization(svd_artifact):
             continue
         ops = [n.op_type for n in onnx.load(str(svd_artifact / entry.main_file), load_external_data=False).graph.node]
         assert "LayerNormalization" in ops and "Sqrt" not in ops, entry.key
+
+
+def test_drop_unused_initializers_keeps_what_nodes_and_subgraphs_read():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from framegraph.export.onnx_fusions import drop_unused_initializers
+
+    def const(name):
+        return numpy_helper.from_array(np.ones(2, np.float32), name)
+
+    branch = helper.make_graph([helper.make_node("Add", ["x", "in_branch"], ["b"])], "branch", [],
+                               [helper.make_tensor_value_info("b", TensorProto.FLOAT, [2])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["c"])], "other", [],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2])])
+    nodes = [helper.make_node("Mul", ["x", "scale"], ["y"]),
+             helper.make_node("If", ["flag"], ["z"], then_branch=branch, else_branch=other)]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+         helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [2]),
+         helper.make_tensor_value_info("passed_out", TensorProto.FLOAT, [2])],
+        [const("scale"), const("in_branch"), const("passed_out"), const("left_behind"), const("also_unused")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert drop_unused_initializers(model) == 2
+    assert [t.name for t in model.graph.initializer] == ["scale", "in_branch", "passed_out"]
+    assert drop_unused_initializers(model) == 0
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {"x": np.full(2, 3.0, np.float32), "flag": np.array(True)})
+    np.testing.assert_array_equal(outputs[1], np.full(2, 4.0, np.float32))
