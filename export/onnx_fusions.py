@@ -75,18 +75,29 @@ def _names_read(graph):
     return names
 
 
-def drop_unused_initializers(model):
-    """Remove the initializers no node reads (constants that the rewrites left behind, or that the exporter wrote
-    for nothing): ONNX Runtime logs a warning for each one every time it builds a session. Returns how many."""
-    graph = model.graph
-    read = _names_read(graph)
+def drop_unused(graph):
+    """Remove from ``graph`` the nodes whose outputs nothing reads (repeatedly, as removing one can free its inputs' producers)
+    and then the initializers no node reads: constants and slices that the rewrites left behind, or that the
+    exporter wrote for nothing. ONNX Runtime logs a warning for each unused initializer (a Constant node is one to
+    it) every time it builds a session. Returns (nodes removed, initializers removed)."""
+    nodes_dropped = 0
+    while True:
+        read = _names_read(graph)
+        live = [node for node in graph.node if any(name in read for name in node.output if name)]
+        if len(live) == len(graph.node):
+            break
+        nodes_dropped += len(graph.node) - len(live)
+        del graph.node[:]
+        graph.node.extend(live)
     kept = [tensor for tensor in graph.initializer if tensor.name in read]
-    dropped = len(graph.initializer) - len(kept)
-    if dropped:
+    initializers_dropped = len(graph.initializer) - len(kept)
+    if initializers_dropped:
         del graph.initializer[:]
         graph.initializer.extend(kept)
-        logger.info("dropped %d initializers that no node reads", dropped)
-    return dropped
+    if nodes_dropped or initializers_dropped:
+        logger.info("dropped %d nodes and %d initializers whose outputs nothing reads", nodes_dropped,
+                    initializers_dropped)
+    return nodes_dropped, initializers_dropped
 
 
 def _descendants(start, consumers, limit):

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from framegraph.export.onnx_fusions import drop_unused_initializers, fuse_gelu, fuse_normalization
+from framegraph.export.onnx_fusions import drop_unused, fuse_gelu, fuse_normalization
 from framegraph.export.onnx_linear import fold_linear
 from framegraph.export.onnx_small_conv import convs_to_matmul
 
@@ -206,7 +206,7 @@ def export_onnx(cell, inputs, path, input_names, output_names, weights, quantize
         model = onnx.load(str(stage / "int8.onnx"), load_external_data=False)
         drop_unused_domains(model)
         externalize(model, stage, path.parent, weights)
-    drop_unused_initializers(model)
+    drop_unused(model.graph)
     onnx.save(model, str(path))
     shutil.rmtree(stage)
     logger.info("wrote %s (%d ops)", path, len(model.graph.node))

@@ -24,6 +24,8 @@ import re
 import tempfile
 from pathlib import Path
 
+from framegraph.export.onnx_fusions import drop_unused
+
 logger = logging.getLogger(__name__)
 
 QUANTIZE_MODES = ("int8",)
@@ -79,7 +81,7 @@ def gemm_to_matmul(model):
         rewritten += 1
     del graph.node[:]
     graph.node.extend(new_nodes)
-    _drop_unused_initializers(graph)
+    drop_unused(graph)
     return rewritten
 
 
@@ -90,13 +92,6 @@ def drop_unused_domains(model):
     kept = [o for o in model.opset_import if (o.domain or "") in used or o.domain in ("", "ai.onnx")]
     del model.opset_import[:]
     model.opset_import.extend(kept)
-
-
-def _drop_unused_initializers(graph):
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
 
 
 def quantize_int8(source, target):

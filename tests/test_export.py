@@ -238,8 +238,9 @@ def test_full_disk_fails_with_a_clear_message_and_no_artifact(tmp_path, monkeypa
     assert not out.exists() and not list(tmp_path.glob(".art.partial-*"))
 
 
-def test_onnx_graphs_have_no_unused_initializers(svd_artifact, t2v_artifact):
-    """ONNX Runtime warns once per unused initializer whenever it builds a session: a user would see hundreds."""
+def test_onnx_graphs_have_no_unused_initializers_or_nodes(svd_artifact, t2v_artifact):
+    """ONNX Runtime warns once per unused initializer (a Constant node is one to it) whenever it builds a session:
+    a user would see hundreds."""
     import onnx
 
     for artifact in (svd_artifact, t2v_artifact):
@@ -250,3 +251,5 @@ def test_onnx_graphs_have_no_unused_initializers(svd_artifact, t2v_artifact):
             read = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
             unused = [t.name for t in graph.initializer if t.name not in read]
             assert not unused, f"{g.main_file}: {len(unused)} unused initializers, e.g. {unused[:3]}"
+            dead = [n.name or n.op_type for n in graph.node if not any(o in read for o in n.output)]
+            assert not dead, f"{g.main_file}: {len(dead)} nodes whose outputs nothing reads, e.g. {dead[:3]}"

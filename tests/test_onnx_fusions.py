@@ -105,10 +105,10 @@ def test_exported_graphs_use_layer_normalization(svd_artifact):
         assert "LayerNormalization" in ops and "Sqrt" not in ops, entry.key
 
 
-def test_drop_unused_initializers_keeps_what_nodes_and_subgraphs_read():
+def test_drop_unused_keeps_what_outputs_nodes_and_subgraphs_read():
     from onnx import TensorProto, helper, numpy_helper
 
-    from framegraph.export.onnx_fusions import drop_unused_initializers
+    from framegraph.export.onnx_fusions import drop_unused
 
     def const(name):
         return numpy_helper.from_array(np.ones(2, np.float32), name)
@@ -118,7 +118,11 @@ def test_drop_unused_initializers_keeps_what_nodes_and_subgraphs_read():
     other = helper.make_graph([helper.make_node("Identity", ["x"], ["c"])], "other", [],
                               [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2])])
     nodes = [helper.make_node("Mul", ["x", "scale"], ["y"]),
-             helper.make_node("If", ["flag"], ["z"], then_branch=branch, else_branch=other)]
+             helper.make_node("If", ["flag"], ["z"], then_branch=branch, else_branch=other),
+             # a dead chain: a Constant read only by a Slice whose output nothing reads
+             helper.make_node("Constant", [], ["starts"], value=numpy_helper.from_array(np.zeros(1, np.int64))),
+             helper.make_node("Slice", ["x", "starts", "ends"], ["sliced"]),
+             helper.make_node("Constant", [], ["orphan"], value=numpy_helper.from_array(np.zeros(1, np.int64)))]
     graph = helper.make_graph(
         nodes, "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
@@ -126,11 +130,13 @@ def test_drop_unused_initializers_keeps_what_nodes_and_subgraphs_read():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2]),
          helper.make_tensor_value_info("z", TensorProto.FLOAT, [2]),
          helper.make_tensor_value_info("passed_out", TensorProto.FLOAT, [2])],
-        [const("scale"), const("in_branch"), const("passed_out"), const("left_behind"), const("also_unused")])
+        [const("scale"), const("in_branch"), const("passed_out"), const("left_behind"),
+         numpy_helper.from_array(np.ones(1, np.int64), "ends")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    assert drop_unused_initializers(model) == 2
+    assert drop_unused(model.graph) == (3, 2)  # Slice, then its Constant, and the orphan; "left_behind", "ends"
+    assert [n.op_type for n in model.graph.node] == ["Mul", "If"]
     assert [t.name for t in model.graph.initializer] == ["scale", "in_branch", "passed_out"]
-    assert drop_unused_initializers(model) == 0
+    assert drop_unused(model.graph) == (0, 0)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     outputs = session.run(None, {"x": np.full(2, 3.0, np.float32), "flag": np.array(True)})
     np.testing.assert_array_equal(outputs[1], np.full(2, 4.0, np.float32))
