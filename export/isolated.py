@@ -102,14 +102,12 @@ class _Stage:
 
 
 def _export_unit(source, options, stage, component, name, bucket, fmt, with_reference):
-    import mindspore as ms
-
     from framegraph.export.exporter import export_component
     from framegraph.export.onnx_graph import SharedWeights
-    from framegraph.export.pipeline_export import configure
+    from framegraph.export.pipeline_export import configure, graph_mode_on_cpu
     from framegraph.export.registry import recipe_for
 
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    graph_mode_on_cpu()
     pipeline = source.open()
     recipe = recipe_for(pipeline, copy.deepcopy(options))
     factory = dict(recipe.components)[component][name]

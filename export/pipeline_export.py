@@ -82,11 +82,17 @@ def validate_options(options, size_multiple, folder):
         raise ValueError(f"--isolate must be one of {', '.join(isolated.ISOLATE_MODES)}, got {options.isolate!r}")
 
 
-def export_pipeline(pipeline, out, options, recipe, source_name=None, progress=None):
-    """Export ``pipeline`` (a PipelineFolder) following ``recipe`` into the artifact folder ``out``."""
+def graph_mode_on_cpu():
+    """MindSpore as every export runs it: graph mode (what the exported graphs are traced in) on the CPU."""
     import mindspore as ms
 
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    ms.set_device("CPU")  # MindSpore 2.10 warns that set_context(device_target=...) is deprecated
+    ms.set_context(mode=ms.GRAPH_MODE)
+
+
+def export_pipeline(pipeline, out, options, recipe, source_name=None, progress=None):
+    """Export ``pipeline`` (a PipelineFolder) following ``recipe`` into the artifact folder ``out``."""
+    graph_mode_on_cpu()
     validate_options(options, recipe.size_multiple, pipeline.folder)
     _check_required_files(pipeline, recipe)
     source_hash = pipeline.weights_hash([c for c, _ in recipe.components])

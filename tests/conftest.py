@@ -46,7 +46,8 @@ def t2v_golden():
 def ms():
     """MindSpore in GRAPH_MODE on CPU (the mode that export compiles); skips where it is not installed."""
     mindspore = pytest.importorskip("mindspore", reason="needs MindSpore: pip install -e '.[export]'")
-    mindspore.set_context(mode=mindspore.GRAPH_MODE, device_target="CPU")
+    mindspore.set_device("CPU")
+    mindspore.set_context(mode=mindspore.GRAPH_MODE)
     return mindspore
 
 
