@@ -105,6 +105,15 @@ class EnginePipeline:
         return 8
 
 
+# the size and length of a job, the same for every video pipeline
+VIDEO_PARAMS = (
+    Param("height", "int", minimum=8, maximum=4096),
+    Param("width", "int", minimum=8, maximum=4096),
+    Param("num_frames", "int", minimum=1, maximum=1024),
+    Param("num_inference_steps", "int", minimum=1, maximum=1000),
+)
+
+
 @register_engine_pipeline
 class StableVideoDiffusionEngine(EnginePipeline):
     """Image-to-video: ``image`` plus the arguments of ``StableVideoDiffusionPipeline.__call__``."""
@@ -112,10 +121,7 @@ class StableVideoDiffusionEngine(EnginePipeline):
     kind = "stable-video-diffusion"
     params = EnginePipeline.params + (
         Param("image", "image", required=True, help="conditioning image (an uploaded file over HTTP)"),
-        Param("height", "int", minimum=8, maximum=4096),
-        Param("width", "int", minimum=8, maximum=4096),
-        Param("num_frames", "int", minimum=1, maximum=1024),
-        Param("num_inference_steps", "int", minimum=1, maximum=1000),
+        *VIDEO_PARAMS,
         Param("min_guidance_scale", "float", minimum=0.0, maximum=100.0),
         Param("max_guidance_scale", "float", minimum=0.0, maximum=100.0),
         Param("fps", "int", minimum=1, maximum=1000),
@@ -185,10 +191,7 @@ class TextToVideoSDEngine(EnginePipeline):
     params = EnginePipeline.params + (
         Param("prompt", "text", required=True, maximum=4000),
         Param("negative_prompt", "text", maximum=4000),
-        Param("height", "int", minimum=8, maximum=4096),
-        Param("width", "int", minimum=8, maximum=4096),
-        Param("num_frames", "int", minimum=1, maximum=1024),
-        Param("num_inference_steps", "int", minimum=1, maximum=1000),
+        *VIDEO_PARAMS,
         Param("guidance_scale", "float", minimum=0.0, maximum=100.0),
         Param("eta", "float", minimum=0.0, maximum=1.0),
         Param("decode_chunk_size", "int", minimum=1, maximum=1024, help="frames decoded per VAE call"),
