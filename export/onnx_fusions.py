@@ -76,10 +76,10 @@ def _names_read(graph):
 
 
 def drop_unused(graph):
-    """Remove from ``graph`` the nodes whose outputs nothing reads (repeatedly, as removing one can free its inputs' producers)
-    and then the initializers no node reads: constants and slices that the rewrites left behind, or that the
-    exporter wrote for nothing. ONNX Runtime logs a warning for each unused initializer (a Constant node is one to
-    it) every time it builds a session. Returns (nodes removed, initializers removed)."""
+    """Remove from ``graph`` the nodes whose outputs nothing reads (repeatedly, as removing one can free its
+    inputs' producers) and then the initializers no node reads: constants and slices that the rewrites left behind,
+    or that the exporter wrote for nothing. ONNX Runtime logs a warning for each unused initializer (a Constant node
+    is one to it) every time it builds a session. Returns (nodes removed, initializers removed)."""
     nodes_dropped = 0
     while True:
         read = _names_read(graph)

@@ -12,8 +12,8 @@ from mindspore import nn, ops
 
 from .layers import Conv2d, GroupNorm, TimestepEmbedding, Timesteps, set_forward_chunking, silu
 from .loading import config_from_dict
-from .unet_config import check_block_lists, per_down_block
 from .unet_3d_blocks import DOWN_BLOCKS, UP_BLOCKS, TransformerTemporalModel, UNetMidBlock3DCrossAttn
+from .unet_config import check_block_lists, per_down_block
 
 
 # diffusers builds ``transformer_in`` with 8 heads of ``attention_head_dim`` channels, whatever the config says.

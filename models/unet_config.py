@@ -21,7 +21,10 @@ def check_block_lists(config, down_blocks, up_blocks):
         raise ValueError(
             f"{len(config.block_out_channels)} block_out_channels for {n} down blocks; give one per block"
         )
-    for kind, names, known in (("down", config.down_block_types, down_blocks), ("up", config.up_block_types, up_blocks)):
+    for kind, names, known in (
+        ("down", config.down_block_types, down_blocks),
+        ("up", config.up_block_types, up_blocks),
+    ):
         unknown = [b for b in names if b not in known]
         if unknown:
             raise ValueError(f"unsupported {kind} block types {unknown}; supported: {sorted(known)}")
