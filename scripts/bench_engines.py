@@ -320,20 +320,27 @@ def _square_pair(n):
     return rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
 
 
-def ort_matmul(a, b, threads, constant_b):
+def ort_matmul(a, b, threads, constant_b, op="MatMul", bias=None):
     """A callable running ``a @ b`` in ONNX Runtime's CPU provider (MLAS: the kernels framegraph's graphs run on),
     with ``b`` a graph input, or an initializer that ONNX Runtime prepacks (``constant_b``) as it does the UNet's
-    weights."""
+    weights. ``op="Gemm"`` runs it as a Gemm node, as the exported graphs do, adding ``bias`` (a constant row) if
+    one is given."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     def info(name):
         return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(a.shape if name == "a" else b.shape))
 
+    if bias is not None and op != "Gemm":
+        raise ValueError(f"a bias needs op='Gemm', not {op!r}")
     inputs = [info("a")] + ([] if constant_b else [info("b")])
     initializers = [numpy_helper.from_array(b, "b")] if constant_b else []
+    operands = ["a", "b"]
+    if bias is not None:
+        initializers.append(numpy_helper.from_array(bias, "bias"))
+        operands.append("bias")
     out = helper.make_tensor_value_info("c", TensorProto.FLOAT, [a.shape[0], b.shape[1]])
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul", inputs, [out], initializers)
+    graph = helper.make_graph([helper.make_node(op, operands, ["c"])], "product", inputs, [out], initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads

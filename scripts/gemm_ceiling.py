@@ -21,10 +21,10 @@ efficiency this graph's shapes allow on this machine with these kernels.
 
 import argparse
 import collections
-import glob
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engines import _square_pair, gemm_rates  # noqa: E402  (scripts/ is not a package)
+from bench_engines import _square_pair, gemm_rates, ort_matmul  # noqa: E402  (scripts/ is not a package)
 
 logger = logging.getLogger("gemm_ceiling")
 
@@ -96,32 +96,17 @@ def profile_runs(path, threads, warmup, runs):
     spans = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run"][-runs:]
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     per_run = [[e for e in nodes if start <= e["ts"] <= end] for start, end in spans]
-    for file in glob.glob(os.path.join(prefix, "*")):
-        os.remove(file)
-    os.rmdir(prefix)
+    shutil.rmtree(prefix)
     return walls, per_run
 
 
 def single_gemm(m, k, n, biased, threads, seed=0):
-    """A callable running one prepacked-weight Gemm of the given shape in ONNX Runtime."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
+    """A callable running one Gemm of the given shape, with a prepacked random weight (and bias), in ONNX Runtime."""
     rng = np.random.default_rng(seed)
-    initializers = [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "w")]
-    inputs = ["a", "w"]
-    if biased:
-        initializers.append(numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "bias"))
-        inputs.append("bias")
-    graph = helper.make_graph([helper.make_node("Gemm", inputs, ["y"])], "gemm",
-                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feeds = {"a": rng.standard_normal((m, k)).astype(np.float32)}
-    return lambda: session.run(None, feeds)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if biased else None
+    return ort_matmul(a, weight, threads, constant_b=True, op="Gemm", bias=bias)
 
 
 def time_alone(run, repeats, flush):
@@ -144,14 +129,10 @@ def graph_flops(path):
     """GFLOP of the graph's Gemm, MatMul and Conv nodes (2 per multiply-add), from ONNX shape inference."""
     import onnx
 
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
-    shapes = {}
-    for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
-            shapes[value.name] = [d.dim_value for d in dims]
-    for init in model.graph.initializer:
-        shapes[init.name] = list(init.dims)
+    from framegraph.export.onnx_fusions import static_shapes
+
+    model = onnx.load(str(path), load_external_data=False)
+    shapes = {**{init.name: list(init.dims) for init in model.graph.initializer}, **static_shapes(model)}
     total = 0
     for node in model.graph.node:
         out = shapes.get(node.output[0])
@@ -177,7 +158,7 @@ def median_run(walls, per_run):
 
 
 def ceiling(walls, per_run, alone, peak, gflop):
-    """The figures of the summary (see the module docstring)."""
+    """The figures of the summary (see the module docstring); times in seconds to the profile's microsecond."""
     by_op = collections.Counter()
     for event in median_run(walls, per_run):
         by_op[event["args"]["op_name"]] += event["dur"] / 1e6
@@ -191,11 +172,11 @@ def ceiling(walls, per_run, alone, peak, gflop):
     ceiling_s = gemm_alone + rest_floor
     step = statistics.median(walls)
     return {
-        "step_s_median": round(step, 4), "step_s": [round(w, 4) for w in walls],
-        "time_by_op_s": {op: round(t, 4) for op, t in by_op.most_common()},
-        "gemm_in_graph_s": round(sum(by_op[op] for op in GEMM_OPS), 4), "gemm_alone_warm_s": round(gemm_alone, 4),
-        "gemm_alone_cold_s": round(sum(count * cold for count, _, cold in alone.values()), 4),
-        "rest_floor_s": round(rest_floor, 4), "ceiling_step_s": round(ceiling_s, 4),
+        "step_s_median": round(step, 6), "step_s": [round(w, 6) for w in walls],
+        "time_by_op_s": {op: round(t, 6) for op, t in by_op.most_common()},
+        "gemm_in_graph_s": round(sum(by_op[op] for op in GEMM_OPS), 6), "gemm_alone_warm_s": round(gemm_alone, 6),
+        "gemm_alone_cold_s": round(sum(count * cold for count, _, cold in alone.values()), 6),
+        "rest_floor_s": round(rest_floor, 6), "ceiling_step_s": round(ceiling_s, 6),
         "gflop": round(gflop, 4), "peak_gflops": peak,
         "efficiency": round(gflop / step / peak, 3), "ceiling_efficiency": round(gflop / ceiling_s / peak, 3),
     }
@@ -220,7 +201,8 @@ def main(argv=None):
     a, b = _square_pair(args.peak_size)
     peak_before = max(gemm_rates(a, b, args.threads, repeats=5).values())
     walls, per_run = profile_runs(args.graph, args.threads, args.warmup, args.runs)
-    shapes = collections.Counter(gemm_key(e["args"]) for e in per_run[0] if e["args"]["op_name"] in GEMM_OPS)
+    median = median_run(walls, per_run)
+    shapes = collections.Counter(gemm_key(e["args"]) for e in median if e["args"]["op_name"] in GEMM_OPS)
     flush = np.zeros(FLUSH_BYTES // 4, np.float32)
     alone = {}
     logger.info("%d Gemm nodes of %d shapes; timing each shape alone", sum(shapes.values()), len(shapes))
@@ -235,7 +217,7 @@ def main(argv=None):
                "peak_after_gflops": peak_after}
 
     in_graph = collections.defaultdict(float)
-    for event in median_run(walls, per_run):
+    for event in median:
         if event["args"]["op_name"] in GEMM_OPS:
             in_graph[gemm_key(event["args"])] += event["dur"] / 1e6
     rows = []

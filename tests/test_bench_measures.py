@@ -23,6 +23,19 @@ def test_onnxruntime_matmul_computes_the_product(constant_b):
     np.testing.assert_allclose(product, a @ b, rtol=1e-5, atol=1e-5)
 
 
+
+def test_onnxruntime_gemm_adds_the_bias_and_refuses_one_on_matmul():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((16, 8), dtype=np.float32)
+    b = rng.standard_normal((8, 12), dtype=np.float32)
+    bias = rng.standard_normal(12, dtype=np.float32)
+    (product,) = bench_engines.ort_matmul(a, b, threads=1, constant_b=True, op="Gemm", bias=bias)()
+    np.testing.assert_allclose(product, a @ b + bias, rtol=1e-5, atol=1e-5)
+    (product,) = bench_engines.ort_matmul(a, b, threads=1, constant_b=True, op="Gemm")()
+    np.testing.assert_allclose(product, a @ b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="a bias needs op='Gemm'"):
+        bench_engines.ort_matmul(a, b, threads=1, constant_b=True, bias=bias)
+
 def test_gemm_rates_measure_numpy_and_both_onnxruntime_forms():
     a, b = bench_engines._square_pair(64)
     rates = bench_engines.gemm_rates(a, b, threads=1, repeats=2)
