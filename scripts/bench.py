@@ -30,7 +30,9 @@ image in -> frames out, decode included), stolen CPU s (CPU seconds the hypervis
 call, /proc/stat's steal, all CPUs: time the engine could not run), peak_rss_gb, GFLOP/step (UNet, guidance batch),
 GFLOP/s (GFLOP/step / step_s_median), eff (GFLOP/s / fp32 GEMM GFLOP/s, the best of the GEMM runs before and after
 the engines), GEMM after (the fp32 GEMM, numpy's or ONNX Runtime's, whichever is faster, in the engine's own process
-right after its calls: the machine's speed at that moment) and eff vs after (GFLOP/s / GEMM after), max|d| (max abs
+right after its calls: the machine's speed at that moment), eff vs after (GFLOP/s / GEMM after), eff paired (with
+--paired-gemm, the default: the median over steps 2..N of the step's GFLOP/s over the GEMM rate measured right
+before and after that step, see gemm_probe.py; the rate the machine gave at that moment), max|d| (max abs
 difference of the frames in [0, 1] from diffusers').
 
 Real-size models (svd-xt, text-to-video-ms-1.7b) need up to ~10-20 GB per process: on a shared machine run this under
@@ -46,6 +48,7 @@ import os
 import shutil
 import signal
 import subprocess
+import statistics
 import sys
 import time
 from importlib import metadata
@@ -271,7 +274,7 @@ def make_inputs(args, kind, pipeline_dir, runs):
     spec = {
         "kind": kind, "pipeline": str(pipeline_dir), "height": args.height, "width": args.width, "frames": f,
         "steps": args.steps, "threads": args.threads, "inputs": str(runs / "inputs.npz"), "image": str(image),
-        "outputs": str(runs), "vae_scale_factor": scale, "calls": args.calls,
+        "outputs": str(runs), "vae_scale_factor": scale, "calls": args.calls, "paired_gemm": args.paired_gemm,
     }
     if kind == "svd":
         spec.update(min_guidance_scale=1.0, max_guidance_scale=args.guidance_scale or 3.0)
@@ -295,6 +298,9 @@ def derive(engines, gflop_per_step, gemm_peak, steps, reference_result=None):
                 r["efficiency"] = round(r["gflops"] / gemm_peak, 3)
             if r.get("gemm_after_gflops"):
                 r["efficiency_vs_gemm_after"] = round(r["gflops"] / r["gemm_after_gflops"], 3)
+            paired = paired_efficiency(gflop_per_step, r.get("step_s"), r.get("probe_gflops"))
+            if paired is not None:
+                r["efficiency_paired"] = paired
         if r.get("status") != "ok" and r.get("first_step_s") is not None:
             done = r.get("steps_done", 0)
             r["estimated_denoise_s"] = round(r["first_step_s"] + median * (steps - 1), 1)
@@ -311,6 +317,16 @@ def derive(engines, gflop_per_step, gemm_peak, steps, reference_result=None):
                     r[f"max_abs_diff_{key}_vs_diffusers"] = float(np.abs(a - b).max())
                 else:
                     r[f"max_abs_diff_{key}_vs_diffusers"] = f"shape {list(a.shape)} vs {list(b.shape)}"
+
+
+def paired_efficiency(gflop_per_step, step_s, probe_gflops):
+    """Median over steps 2..N of the step's GFLOP/s over the mean of the GEMM rates measured right before and right
+    after it (``probe_gflops[i]`` follows step i + 1); None without a probe after every step."""
+    if not gflop_per_step or not step_s or not probe_gflops or len(probe_gflops) < len(step_s) or len(step_s) < 2:
+        return None
+    ratios = [gflop_per_step / step_s[i] / ((probe_gflops[i - 1] + probe_gflops[i]) / 2)
+              for i in range(1, len(step_s))]
+    return round(statistics.median(ratios), 3)
 
 
 def psnr(frames, reference):
@@ -347,6 +363,7 @@ COLUMNS = [("engine", "engine", "{}"), ("load_s", "load_s", "{:.1f}"), ("first_s
            ("GFLOP/step", "gflop_per_step", "{:.1f}"),
            ("GFLOP/s", "gflops", "{:.1f}"), ("eff", "efficiency", "{:.0%}"),
            ("GEMM after", "gemm_after_gflops", "{:.1f}"), ("eff vs after", "efficiency_vs_gemm_after", "{:.0%}"),
+           ("eff paired", "efficiency_paired", "{:.0%}"),
            ("max|d| vs diffusers", "max_abs_diff_frames_vs_diffusers", "{:.2e}"),
            ("PSNR vs onnxruntime", "psnr_vs_onnxruntime_db", "{:.1f} dB"), ("status", "status", "{}")]
 
@@ -404,6 +421,9 @@ def build_parser():
     p.add_argument("--calls", type=int, default=1, help="pipeline calls per engine process: the timings are the "
                    "last call's, the peak RSS the whole process's (2: what a serving process holds on its second "
                    "request, when the weights of the first are still resident)")
+    p.add_argument("--paired-gemm", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the fp32 GEMM rate after every step of the last call, in a process of its own, with "
+                   "the step clock paused (the eff paired column); adds about 0.7 s per step to the run")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="threads per engine "
                    "(default: all cores)")
     p.add_argument("--guidance-scale", type=float, default=None, help="SVD max_guidance_scale (default 3.0) or "
@@ -447,7 +467,8 @@ def main(argv=None):
     runs.mkdir(parents=True, exist_ok=True)
     report = {"model": str(model), "kind": kind, "settings": {
         "height": args.height, "width": args.width, "frames": args.frames, "steps": args.steps,
-        "threads": args.threads, "dtype": "float32", "seed": args.seed, "engines": engines, "calls": args.calls},
+        "threads": args.threads, "dtype": "float32", "seed": args.seed, "engines": engines, "calls": args.calls,
+        "paired_gemm": args.paired_gemm},
         "machine": machine(), "versions": versions()}
 
     report["pipeline"] = make_pipeline(model, args.work_dir / "pipeline", args.seed)

@@ -23,6 +23,7 @@ worker.
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -76,23 +77,39 @@ class Result:
 
 
 class StepTimer:
-    """Times one pipeline call from its start to each step's end (``callback_on_step_end``) and to its return."""
+    """Times one pipeline call from its start to each step's end (``callback_on_step_end``) and to its return.
 
-    def __init__(self, result):
+    With a ``probe`` (a GemmProbe), the machine's GEMM rate is measured after every step with the clock paused:
+    the step times and the total leave the probes out."""
+
+    def __init__(self, result, probe=None):
         self.result = result
+        self.probe = probe
+        self.paused = 0.0
         self.start = None
         self.marks = []
+        self.probe_gflops = []
         self.latents = None
 
+    def now(self):
+        return time.perf_counter() - self.paused
+
     def begin(self):
-        self.start = time.perf_counter()
+        self.start = self.now()
 
     def step(self, latents):
-        self.marks.append(time.perf_counter())
+        self.marks.append(self.now())
         self.latents = np.array(latents, dtype=np.float32, copy=True)
         durations = self.durations()
         logger.info("step %d: %.2f s", len(durations), durations[-1])
-        self.result.update(step_s=[round(d, 4) for d in durations], steps_done=len(durations), **self.summary())
+        if self.probe is not None:
+            start = time.perf_counter()
+            self.probe_gflops.append(self.probe.probe())
+            self.paused += time.perf_counter() - start
+            logger.info("GEMM after step %d: %.1f GFLOP/s", len(durations), self.probe_gflops[-1])
+        probes = {"probe_gflops": self.probe_gflops} if self.probe is not None else {}
+        self.result.update(step_s=[round(d, 4) for d in durations], steps_done=len(durations), **probes,
+                           **self.summary())
 
     def durations(self):
         times = [self.start] + self.marks
@@ -104,11 +121,20 @@ class StepTimer:
         return {"first_step_s": round(durations[0], 3), "step_s_median": round(statistics.median(steady), 3)}
 
     def end(self):
-        stop = time.perf_counter()
+        stop = self.now()
         return {"total_s": round(stop - self.start, 3), "decode_s": round(stop - self.marks[-1], 3)}
 
 
 # -- engines ---------------------------------------------------------------------------------------------------
+def _probe(spec):
+    """A GemmProbe for the last call where the spec asks for a GEMM rate beside each step (``paired_gemm``)."""
+    if not spec.get("paired_gemm"):
+        return contextlib.nullcontext()
+    from gemm_probe import GemmProbe
+
+    return GemmProbe(n=int(spec.get("paired_gemm_n", 4096)), threads=spec["threads"])
+
+
 def run_engine(engine, spec, result):
     inputs = np.load(spec["inputs"])
     from PIL import Image
@@ -122,18 +148,20 @@ def run_engine(engine, spec, result):
     result.update(load_s=round(time.perf_counter() - start, 3), rss_after_load_gb=round(rss_peak_gb(), 3),
                   status="loaded")
     calls = int(spec.get("calls", 1))
-    for number in range(1, calls + 1):  # figures of the last call; the peak RSS is the whole process's
-        timer = StepTimer(result)
-        stolen = stolen_s()
-        timer.begin()
-        frames = call(pipe, timer)
-        result.update(**timer.end(), **timer.summary(), calls_done=number)
-        if stolen is not None:  # a step slowed by the machine, not by the engine, shows here
-            result.update(stolen_cpu_s=round(stolen_s() - stolen, 2))
-        if number < calls:
-            result.update(first_call_total_s=result.data["total_s"], peak_rss_first_call_gb=round(rss_peak_gb(), 3))
-            logger.info("call %d of %d: %.1f s, peak RSS so far %.2f GB", number, calls, result.data["total_s"],
-                        rss_peak_gb())
+    with _probe(spec) as probe:
+        for number in range(1, calls + 1):  # figures of the last call; the peak RSS is the whole process's
+            timer = StepTimer(result, probe if number == calls else None)
+            stolen = stolen_s()
+            timer.begin()
+            frames = call(pipe, timer)
+            result.update(**timer.end(), **timer.summary(), calls_done=number)
+            if stolen is not None:  # a step slowed by the machine, not by the engine, shows here
+                result.update(stolen_cpu_s=round(stolen_s() - stolen, 2))
+            if number < calls:
+                result.update(first_call_total_s=result.data["total_s"], first_call_step_s_median=result.data[
+                    "step_s_median"], peak_rss_first_call_gb=round(rss_peak_gb(), 3))
+                logger.info("call %d of %d: %.1f s, peak RSS so far %.2f GB", number, calls, result.data["total_s"],
+                            rss_peak_gb())
     del pipe, call  # the engine's memory goes before the GEMM's arrays come, so they do not add to its peak RSS
     gc.collect()
     result.update(gemm_after_gflops=gemm_after(spec["threads"]))
@@ -320,11 +348,11 @@ def _square_pair(n):
     return rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
 
 
-def ort_matmul(a, b, threads, constant_b, op="MatMul", bias=None):
+def ort_matmul(a, b, threads, constant_b, op="MatMul", bias=None, spinning=True):
     """A callable running ``a @ b`` in ONNX Runtime's CPU provider (MLAS: the kernels framegraph's graphs run on),
     with ``b`` a graph input, or an initializer that ONNX Runtime prepacks (``constant_b``) as it does the UNet's
     weights. ``op="Gemm"`` runs it as a Gemm node, as the exported graphs do, adding ``bias`` (a constant row) if
-    one is given."""
+    one is given. ``spinning=False`` lets its threads sleep between runs instead of spinning for more work."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -344,6 +372,8 @@ def ort_matmul(a, b, threads, constant_b, op="MatMul", bias=None):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feeds = {"a": a} if constant_b else {"a": a, "b": b}
     return lambda: session.run(None, feeds)

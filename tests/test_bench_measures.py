@@ -23,7 +23,6 @@ def test_onnxruntime_matmul_computes_the_product(constant_b):
     np.testing.assert_allclose(product, a @ b, rtol=1e-5, atol=1e-5)
 
 
-
 def test_onnxruntime_gemm_adds_the_bias_and_refuses_one_on_matmul():
     rng = np.random.default_rng(1)
     a = rng.standard_normal((16, 8), dtype=np.float32)
@@ -35,6 +34,7 @@ def test_onnxruntime_gemm_adds_the_bias_and_refuses_one_on_matmul():
     np.testing.assert_allclose(product, a @ b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="a bias needs op='Gemm'"):
         bench_engines.ort_matmul(a, b, threads=1, constant_b=True, bias=bias)
+
 
 def test_gemm_rates_measure_numpy_and_both_onnxruntime_forms():
     a, b = bench_engines._square_pair(64)
