@@ -24,8 +24,10 @@ def folder_bytes(path):
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-def tree_rss(pid):
-    """RSS in bytes of ``pid`` and all its descendants (0 if psutil is missing or the process is gone)."""
+def tree_rss(pid, skip=()):
+    """RSS in bytes of ``pid`` and all its descendants (0 if psutil is missing or the process is gone), leaving out
+    the descendants whose command line contains one of the strings in ``skip`` (measuring tools such as
+    gemm_probe.py)."""
     try:
         import psutil
 
@@ -36,6 +38,8 @@ def tree_rss(pid):
     total = 0
     for proc in procs:
         try:
+            if proc.pid != pid and skip and any(word in part for part in proc.cmdline() for word in skip):
+                continue
             total += proc.memory_info().rss
         except Exception:  # noqa: BLE001 -- a child ended while sampling
             pass

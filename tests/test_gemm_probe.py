@@ -2,6 +2,7 @@
 step clock leaves the probes out, and bench.py pairs each step with the rates around it."""
 
 import io
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench  # noqa: E402  (scripts/ is not a package)
 import bench_engines  # noqa: E402
 import gemm_probe  # noqa: E402
+import measure  # noqa: E402
 
 
 def test_the_probe_process_answers_a_rate_per_request_and_exits_when_closed():
@@ -85,3 +87,13 @@ def test_derive_reports_the_paired_efficiency_beside_the_peak_one():
     assert engines["onnxruntime"]["efficiency"] == pytest.approx(0.6)
     assert engines["onnxruntime"]["efficiency_paired"] == pytest.approx(0.75)
     assert "eff paired" in bench.table(engines)
+
+
+def test_the_probe_process_is_left_out_of_the_engine_tree_rss():
+    psutil = pytest.importorskip("psutil")
+    with gemm_probe.GemmProbe(n=256, threads=1, repeats=1) as probe:
+        probe_rss = psutil.Process(probe.proc.pid).memory_info().rss
+        whole = measure.tree_rss(os.getpid())
+        without = measure.tree_rss(os.getpid(), skip=bench.MEASURING_TOOLS)
+    assert probe_rss > 20 * 2 ** 20  # python, numpy and onnxruntime
+    assert whole - without > 0.8 * probe_rss
