@@ -22,7 +22,9 @@ One run, same random weights for every engine:
      the default ``resident_buckets=1``, which closes it again to reopen the first; ``onnxruntime-unshared*`` turn
      ``share_weights`` off, ``onnxruntime-mapped`` turns ``pack_exclusive`` off (the UNet reads the mapped weights);
      ``onnxruntime-int8`` runs an artifact exported with ``--quantize int8`` and reports the PSNR of its frames
-     against ``onnxruntime``'s.
+     against ``onnxruntime``'s. ``onnxruntime-ffchunk`` runs an artifact exported with the compiled forward
+     chunking (``--forward-chunk-size``, the analogue of ``unet.enable_forward_chunking()``) and a one-frame
+     decoder graph, ``onnxruntime-decode1`` the same artifact with ``decode_chunk_size=1``.
 
 Columns: load_s (from_pretrained / from_artifacts + opening the graphs the call uses), first_step_s (call start to
 the end of step 1: includes image / prompt encoding), step_s_median (median of steps 2..N), total_s (pipeline call,
@@ -63,12 +65,15 @@ logger = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent
 INPUT_IMAGE = ROOT / "tests" / "fixtures" / "svd-tiny" / "input.png"
-# engine -> the export it runs: (formats, two frame buckets?, --quantize)
-EXPORTS = {"onnx": (["onnx"], True, None), "mindir": (["mindir"], False, None), "onnx-int8": (["onnx"], False, "int8")}
+# export -> (formats, two frame buckets?, --quantize, memory options?); "onnx-memory" adds the compiled forward
+# chunking (--forward-chunk-size) and a one-frame decoder graph (--decode-chunk-sizes 1,FRAMES) to one bucket
+EXPORTS = {"onnx": (["onnx"], True, None, False), "mindir": (["mindir"], False, None, False),
+           "onnx-int8": (["onnx"], False, "int8", False), "onnx-memory": (["onnx"], False, None, True)}
 ENGINE_EXPORT = {"onnxruntime": "onnx", "onnxruntime-lowmem": "onnx", "onnxruntime-2buckets": "onnx",
                  "onnxruntime-2buckets-resident1": "onnx",
                  "onnxruntime-unshared": "onnx", "onnxruntime-unshared-2buckets": "onnx", "onnxruntime-mapped": "onnx",
                  "onnxruntime-int8": "onnx-int8",
+                 "onnxruntime-ffchunk": "onnx-memory", "onnxruntime-decode1": "onnx-memory",
                  "mindspore": "mindir", "mindspore-lowmem": "mindir"}
 ENGINES = ("diffusers",) + tuple(ENGINE_EXPORT)
 DEFAULT_ENGINES = ENGINES
@@ -182,11 +187,14 @@ def framegraph_sources_hash():
 
 def export_artifact(args, pipeline, key):
     """The artifact of export ``key`` (see EXPORTS): an up-to-date one is reused, else it is exported."""
-    formats, two_buckets, quantize = EXPORTS[key]
+    formats, two_buckets, quantize, memory = EXPORTS[key]
     frames = [args.frames, args.second_frames or args.frames + 2] if two_buckets else [args.frames]
     base = f"artifact-{args.height}x{args.width}-f{'-'.join(map(str, frames))}"
+    options = ["--forward-chunk-size", str(args.forward_chunk_size),
+               "--decode-chunk-sizes", ",".join(map(str, sorted({1, args.frames})))] if memory else []
     wanted = {"pipeline": pipeline["stamp"], "height": args.height, "width": args.width, "frames": frames,
-              "check": args.export_check, "quantize": quantize, "framegraph_sources": framegraph_sources_hash()}
+              "check": args.export_check, "quantize": quantize, "options": options,
+              "framegraph_sources": framegraph_sources_hash()}
     artifact = args.work_dir / f"{base}-{key}"  # MindSpore rejects '+' in paths
     stamp_path = artifact.with_name(artifact.name + ".bench.json")
     if stamp_path.is_file() and (artifact / "manifest.json").is_file():
@@ -206,6 +214,7 @@ def export_artifact(args, pipeline, key):
                "--formats", ",".join(formats)] + ([] if args.export_check else ["--no-check"])
     if quantize:
         command += ["--quantize", quantize]
+    command += options
     code, wall, peak, timed_out = run_process(command, timeout=args.export_timeout)
     figures = {"command": " ".join(map(str, command))}
     figures.update(export_s=round(wall, 1), peak_rss_gb=round(peak, 2), formats=list(formats), frames=frames,
@@ -435,6 +444,8 @@ def build_parser():
     p.add_argument("--work-dir", type=Path, default=None, help="cache folder (default ./out/bench/MODEL-NAME)")
     p.add_argument("--skip-export", action="store_true", help="use the artifacts in the work dir as they are, even "
                    "if framegraph's sources changed since they were exported (missing ones are exported)")
+    p.add_argument("--forward-chunk-size", type=int, default=64, help="feed-forward positions per slice in the "
+                   "onnx-memory export (the onnxruntime-ffchunk and -decode1 engines)")
     p.add_argument("--export-check", action=argparse.BooleanOptionalAction, default=False,
                    help="let the export run every graph and check it against the MindSpore model (framegraph's own "
                    "default). Off by default here: the max|d| column checks the graphs end to end against diffusers, "

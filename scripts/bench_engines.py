@@ -12,6 +12,9 @@ WORKER is one of:
   onnxruntime-unshared[-2buckets]  the same with share_weights=False (each session reads its own weights)
   onnxruntime-mapped    the same with pack_exclusive=False (the held UNet bucket reads the shared mapped weights)
   onnxruntime-int8      framegraph runtime on an artifact exported with --quantize int8
+  onnxruntime-ffchunk   framegraph runtime on an artifact exported with --forward-chunk-size (and a one-frame
+                        decoder graph)
+  onnxruntime-decode1   the same artifact with decode_chunk_size=1
   mindspore     framegraph runtime on the artifact's MindIR graphs
   gemm          fp32 GEMM peak of this machine (numpy, torch and ONNX Runtime, square matmuls, best of a few)
   flops         UNet FLOPs of one denoising step (torch FlopCounterMode on one diffusers UNet call)
@@ -235,7 +238,7 @@ def _diffusers_svd(pipe, timer, spec, image, latents, image_noise):
         module.randn_tensor = original
 
 
-def _framegraph(backend, low_memory=False, extra_bucket=False, **backend_options):
+def _framegraph(backend, low_memory=False, extra_bucket=False, decode_chunk_size=None, **backend_options):
     def load(spec, inputs, image, result):
         from framegraph.runtime import StableVideoDiffusionPipeline, TextToVideoSDPipeline
 
@@ -249,7 +252,7 @@ def _framegraph(backend, low_memory=False, extra_bucket=False, **backend_options
         # on every engine (from_artifacts_s is the lazy part alone).
         start = time.perf_counter()
         if not low_memory:  # low-memory mode opens each graph when it is needed, one at a time
-            for name, bucket in _graphs_used(pipe, spec):
+            for name, bucket in _graphs_used(pipe, spec, decode_chunk_size):
                 pipe.artifact.graph(name, **bucket)
         if extra_bucket:
             bucket = _other_unet_bucket(pipe, spec)
@@ -264,7 +267,7 @@ def _framegraph(backend, low_memory=False, extra_bucket=False, **backend_options
 
             common = dict(height=spec["height"], width=spec["width"], num_frames=spec["frames"],
                           num_inference_steps=spec["steps"], latents=inputs["latents"], output_type="np",
-                          callback_on_step_end=on_step_end)
+                          decode_chunk_size=decode_chunk_size, callback_on_step_end=on_step_end)
             if spec["kind"] == "svd":
                 return p(image, min_guidance_scale=spec["min_guidance_scale"],
                          max_guidance_scale=spec["max_guidance_scale"], image_noise=inputs["image_noise"],
@@ -276,14 +279,14 @@ def _framegraph(backend, low_memory=False, extra_bucket=False, **backend_options
     return load
 
 
-def _graphs_used(pipe, spec):
+def _graphs_used(pipe, spec, decode_chunk_size=None):
     h, w, f = spec["height"], spec["width"], spec["frames"]
     batch = pipe.batch
     unet = ("unet", {"num_frames": f, "batch": 2 * batch, "height": h, "width": w})  # guidance on: 2x batch
     if spec["kind"] == "svd":
         return [("image_encoder", {"batch": batch}), ("vae_encoder", {"batch": batch, "height": h, "width": w}),
-                unet, ("vae_decoder", {"chunk": f, "height": h, "width": w})]
-    chunk = max(pipe.artifact.buckets("vae_decoder", "chunk"))
+                unet, ("vae_decoder", {"chunk": min(decode_chunk_size or f, f), "height": h, "width": w})]
+    chunk = decode_chunk_size or max(pipe.artifact.buckets("vae_decoder", "chunk"))
     return [("text_encoder", {"batch": batch}), unet, ("vae_decoder", {"chunk": chunk, "height": h, "width": w})]
 
 
@@ -324,6 +327,8 @@ ENGINE_IMPORTS = {
                                                         resident_buckets=None),
     "onnxruntime-mapped": _import_framegraph("onnxruntime", pack_exclusive=False),
     "onnxruntime-int8": _import_framegraph("onnxruntime"),  # on the --quantize int8 artifact
+    "onnxruntime-ffchunk": _import_framegraph("onnxruntime"),  # on the forward-chunked artifact
+    "onnxruntime-decode1": _import_framegraph("onnxruntime", decode_chunk_size=1),  # the same, one frame a decode
     "mindspore": _import_framegraph("mindspore"),
     "mindspore-lowmem": _import_framegraph("mindspore", low_memory=True),
 }
