@@ -6,7 +6,7 @@ import logging
 import sys
 
 from framegraph.export.components import PipelineFolder
-from framegraph.export.pipeline_export import ExportOptions
+from framegraph.export.pipeline_export import DEFAULT_ATTENTION_SLICE_MB, ExportOptions
 from framegraph.export.registry import run_export
 from framegraph.models.loading import resolve_model_path
 
@@ -51,6 +51,11 @@ def build_parser():
     p.add_argument("--forward-chunk-size", type=int, default=None,
                    help="run the UNet's feed-forward layers over slices of this many positions inside the graph (the "
                    "compiled unet.enable_forward_chunking(): same numbers, lower peak memory at large sizes)")
+    p.add_argument("--attention-slice-mb", type=float, default=DEFAULT_ATTENTION_SLICE_MB,
+                   help="compute each attention over slices of its queries whose float32 scores take at most this "
+                   f"many MB (default {DEFAULT_ATTENTION_SLICE_MB:g}; same numbers; whole [batch, heads, queries, keys] "
+                   "scores grow with the square of the positions: 85 GB in SVD-XT's first level at 576x1024, 25 "
+                   "frames); 0 computes every attention whole")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="int8 UNet weights in the ONNX graphs (ONNX Runtime dynamic quantization of the linear "
                    "layers, 7-bit weights; convolutions stay float; faster on CPU, less exact: compare the frames)")
@@ -73,6 +78,7 @@ def main(argv=None):
             frames=args.frames, height=args.height, width=args.width, batch=args.batch, formats=args.formats,
             dtype=args.dtype, decode_chunk_sizes=args.decode_chunk_sizes, check=args.check,
             isolate=args.isolate, forward_chunk_size=args.forward_chunk_size, quantize=args.quantize,
+            attention_slice_mb=args.attention_slice_mb or None,
         )
         out = run_export(pipeline, args.out, options, source_name=args.model)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:

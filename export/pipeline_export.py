@@ -19,6 +19,11 @@ from framegraph.runtime.manifest import FORMATS, Manifest
 
 logger = logging.getLogger(__name__)
 
+# The largest float32 attention scores one slice of queries may hold (see models.layers.attention): it leaves every
+# attention of the sizes measured here whole (SVD-XT's largest at 256x256, 8 frames: 335 MB) and slices those
+# of the published sizes (576x1024, 25 frames: 85 GB whole).
+DEFAULT_ATTENTION_SLICE_MB = 1024
+
 
 @dataclasses.dataclass
 class ExportOptions:
@@ -32,6 +37,7 @@ class ExportOptions:
     check: bool = True
     isolate: str = "auto"  # export components in child processes: auto (large ones), always, never
     forward_chunk_size: int = None  # UNet feed-forward over slices of this many positions (lower peak memory)
+    attention_slice_mb: float = DEFAULT_ATTENTION_SLICE_MB  # attention over query slices of at most this many MB
     quantize: str = None  # "int8": int8 UNet weights in the ONNX graphs (CPU)
 
     def fingerprint(self, source_hash):
@@ -75,6 +81,9 @@ def validate_options(options, size_multiple, folder):
         raise ValueError(f"--dtype must be float32 or float16, got {options.dtype}")
     if options.forward_chunk_size is not None and options.forward_chunk_size < 1:
         raise ValueError(f"--forward-chunk-size must be a positive integer, got {options.forward_chunk_size}")
+    if options.attention_slice_mb is not None and not options.attention_slice_mb > 0:
+        raise ValueError(f"--attention-slice-mb must be a positive number of MB (or 0 for none: whole attention), "
+                         f"got {options.attention_slice_mb}")
     if options.quantize is not None and (options.quantize not in QUANTIZE_MODES or "onnx" not in options.formats):
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)} and needs --formats with onnx "
                          f"(it applies to the ONNX graphs); got {options.quantize!r} with {','.join(options.formats)}")
@@ -152,9 +161,13 @@ def _component_graphs(writer, pipeline, component, factories, recipe, options, p
 
 
 def configure(net, options):
-    """Apply the export options that change a model's graph but not its numbers (forward chunking)."""
+    """Apply the export options that change a model's graph but not its numbers (forward chunking, attention
+    slicing)."""
     if options.forward_chunk_size and hasattr(net, "enable_forward_chunking"):
         net.enable_forward_chunking(options.forward_chunk_size)
+    from framegraph.models.layers import set_attention_slicing
+
+    set_attention_slicing(net, options.attention_slice_mb)
     return net
 
 
@@ -206,6 +219,7 @@ def _manifest(pipeline, recipe, options, graphs, source_name, source_hash, write
             "decode_chunk_sizes": sorted({g.bucket["chunk"] for g in graphs if g.name == "vae_decoder"}),
             "checked": options.check,
             "forward_chunk_size": options.forward_chunk_size,
+            "attention_slice_mb": options.attention_slice_mb,
             "quantize": options.quantize,
         },
     )

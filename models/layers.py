@@ -182,16 +182,43 @@ def softmax(x):
     return ops.softmax(x.astype(ms.float32), -1).astype(x.dtype)
 
 
-def attention(q, k, v, heads):
-    """Scaled dot-product attention of [B, Lq, heads*d] queries over [B, Lk, heads*d] keys/values."""
+SCORE_BYTES = 4  # attention scores and their softmax are float32 (see ``softmax``)
+
+
+def query_slice(scores_per_query, queries, max_scores_mb=None):
+    """How many queries one slice of attention takes so that its float32 scores (``scores_per_query`` per query:
+    batch x heads x keys) stay within ``max_scores_mb`` MB; all of them without a limit, at least one."""
+    if max_scores_mb is None:
+        return queries
+    return max(1, min(queries, int(max_scores_mb * 2 ** 20 // (scores_per_query * SCORE_BYTES))))
+
+
+def _attend(q, k, v):
+    return ops.matmul(softmax(ops.matmul(q, k)), v)
+
+
+def attention(q, k, v, heads, max_scores_mb=None):
+    """Scaled dot-product attention of [B, Lq, heads*d] queries over [B, Lk, heads*d] keys/values.
+
+    With ``max_scores_mb`` the queries are taken in slices (see ``query_slice``) so that no [B, heads, slice, Lk]
+    score tensor is larger than that: each query's softmax still runs over every key, so the result is the same,
+    and the graph never holds the whole [B, heads, Lq, Lk] scores (85 GB for SVD-XT's first level at 576x1024 and
+    25 frames with guidance).
+    """
     b, lq, inner = q.shape
     lk = k.shape[1]
     d = inner // heads
-    q = q.reshape(b, lq, heads, d).transpose(0, 2, 1, 3)
+    q = q.reshape(b, lq, heads, d).transpose(0, 2, 1, 3) * (1.0 / math.sqrt(d))
     k = k.reshape(b, lk, heads, d).transpose(0, 2, 3, 1)
     v = v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)
-    scores = ops.matmul(q * (1.0 / math.sqrt(d)), k)
-    out = ops.matmul(softmax(scores), v)
+    step = query_slice(b * heads * lk, lq, max_scores_mb)
+    if step >= lq:
+        out = _attend(q, k, v)
+    else:
+        parts = ()
+        for start in range(0, lq, step):
+            parts = parts + (_attend(q[:, :, start : min(start + step, lq)], k, v),)
+        out = ops.concat(parts, 2)
     return out.transpose(0, 2, 1, 3).reshape(b, lq, inner)
 
 
@@ -227,6 +254,17 @@ class TimestepEmbedding(nn.Cell):
 
     def construct(self, x):
         return self.linear_2(silu(self.linear_1(x)))
+
+
+def set_attention_slicing(net, max_scores_mb=None):
+    """Run every attention of ``net`` (cells with a ``max_scores_mb`` attribute) over slices of its queries whose
+    float32 scores stay within ``max_scores_mb`` MB (see ``attention``); ``None`` computes each attention whole.
+    Call before the first run or export: a compiled graph keeps the setting it was compiled with."""
+    if max_scores_mb is not None and (isinstance(max_scores_mb, bool) or not max_scores_mb > 0):
+        raise ValueError(f"max_scores_mb={max_scores_mb!r} must be a positive number of MB or None")
+    for _, cell in net.cells_and_names():
+        if hasattr(cell, "max_scores_mb"):
+            cell.max_scores_mb = max_scores_mb
 
 
 def set_forward_chunking(net, chunk_size=None):

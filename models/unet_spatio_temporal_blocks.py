@@ -122,13 +122,14 @@ class Attention(nn.Cell):
         inner = heads * dim_head
         kv_dim = cross_attention_dim or query_dim
         self.heads = heads
+        self.max_scores_mb = None  # see layers.set_attention_slicing
         self.to_q = Linear(query_dim, inner, bias=False)
         self.to_k = Linear(kv_dim, inner, bias=False)
         self.to_v = Linear(kv_dim, inner, bias=False)
         self.to_out = nn.CellList([Linear(inner, query_dim)])
 
     def construct(self, x, context):
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.max_scores_mb)
         return self.to_out[0](out)
 
     def single_key(self, context):
@@ -151,7 +152,8 @@ class Attention(nn.Cell):
         bf, lq = x.shape[0], x.shape[1]
         b = context.shape[0]
         q = self.to_q(x)
-        out = attention(q.reshape(b, (bf // b) * lq, q.shape[2]), self.to_k(context), self.to_v(context), self.heads)
+        out = attention(q.reshape(b, (bf // b) * lq, q.shape[2]), self.to_k(context), self.to_v(context), self.heads,
+                        self.max_scores_mb)
         return self.to_out[0](out.reshape(bf, lq, out.shape[2]))
 
     def add_to(self, x, context, norm):

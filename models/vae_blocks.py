@@ -50,6 +50,7 @@ class AttentionBlock(nn.Cell):
     def __init__(self, channels, heads=1, groups=32, eps=1e-6, rescale_output_factor=1.0):
         super().__init__()
         self.heads = heads
+        self.max_scores_mb = None  # see layers.set_attention_slicing
         self.group_norm = GroupNorm(groups, channels, eps=eps)
         self.to_q = Linear(channels, channels)
         self.to_k = Linear(channels, channels)
@@ -60,7 +61,7 @@ class AttentionBlock(nn.Cell):
     def construct(self, x):
         n, c, h, w = x.shape
         tokens = self.group_norm(x).reshape(n, c, h * w).transpose(0, 2, 1)
-        out = attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), self.heads)
+        out = attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), self.heads, self.max_scores_mb)
         out = self.to_out[0](out).transpose(0, 2, 1).reshape(n, c, h, w)
         out = out + x
         if self.rescale_output_factor != 1.0:

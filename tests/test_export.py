@@ -197,6 +197,7 @@ def test_killed_export_leaves_no_complete_artifact_and_rerun_succeeds(tmp_path):
     (["--height", "30"], "multiple of"),
     (["--frames", "0"], "--frames"),
     (["--formats", "tflite"], "--formats"),
+    (["--attention-slice-mb", "-1"], "--attention-slice-mb"),
 ])
 def test_bad_export_options_fail_clearly(tmp_path, extra, message):
     cmd = _export_cmd(tmp_path / "art")

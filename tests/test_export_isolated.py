@@ -10,9 +10,11 @@ from framegraph.runtime.manifest import Manifest
 
 
 def test_isolated_forward_chunked_export_equals_in_process_export(t2v_artifact, t2v_tiny, tmp_path):
-    """Two export options on one export (each tiny export costs a minute): ``isolate="always"`` builds every graph
-    in a child process, ``forward_chunk_size`` compiles diffusers' enable_forward_chunking into the UNet graph.
-    Neither may change a weight or a number."""
+    """Three export options on one export (each tiny export costs a minute): ``isolate="always"`` builds every graph
+    in a child process, ``forward_chunk_size`` compiles diffusers' enable_forward_chunking into the UNet graph, and
+    a 10 MB ``attention_slice_mb`` takes the UNet's first-level self-attentions (32 MB of float32 scores: the 8
+    frames of the guidance batch, 1024 positions) in slices of 320 queries, and the decoder's (12 MB: 3 frames) in
+    slices of 853; the other attentions fit whole. None may change a weight or a number."""
     import onnx
 
     from conftest import T2V_EXPORT
@@ -20,11 +22,14 @@ def test_isolated_forward_chunked_export_equals_in_process_export(t2v_artifact, 
     from framegraph.export.pipeline_export import ExportOptions
     from framegraph.export.t2v import export_t2v
 
-    options = ExportOptions(formats=("onnx",), isolate="always", forward_chunk_size=128, **T2V_EXPORT)
+    options = ExportOptions(formats=("onnx",), isolate="always", forward_chunk_size=128, attention_slice_mb=10,
+                            **T2V_EXPORT)
     out = export_t2v(PipelineFolder(t2v_tiny), tmp_path / "isolated", options)
     isolated, in_process = Manifest.load(out), Manifest.load(t2v_artifact)
     assert not (out / ".scratch").exists()
     assert isolated.options["forward_chunk_size"] == 128
+    assert isolated.options["attention_slice_mb"] == 10
+    assert in_process.options["attention_slice_mb"] == 1024  # the default: these attentions are whole
     onnx_graphs = [g for g in in_process.graphs if g.format == "onnx"]
     assert sorted(g.key for g in isolated.graphs) == sorted(g.key for g in onnx_graphs)
 
@@ -34,7 +39,7 @@ def test_isolated_forward_chunked_export_equals_in_process_export(t2v_artifact, 
     for reference in onnx_graphs:
         graph = isolated.find(reference.name, "onnx", **reference.bucket)
         assert graph.max_abs_error is not None and graph.max_abs_error <= graph.tolerance
-        if graph.name == "unet":  # the feed-forward runs over slices: more matrix products, same numbers
+        if graph.name == "unet":  # feed-forward and attention run over slices: more matrix products, same numbers
             assert matmuls(out / graph.main_file) > matmuls(t2v_artifact / reference.main_file)
             _assert_same_weights(out / graph.main_file, t2v_artifact / reference.main_file)
         else:  # children rebuilt the same weights and appended to one shared weights file, in the same order

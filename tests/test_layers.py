@@ -174,3 +174,73 @@ def test_shared_context_attention_equals_attention_over_repeated_context(ms):
     shared = attn.shared_context(ms.Tensor(x), ms.Tensor(context)).asnumpy()
     np.testing.assert_allclose(shared, full, rtol=1e-5, atol=1e-6)
     assert np.abs(full[0] - full[frames]).max() > 1e-3  # the two videos' contexts differ
+
+
+def _ref_attention(q, k, v, heads):
+    b, lq, inner = q.shape
+    d = inner // heads
+    qh = q.reshape(b, lq, heads, d).transpose(0, 2, 1, 3).astype(np.float64)
+    kh = k.reshape(b, -1, heads, d).transpose(0, 2, 1, 3).astype(np.float64)
+    vh = v.reshape(b, -1, heads, d).transpose(0, 2, 1, 3).astype(np.float64)
+    scores = qh @ kh.transpose(0, 1, 3, 2) / math.sqrt(d)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return (probs @ vh).transpose(0, 2, 1, 3).reshape(b, lq, inner)
+
+
+def test_query_slice_keeps_the_scores_within_the_budget():
+    from framegraph.models.layers import query_slice
+
+    per_query = 3 * 2 * 7  # batch x heads x keys
+    assert query_slice(per_query, 10) == 10  # no limit: whole
+    assert query_slice(per_query, 10, max_scores_mb=3 * per_query * 4 / 2 ** 20) == 3
+    assert query_slice(per_query, 10, max_scores_mb=1.0) == 10  # the whole scores fit
+    assert query_slice(per_query, 10, max_scores_mb=1e-9) == 1  # never fewer than one query
+
+
+def _attention_cell(heads, max_scores_mb):
+    """A cell running ``layers.attention`` with a score budget (MindSpore is imported by the ``ms`` fixture)."""
+    from mindspore import nn
+
+    from framegraph.models.layers import attention
+
+    class Cell(nn.Cell):
+        def construct(self, q, k, v):
+            return attention(q, k, v, heads, max_scores_mb)
+
+    return Cell()
+
+
+def test_sliced_attention_equals_whole_attention_and_exports(ms, tmp_path):
+    """Queries in slices of 3 (10 = 3 + 3 + 3 + 1) give what the whole attention gives, in PyNative and through the
+    ONNX export (graph mode), where the slices are separate products."""
+    import onnx
+
+    q, k, v = (RNG.standard_normal(shape).astype(np.float32) for shape in ((3, 10, 16), (3, 7, 16), (3, 7, 16)))
+    budget = 3 * (3 * 2 * 7) * 4 / 2 ** 20  # three queries' scores
+    expected = _ref_attention(q, k, v, heads=2)
+    whole = _attention_cell(2, None)(*map(ms.Tensor, (q, k, v))).asnumpy()
+    sliced = _attention_cell(2, budget)(*map(ms.Tensor, (q, k, v))).asnumpy()
+    np.testing.assert_allclose(whole, expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(sliced, whole, rtol=0, atol=1e-6)
+    (onnx_out,), path = onnx_roundtrip(_attention_cell(2, budget), [q, k, v], tmp_path / "sliced.onnx")
+    np.testing.assert_allclose(onnx_out, expected, rtol=0, atol=1e-5)
+    products = sum(n.op_type == "MatMul" for n in onnx.load(path).graph.node)
+    assert products == 2 * 4  # scores and values, per slice
+
+
+def test_set_attention_slicing_reaches_every_attention_and_refuses_bad_budgets(ms):
+    from mindspore import nn
+
+    from framegraph.models.layers import set_attention_slicing
+    from framegraph.models.unet_spatio_temporal_blocks import Attention
+    from framegraph.models.vae_blocks import AttentionBlock
+
+    net = nn.CellList([Attention(16, heads=2, dim_head=8), nn.CellList([AttentionBlock(32, groups=4)])])
+    set_attention_slicing(net, 64)
+    assert net[0].max_scores_mb == 64 and net[1][0].max_scores_mb == 64
+    set_attention_slicing(net, None)
+    assert net[0].max_scores_mb is None and net[1][0].max_scores_mb is None
+    for bad in (0, -1.0, True, float("nan")):
+        with pytest.raises(ValueError, match="max_scores_mb"):
+            set_attention_slicing(net, bad)
