@@ -24,7 +24,8 @@ One run, same random weights for every engine:
      ``onnxruntime-int8`` runs an artifact exported with ``--quantize int8`` and reports the PSNR of its frames
      against ``onnxruntime``'s. ``onnxruntime-ffchunk`` runs an artifact exported with the compiled forward
      chunking (``--forward-chunk-size``, the analogue of ``unet.enable_forward_chunking()``) and a one-frame
-     decoder graph, ``onnxruntime-decode1`` the same artifact with ``decode_chunk_size=1``.
+     decoder graph, ``onnxruntime-decode1`` the same artifact with ``decode_chunk_size=1``; ``onnxruntime-sliced``
+     runs an artifact exported with ``--attention-slice-mb`` (attention over slices of queries).
 
 Columns: load_s (from_pretrained / from_artifacts + opening the graphs the call uses), first_step_s (call start to
 the end of step 1: includes image / prompt encoding), step_s_median (median of steps 2..N), total_s (pipeline call,
@@ -65,15 +66,16 @@ logger = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent
 INPUT_IMAGE = ROOT / "tests" / "fixtures" / "svd-tiny" / "input.png"
-# export -> (formats, two frame buckets?, --quantize, memory options?); "onnx-memory" adds the compiled forward
-# chunking (--forward-chunk-size) and a one-frame decoder graph (--decode-chunk-sizes 1,FRAMES) to one bucket
-EXPORTS = {"onnx": (["onnx"], True, None, False), "mindir": (["mindir"], False, None, False),
-           "onnx-int8": (["onnx"], False, "int8", False), "onnx-memory": (["onnx"], False, None, True)}
+# export -> (formats, two frame buckets?, --quantize, memory options: see memory_options)
+EXPORTS = {"onnx": (["onnx"], True, None, None), "mindir": (["mindir"], False, None, None),
+           "onnx-int8": (["onnx"], False, "int8", None), "onnx-memory": (["onnx"], False, None, "chunks"),
+           "onnx-sliced": (["onnx"], False, None, "slices")}
 ENGINE_EXPORT = {"onnxruntime": "onnx", "onnxruntime-lowmem": "onnx", "onnxruntime-2buckets": "onnx",
                  "onnxruntime-2buckets-resident1": "onnx",
                  "onnxruntime-unshared": "onnx", "onnxruntime-unshared-2buckets": "onnx", "onnxruntime-mapped": "onnx",
                  "onnxruntime-int8": "onnx-int8",
                  "onnxruntime-ffchunk": "onnx-memory", "onnxruntime-decode1": "onnx-memory",
+                 "onnxruntime-sliced": "onnx-sliced",
                  "mindspore": "mindir", "mindspore-lowmem": "mindir"}
 ENGINES = ("diffusers",) + tuple(ENGINE_EXPORT)
 DEFAULT_ENGINES = ENGINES
@@ -185,13 +187,24 @@ def framegraph_sources_hash():
     return h.hexdigest()
 
 
+def memory_options(args, kind):
+    """svd-export options of an export's memory options: "chunks", the compiled forward chunking and a one-frame
+    decoder graph (the onnxruntime-ffchunk and -decode1 engines); "slices", attention over slices of queries
+    (onnxruntime-sliced)."""
+    if kind == "chunks":
+        return ["--forward-chunk-size", str(args.forward_chunk_size),
+                "--decode-chunk-sizes", ",".join(map(str, sorted({1, args.frames})))]
+    if kind == "slices":
+        return ["--attention-slice-mb", f"{args.attention_slice_mb:g}"]
+    return []
+
+
 def export_artifact(args, pipeline, key):
     """The artifact of export ``key`` (see EXPORTS): an up-to-date one is reused, else it is exported."""
     formats, two_buckets, quantize, memory = EXPORTS[key]
     frames = [args.frames, args.second_frames or args.frames + 2] if two_buckets else [args.frames]
     base = f"artifact-{args.height}x{args.width}-f{'-'.join(map(str, frames))}"
-    options = ["--forward-chunk-size", str(args.forward_chunk_size),
-               "--decode-chunk-sizes", ",".join(map(str, sorted({1, args.frames})))] if memory else []
+    options = memory_options(args, memory)
     wanted = {"pipeline": pipeline["stamp"], "height": args.height, "width": args.width, "frames": frames,
               "check": args.export_check, "quantize": quantize, "options": options,
               "framegraph_sources": framegraph_sources_hash()}
@@ -446,6 +459,8 @@ def build_parser():
                    "if framegraph's sources changed since they were exported (missing ones are exported)")
     p.add_argument("--forward-chunk-size", type=int, default=64, help="feed-forward positions per slice in the "
                    "onnx-memory export (the onnxruntime-ffchunk and -decode1 engines)")
+    p.add_argument("--attention-slice-mb", type=float, default=64, help="the largest attention scores per slice of "
+                   "queries, in MB, in the onnx-sliced export (the onnxruntime-sliced engine)")
     p.add_argument("--export-check", action=argparse.BooleanOptionalAction, default=False,
                    help="let the export run every graph and check it against the MindSpore model (framegraph's own "
                    "default). Off by default here: the max|d| column checks the graphs end to end against diffusers, "

@@ -15,6 +15,7 @@ WORKER is one of:
   onnxruntime-ffchunk   framegraph runtime on an artifact exported with --forward-chunk-size (and a one-frame
                         decoder graph)
   onnxruntime-decode1   the same artifact with decode_chunk_size=1
+  onnxruntime-sliced    framegraph runtime on an artifact exported with --attention-slice-mb
   mindspore     framegraph runtime on the artifact's MindIR graphs
   gemm          fp32 GEMM peak of this machine (numpy, torch and ONNX Runtime, square matmuls, best of a few)
   flops         UNet FLOPs of one denoising step (torch FlopCounterMode on one diffusers UNet call)
@@ -329,6 +330,7 @@ ENGINE_IMPORTS = {
     "onnxruntime-int8": _import_framegraph("onnxruntime"),  # on the --quantize int8 artifact
     "onnxruntime-ffchunk": _import_framegraph("onnxruntime"),  # on the forward-chunked artifact
     "onnxruntime-decode1": _import_framegraph("onnxruntime", decode_chunk_size=1),  # the same, one frame a decode
+    "onnxruntime-sliced": _import_framegraph("onnxruntime"),  # on the --attention-slice-mb artifact
     "mindspore": _import_framegraph("mindspore"),
     "mindspore-lowmem": _import_framegraph("mindspore", low_memory=True),
 }
