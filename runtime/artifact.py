@@ -21,7 +21,8 @@ class Artifact:
 
     Graphs are opened on first use and stay open. With ``low_memory=True`` only the graph last asked for stays
     open: asking for another closes it first (the compiled analogue of diffusers' model CPU offload). The peak
-    memory is then that of the largest graph instead of the sum, at the cost of reopening the graphs on each call.
+    memory is then that of the largest graph instead of the sum, at the cost of reopening the graphs on each call;
+    the backend also gets its ``low_memory_options`` (ONNX Runtime: no memory pattern).
     ``resident_buckets`` (default 1) is how many frame buckets (``num_frames``) of one graph stay open: asking for
     another closes the one used least recently first. A process serving several frame counts then holds one
     UNet's memory, and pays a reopen (a few seconds at SVD-XT size) when the frame count changes; None keeps them
@@ -44,7 +45,7 @@ class Artifact:
                 f"{self.path} holds a {self.manifest.pipeline!r} artifact, not {pipeline_kind!r}; "
                 "load it with the matching pipeline class"
             )
-        self.backend = load_backend(backend, **backend_options)
+        self.backend = load_backend(backend, low_memory=low_memory, **backend_options)
         self.format = self.backend.format
         if self.format not in self.manifest.formats():
             raise ArtifactError(

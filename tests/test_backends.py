@@ -110,6 +110,16 @@ def test_onnxruntime_session_options(onnx_artifact):
     options = backend.open(folder, entry).native.get_session_options()
     assert options.intra_op_num_threads == 1
     assert str(options.graph_optimization_level).endswith("ORT_ENABLE_ALL")
+    assert options.enable_mem_pattern
+
+
+def test_low_memory_turns_onnxruntime_memory_pattern_off_unless_asked(onnx_artifact):
+    folder, entry = onnx_artifact
+    backend = load_backend("onnxruntime", low_memory=True)
+    assert not backend.memory_pattern
+    assert not backend.open(folder, entry).native.get_session_options().enable_mem_pattern
+    assert load_backend("onnxruntime", low_memory=True, memory_pattern=True).memory_pattern
+    assert load_backend("onnxruntime").memory_pattern
 
 
 def test_onnxruntime_devices(caplog):

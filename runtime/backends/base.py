@@ -48,11 +48,12 @@ def backends_for_format(fmt):
     return [name for name, cls in _REGISTRY.items() if cls.format == fmt]
 
 
-def load_backend(name, **options):
+def load_backend(name, low_memory=False, **options):
     """The backend called ``name`` ("onnxruntime", "mindspore", "mindspore_lite"), built with ``options``.
 
     Common options: ``device`` ("cpu", "cuda"/"gpu", "ascend" where the engine supports it) and ``num_threads``.
-    A Backend instance is returned as is, so callers may pass either a name or a configured backend. Raises
+    ``low_memory=True`` adds the backend's ``low_memory_options`` that ``options`` does not set. A Backend instance
+    is returned as is, so callers may pass either a name or a configured backend. Raises
     :class:`BackendUnavailableError` (an ImportError) when the engine is not installed.
     """
     if isinstance(name, Backend):
@@ -63,7 +64,7 @@ def load_backend(name, **options):
         raise ValueError(
             f"unknown backend {name!r}; available: {', '.join(available_backends())}"
         ) from None
-    return cls(**options)
+    return cls(**({**cls.low_memory_options, **options} if low_memory else options))
 
 
 def _describe(value):
@@ -181,6 +182,9 @@ class Backend:
 
     name = None
     format = None
+    # options a low-memory artifact (``low_memory=True``) gives the backend where the caller sets none: less peak
+    # memory for some speed, as the low-memory mode's one-graph-at-a-time does
+    low_memory_options = {}
 
     def __repr__(self):
         return f"{type(self).__name__}()"
