@@ -82,8 +82,8 @@ def validate_options(options, size_multiple, folder):
     if options.forward_chunk_size is not None and options.forward_chunk_size < 1:
         raise ValueError(f"--forward-chunk-size must be a positive integer, got {options.forward_chunk_size}")
     if options.attention_slice_mb is not None and not options.attention_slice_mb > 0:
-        raise ValueError(f"--attention-slice-mb must be a positive number of MB (or 0 for none: whole attention), "
-                         f"got {options.attention_slice_mb}")
+        raise ValueError(f"--attention-slice-mb must be a positive number of MB, got {options.attention_slice_mb}; "
+                         "0 on the command line (None in ExportOptions) computes each attention whole")
     if options.quantize is not None and (options.quantize not in QUANTIZE_MODES or "onnx" not in options.formats):
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)} and needs --formats with onnx "
                          f"(it applies to the ONNX graphs); got {options.quantize!r} with {','.join(options.formats)}")
