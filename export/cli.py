@@ -53,9 +53,9 @@ def build_parser():
                    "compiled unet.enable_forward_chunking(): same numbers, lower peak memory at large sizes)")
     p.add_argument("--attention-slice-mb", type=float, default=DEFAULT_ATTENTION_SLICE_MB,
                    help="compute each attention over slices of its queries whose float32 scores take at most this "
-                   f"many MB (default {DEFAULT_ATTENTION_SLICE_MB:g}; same numbers; whole [batch, heads, queries, keys] "
-                   "scores grow with the square of the positions: 85 GB in SVD-XT's first level at 576x1024, 25 "
-                   "frames); 0 computes every attention whole")
+                   f"many MB (default {DEFAULT_ATTENTION_SLICE_MB:g}; same numbers; whole [batch, heads, queries, "
+                   "keys] scores grow with the square of the positions: 85 GB in SVD-XT's first level at 576x1024, "
+                   "25 frames); 0 computes every attention whole")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="int8 UNet weights in the ONNX graphs (ONNX Runtime dynamic quantization of the linear "
                    "layers, 7-bit weights; convolutions stay float; faster on CPU, less exact: compare the frames)")
