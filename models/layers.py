@@ -193,6 +193,19 @@ def query_slice(scores_per_query, queries, max_scores_mb=None):
     return max(1, min(queries, int(max_scores_mb * 2 ** 20 // (scores_per_query * SCORE_BYTES))))
 
 
+def over_slices(fn, x, axis, size, *args):
+    """``fn(x, *args)``, computed over consecutive slices of ``size`` along ``axis`` of ``x`` and concatenated there
+    (a last slice shorter than ``size`` is allowed); ``fn`` runs once on the whole ``x`` where ``size`` is None or
+    covers the axis. For functions that act on each position along ``axis`` independently: the result is the same."""
+    length = x.shape[axis]
+    if size is None or size >= length:
+        return fn(x, *args)
+    parts = ()
+    for start in range(0, length, size):
+        parts = parts + (fn(ops.narrow(x, axis, start, min(size, length - start)), *args),)
+    return ops.concat(parts, axis)
+
+
 def _attend(q, k, v):
     return ops.matmul(softmax(ops.matmul(q, k)), v)
 
@@ -211,14 +224,7 @@ def attention(q, k, v, heads, max_scores_mb=None):
     q = q.reshape(b, lq, heads, d).transpose(0, 2, 1, 3) * (1.0 / math.sqrt(d))
     k = k.reshape(b, lk, heads, d).transpose(0, 2, 3, 1)
     v = v.reshape(b, lk, heads, d).transpose(0, 2, 1, 3)
-    step = query_slice(b * heads * lk, lq, max_scores_mb)
-    if step >= lq:
-        out = _attend(q, k, v)
-    else:
-        parts = ()
-        for start in range(0, lq, step):
-            parts = parts + (_attend(q[:, :, start : min(start + step, lq)], k, v),)
-        out = ops.concat(parts, 2)
+    out = over_slices(_attend, q, 2, query_slice(b * heads * lk, lq, max_scores_mb), k, v)
     return out.transpose(0, 2, 1, 3).reshape(b, lq, inner)
 
 

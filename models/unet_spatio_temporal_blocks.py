@@ -25,6 +25,7 @@ from .layers import (
     Upsample2x,
     attention,
     gelu,
+    over_slices,
     silu,
 )
 
@@ -203,13 +204,7 @@ def feed_forward(ff, x, chunk_size):
     The feed-forward acts on each position independently, so chunking changes peak memory, never the result.
     A last chunk shorter than ``chunk_size`` is allowed (diffusers requires divisibility).
     """
-    length = x.shape[1]
-    if chunk_size is None or chunk_size >= length:
-        return ff(x)
-    parts = ()
-    for start in range(0, length, chunk_size):
-        parts = parts + (ff(x[:, start : min(start + chunk_size, length)]),)
-    return ops.concat(parts, 1)
+    return over_slices(ff, x, 1, chunk_size)
 
 
 class BasicTransformerBlock(nn.Cell):
