@@ -106,12 +106,13 @@ class StepTimer:
         self.latents = np.array(latents, dtype=np.float32, copy=True)
         durations = self.durations()
         logger.info("step %d: %.2f s", len(durations), durations[-1])
+        probes = {}
         if self.probe is not None:
             start = time.perf_counter()
             self.probe_gflops.append(self.probe.probe())
             self.paused += time.perf_counter() - start
             logger.info("GEMM after step %d: %.1f GFLOP/s", len(durations), self.probe_gflops[-1])
-        probes = {"probe_gflops": self.probe_gflops} if self.probe is not None else {}
+            probes["probe_gflops"] = self.probe_gflops
         self.result.update(step_s=[round(d, 4) for d in durations], steps_done=len(durations), **probes,
                            **self.summary())
 
@@ -136,7 +137,7 @@ def _probe(spec):
         return contextlib.nullcontext()
     from gemm_probe import GemmProbe
 
-    return GemmProbe(n=int(spec.get("paired_gemm_n", 4096)), threads=spec["threads"])
+    return GemmProbe(threads=spec["threads"])  # the 4096-cube product of the run's GEMM peak
 
 
 def run_engine(engine, spec, result):

@@ -67,8 +67,7 @@ class GemmProbe:
 
 def serve(n, threads, repeats, lines=sys.stdin, out=sys.stdout):
     """The child side: one best-of-``repeats`` rate written per line read, until the input ends."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_engines import _square_pair, ort_matmul
+    from bench_engines import _square_pair, ort_matmul  # beside this file: on sys.path when run as a script
 
     a, b = _square_pair(n)
     matmul = ort_matmul(a, b, threads, constant_b=True, spinning=False)
