@@ -1,8 +1,10 @@
 """Safe artifact writes: build in a hidden staging folder, write the manifest last, rename into place.
 
 A killed or failed export leaves only ``.NAME.partial-*`` (no manifest), never a folder that looks complete.
-Re-running with identical options reuses the previous artifact's component graphs whose files still match their
-manifest hashes.
+An existing ``--out`` is replaced only when it is empty, or when it is a framegraph artifact (its manifest loads) and
+the user passed ``--overwrite``; anything else is refused before the export starts and again before the commit, and
+left untouched. Re-running with identical options and ``--overwrite`` reuses the previous artifact's component graphs
+whose files still match their manifest hashes.
 """
 
 import logging
@@ -10,19 +12,54 @@ import os
 import shutil
 from pathlib import Path
 
-from framegraph.runtime.manifest import ArtifactError, Manifest, file_entry, verify_files
+from framegraph.runtime.manifest import MANIFEST_NAME, ArtifactError, Manifest, file_entry, verify_files
 
 logger = logging.getLogger(__name__)
 
 
+def check_output_folder(out, overwrite=False):
+    """Refuse an ``--out`` that an export may not write: a file, a path under a file, a folder that is neither empty
+    nor a framegraph artifact (a ``manifest.json`` that :meth:`Manifest.load` rejects counts as foreign), or a
+    framegraph artifact without ``overwrite``. Returns ``"new"``, ``"empty"`` or ``"artifact"`` (what is at ``out``
+    now); raises FileExistsError, whose message says what to do, and touches nothing."""
+    out = Path(out).resolve()
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FileExistsError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
+            break
+    if not out.exists():
+        return "new"
+    if not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder; choose another --out (svd-export writes a "
+                              "folder and never replaces a file)")
+    if not any(out.iterdir()):
+        return "empty"
+    try:
+        Manifest.load(out)
+    except ArtifactError as exc:
+        logger.debug("%s is not a framegraph artifact: %s", out, exc)
+        why = ("its manifest.json is not a framegraph manifest this version reads" if (out / MANIFEST_NAME).exists()
+               else "it is not empty and has no manifest.json")
+        raise FileExistsError(
+            f"--out {out} exists and is not a framegraph artifact ({why}); svd-export replaces only artifacts it "
+            "wrote: choose another --out, or empty the folder yourself"
+        ) from None
+    if not overwrite:
+        raise FileExistsError(f"--out {out} already holds a framegraph artifact; pass --overwrite to replace it "
+                              "(graphs that still match are reused) or choose another --out")
+    return "artifact"
+
+
 class ArtifactWriter:
-    def __init__(self, out, fingerprint):
+    """Stages an export next to ``out`` and moves it into place on :meth:`commit`; ``out`` must pass
+    :func:`check_output_folder` with ``overwrite`` when the writer is made and again when it commits."""
+
+    def __init__(self, out, fingerprint, overwrite=False):
         self.out = Path(out).resolve()
         self.fingerprint = fingerprint
-        if self.out.exists() and not (self.out / "manifest.json").is_file() and any(self.out.iterdir()):
-            raise FileExistsError(
-                f"{self.out} exists and is not a framegraph artifact; choose another --out or empty it first"
-            )
+        self.overwrite = overwrite
+        check_output_folder(self.out, overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self._clean_stale_stages()
         self.stage = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
@@ -81,16 +118,29 @@ class ArtifactWriter:
         return file_entry(self.stage, full_path.relative_to(self.stage).as_posix())
 
     def commit(self, manifest):
-        """Write the manifest and move the staging folder into place (replacing any previous artifact)."""
+        """Write the manifest and move the staging folder into place. What is at ``out`` now is checked again (it
+        may have changed during a long export): only an empty folder or, with ``overwrite``, a framegraph artifact
+        is replaced; anything else raises FileExistsError and stays as it is."""
         manifest.options["fingerprint"] = self.fingerprint
         manifest.save(self.stage)
+        found = check_output_folder(self.out, self.overwrite)
         old = None
-        if self.out.exists():
+        if found != "new":
             old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
             self.out.rename(old)
         self.stage.rename(self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if found == "empty":
+            try:
+                old.rmdir()  # never rmtree: a file that appeared since the check stays
+            except OSError as exc:
+                logger.warning("kept %s: it was empty when checked but no longer is (%s)", old, exc)
+        elif found == "artifact":
+            try:
+                Manifest.load(old)  # still an artifact after the move: only then is it deleted
+            except ArtifactError as exc:
+                logger.warning("kept the previous --out as %s: it no longer loads as an artifact (%s)", old, exc)
+            else:
+                shutil.rmtree(old, ignore_errors=True)
         logger.info("artifact written to %s", self.out)
         return self.out
 

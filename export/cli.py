@@ -5,6 +5,7 @@ import errno
 import logging
 import sys
 
+from framegraph.export.artifact import check_output_folder
 from framegraph.export.components import PipelineFolder
 from framegraph.export.pipeline_export import DEFAULT_ATTENTION_SLICE_MB, ExportOptions
 from framegraph.export.registry import run_export
@@ -13,11 +14,28 @@ from framegraph.models.loading import resolve_model_path
 logger = logging.getLogger("framegraph.export")
 
 
-def _ints(text):
+def _positive_int(text):
+    """A size or count: a positive integer (0 or less is refused, never read as "the default")."""
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r} (omit the flag for the default)")
+    return value
+
+
+def _positive_ints(text):
+    """Bucket sizes: a non-empty comma-separated list of positive integers (an empty list is refused, never read as
+    "the default")."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, e.g. 14,25; got {text!r} "
+                                         "(omit the flag for the default)")
+    return values
 
 
 def _formats(text):
@@ -31,16 +49,21 @@ def build_parser():
         "MindIR and ONNX graphs in one artifact folder with a manifest.json.",
     )
     p.add_argument("model", help="local diffusers-format pipeline folder, or a hub repo id (needs network)")
-    p.add_argument("--out", required=True, help="artifact folder to write (replaced atomically when done)")
-    p.add_argument("--frames", type=_ints, default=None, help="frame-count buckets, e.g. 14,25 "
+    p.add_argument("--out", required=True, help="artifact folder to write (written atomically when done); an existing "
+                   "one must be empty or a framegraph artifact, replaced only with --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace the framegraph artifact already at --out (its "
+                   "graphs that still match are reused); other folders are never replaced")
+    p.add_argument("--frames", type=_positive_ints, default=None, help="frame-count buckets, e.g. 14,25 "
                    "(default: unet.config.num_frames)")
-    p.add_argument("--height", type=int, default=None, help="video height (default: the pipeline's, 576 for SVD)")
-    p.add_argument("--width", type=int, default=None, help="video width (default: the pipeline's, 1024 for SVD)")
-    p.add_argument("--batch", type=int, default=1, help="videos per graph call (default 1)")
+    p.add_argument("--height", type=_positive_int, default=None,
+                   help="video height (default: the pipeline's, 576 for SVD)")
+    p.add_argument("--width", type=_positive_int, default=None,
+                   help="video width (default: the pipeline's, 1024 for SVD)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="videos per graph call (default 1)")
     p.add_argument("--formats", type=_formats, default=("onnx", "mindir"), help="onnx,mindir (default both)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="compute dtype of the graphs")
     p.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16 (*.fp16.safetensors)")
-    p.add_argument("--decode-chunk-sizes", type=_ints, default=None,
+    p.add_argument("--decode-chunk-sizes", type=_positive_ints, default=None,
                    help="VAE decode chunk lengths to compile (default: the frame count)")
     p.add_argument("--random-weights", action="store_true", help="build from configs with random weights "
                    "(benchmarks at real size; no weight files needed)")
@@ -48,7 +71,7 @@ def build_parser():
     p.add_argument("--check", dest="check", action="store_true", default=True,
                    help="run every exported graph and compare it with the MindSpore model (default)")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the numerical check")
-    p.add_argument("--forward-chunk-size", type=int, default=None,
+    p.add_argument("--forward-chunk-size", type=_positive_int, default=None,
                    help="run the UNet's feed-forward layers over slices of this many positions inside the graph (the "
                    "compiled unet.enable_forward_chunking(): same numbers, lower peak memory at large sizes)")
     p.add_argument("--attention-slice-mb", type=float, default=DEFAULT_ATTENTION_SLICE_MB,
@@ -71,6 +94,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        check_output_folder(args.out, args.overwrite)  # before any work: a refused --out costs nothing
         folder = resolve_model_path(args.model)
         pipeline = PipelineFolder(folder, variant=args.variant, dtype=args.dtype,
                                   random_weights=args.random_weights, seed=args.seed)
@@ -78,7 +102,7 @@ def main(argv=None):
             frames=args.frames, height=args.height, width=args.width, batch=args.batch, formats=args.formats,
             dtype=args.dtype, decode_chunk_sizes=args.decode_chunk_sizes, check=args.check,
             isolate=args.isolate, forward_chunk_size=args.forward_chunk_size, quantize=args.quantize,
-            attention_slice_mb=args.attention_slice_mb or None,
+            attention_slice_mb=args.attention_slice_mb or None, overwrite=args.overwrite,
         )
         out = run_export(pipeline, args.out, options, source_name=args.model)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:

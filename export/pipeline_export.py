@@ -8,6 +8,7 @@ import dataclasses
 import gc
 import json
 import logging
+import numbers
 import shutil
 
 from framegraph import __version__
@@ -39,11 +40,18 @@ class ExportOptions:
     forward_chunk_size: int = None  # UNet feed-forward over slices of this many positions (lower peak memory)
     attention_slice_mb: float = DEFAULT_ATTENTION_SLICE_MB  # attention over query slices of at most this many MB
     quantize: str = None  # "int8": int8 UNet weights in the ONNX graphs (CPU)
+    overwrite: bool = False  # replace an existing framegraph artifact at ``out`` (and reuse its matching graphs)
+
+    def __post_init__(self):
+        """Sizes and counts are positive integers and bucket lists are non-empty: ``None`` asks for the default, a
+        zero or an empty list is refused (it must not silently become the default)."""
+        check_sizes_and_counts(self)
 
     def fingerprint(self, source_hash):
         fields = dataclasses.asdict(self)
         fields.pop("check")
         fields.pop("isolate")
+        fields.pop("overwrite")
         fields["formats"] = list(fields["formats"])
         return json.dumps({"framegraph": __version__, "source": source_hash, **fields}, sort_keys=True)
 
@@ -64,23 +72,51 @@ class Recipe:
     required_files: tuple = ()  # copied files the runtime cannot work without
 
 
+# ExportOptions field -> (its svd-export flag, whether None (the default) is allowed)
+_COUNTS = {"batch": ("--batch", False), "height": ("--height", True), "width": ("--width", True),
+           "forward_chunk_size": ("--forward-chunk-size", True)}
+_COUNT_LISTS = {"frames": "--frames", "decode_chunk_sizes": "--decode-chunk-sizes"}
+
+
+def _positive_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+def check_sizes_and_counts(options):
+    """Every size and count of ``options`` is a positive integer, and every bucket list a non-empty list of them;
+    ``None`` (the default) is allowed where the pipeline supplies one. Errors name the svd-export flag and never
+    suggest a value."""
+    for name, (flag, optional) in _COUNTS.items():
+        value = getattr(options, name)
+        if value is None and optional:
+            continue
+        if not _positive_int(value):
+            default = f"; leave ExportOptions.{name} None (omit {flag}) for the default" if optional else ""
+            raise ValueError(f"{flag} (ExportOptions.{name}) must be a positive integer, got {value!r}{default}")
+    for name, flag in _COUNT_LISTS.items():
+        values = getattr(options, name)
+        if values is None:
+            continue
+        if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)) or not values or not all(
+                _positive_int(v) for v in values):
+            raise ValueError(f"{flag} (ExportOptions.{name}) must be a non-empty list of positive integers, e.g. "
+                             f"{flag} 14,25; got {values!r}; leave it None (omit {flag}) for the default")
+    if not isinstance(options.overwrite, bool):
+        raise ValueError(f"ExportOptions.overwrite (--overwrite) must be True or False, got {options.overwrite!r}")
+
+
 def validate_options(options, size_multiple, folder):
+    check_sizes_and_counts(options)
     for name in ("height", "width"):
         value = getattr(options, name)
-        if not isinstance(value, int) or value <= 0 or value % size_multiple:
+        if value is None or value % size_multiple:
             raise ValueError(f"--{name} {value} must be a positive multiple of {size_multiple} for {folder}")
-    if not options.frames or any(f < 1 for f in options.frames):
+    if not options.frames:
         raise ValueError(f"--frames must be positive integers, got {options.frames}")
-    if options.decode_chunk_sizes and any(n < 1 for n in options.decode_chunk_sizes):
-        raise ValueError(f"--decode-chunk-sizes must be positive integers, got {options.decode_chunk_sizes}")
-    if options.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {options.batch}")
     if not options.formats or set(options.formats) - set(FORMATS):
         raise ValueError(f"--formats must be a subset of {','.join(FORMATS)}; got {','.join(options.formats)}")
     if options.dtype not in ("float32", "float16"):
         raise ValueError(f"--dtype must be float32 or float16, got {options.dtype}")
-    if options.forward_chunk_size is not None and options.forward_chunk_size < 1:
-        raise ValueError(f"--forward-chunk-size must be a positive integer, got {options.forward_chunk_size}")
     if options.attention_slice_mb is not None and not options.attention_slice_mb > 0:
         raise ValueError(f"--attention-slice-mb must be a positive number of MB, got {options.attention_slice_mb}; "
                          "0 on the command line (None in ExportOptions) computes each attention whole")
@@ -105,7 +141,7 @@ def export_pipeline(pipeline, out, options, recipe, source_name=None, progress=N
     validate_options(options, recipe.size_multiple, pipeline.folder)
     _check_required_files(pipeline, recipe)
     source_hash = pipeline.weights_hash([c for c, _ in recipe.components])
-    writer = ArtifactWriter(out, options.fingerprint(source_hash))
+    writer = ArtifactWriter(out, options.fingerprint(source_hash), overwrite=options.overwrite)
     try:
         graphs = []
         for component, factories in recipe.components:

@@ -184,9 +184,9 @@ def test_killed_export_leaves_no_complete_artifact_and_rerun_succeeds(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "manifest.json").is_file()
     assert not list(tmp_path.glob(".art.partial-*")), "stale staging folder not cleaned"
-    # identical options: every graph reused, files untouched
+    # identical options: every graph reused, files untouched (replacing an artifact needs --overwrite)
     before = {p: p.stat().st_ino for p in out.rglob("*.onnx")}
-    result = subprocess.run(_export_cmd(out), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(_export_cmd(out, "--overwrite"), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "reused" in result.stderr
     after = {p: p.stat().st_ino for p in out.rglob("*.onnx")}
