@@ -6,22 +6,13 @@ import logging
 
 from framegraph.export.pipeline_export import Recipe, export_pipeline, validate_options
 from framegraph.export.svd_specs import svd_buckets, svd_dims, svd_graph_specs
+from framegraph.runtime.pipelines.stable_video_diffusion import CALL_DEFAULTS, PIPELINE_KIND
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_KIND = "stable-video-diffusion"
 COPIED_FILES = ("model_index.json", "scheduler/scheduler_config.json", "feature_extractor/preprocessor_config.json")
-# diffusers' StableVideoDiffusionPipeline.__call__ defaults.
+# diffusers' StableVideoDiffusionPipeline.__call__ size defaults.
 DEFAULT_HEIGHT, DEFAULT_WIDTH = 576, 1024
-CALL_DEFAULTS = {
-    "num_inference_steps": 25,
-    "min_guidance_scale": 1.0,
-    "max_guidance_scale": 3.0,
-    "fps": 7,
-    "motion_bucket_id": 127,
-    "noise_aug_strength": 0.02,
-    "decode_chunk_size": None,
-}
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -47,9 +38,9 @@ def svd_recipe(pipeline, options):
     configs = {c: pipeline.config(c) for c in ("image_encoder", "vae", "unet")}
     dims = svd_dims(configs["image_encoder"], configs["vae"], configs["unet"])
     unet_frames = int(configs["unet"].get("num_frames", 25))
-    options.frames = options.frames or [unet_frames]
-    options.height = options.height or DEFAULT_HEIGHT
-    options.width = options.width or DEFAULT_WIDTH
+    options.frames = [unet_frames] if options.frames is None else options.frames
+    options.height = DEFAULT_HEIGHT if options.height is None else options.height
+    options.width = DEFAULT_WIDTH if options.width is None else options.width
     validate_options(options, 1, pipeline.folder)  # counts and formats; the size multiple is checked on export
     preprocessor = {}
     path = pipeline.folder / "feature_extractor" / "preprocessor_config.json"

@@ -5,13 +5,11 @@ import logging
 
 from framegraph.export.pipeline_export import Recipe, export_pipeline, validate_options
 from framegraph.export.t2v_specs import t2v_buckets, t2v_dims, t2v_graph_specs
+from framegraph.runtime.pipelines.text_to_video_synth import CALL_DEFAULTS, PIPELINE_KIND
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_KIND = "text-to-video-sd"
 COPIED_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokenizer")
-# diffusers' TextToVideoSDPipeline.__call__ defaults.
-CALL_DEFAULTS = {"num_frames": 16, "num_inference_steps": 50, "guidance_scale": 9.0, "eta": 0.0}
 
 
 def _itself(net, bucket):
@@ -28,9 +26,9 @@ def t2v_recipe(pipeline, options):
     configs = {c: pipeline.config(c) for c in ("text_encoder", "vae", "unet")}
     dims = t2v_dims(configs["text_encoder"], configs["vae"], configs["unet"])
     default_size = int(configs["unet"].get("sample_size", 32)) * dims["vae_scale_factor"]
-    options.frames = options.frames or [CALL_DEFAULTS["num_frames"]]
-    options.height = options.height or default_size
-    options.width = options.width or default_size
+    options.frames = [CALL_DEFAULTS["num_frames"]] if options.frames is None else options.frames
+    options.height = default_size if options.height is None else options.height
+    options.width = default_size if options.width is None else options.width
     validate_options(options, 1, pipeline.folder)  # counts and formats; the size multiple is checked on export
     default_frames = CALL_DEFAULTS["num_frames"]
     return Recipe(

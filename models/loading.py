@@ -75,10 +75,16 @@ def weight_files(folder, variant=None):
                 shards = sorted(set(json.load(f)["weight_map"].values()))
             return [folder / s for s in shards]
     found = sorted(p.name for p in folder.glob("*.safetensors"))
+    variants = sorted({name.split(".")[-2] for name in found if name.count(".") >= 2})
+    hint = ""
+    if found and variants and variant not in variants:
+        hint = (f" Load the {variants[0]} files with svd-export --variant {variants[0]} "
+                f"(variant={variants[0]!r} in Python).")
+    elif found and variant is not None:
+        hint = " These are the default files: leave out svd-export --variant (variant=None in Python)."
     raise CheckpointError(
-        f"no {'variant=' + repr(variant) + ' ' if variant else ''}safetensors weights in {folder} "
-        f"(looked for {', '.join(s + suffix for s in WEIGHT_STEMS)}; found {found or 'none'}). "
-        + ("Pass variant='fp16' to load the fp16 files." if variant is None and found else "")
+        f"no {'variant ' + repr(variant) + ' ' if variant else ''}safetensors weights in {folder} "
+        f"(looked for {', '.join(s + suffix for s in WEIGHT_STEMS)}; found {found or 'none'})." + hint
     )
 
 

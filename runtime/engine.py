@@ -16,6 +16,7 @@ one set of sessions per worker instead (more memory; ``python scripts/soak.py se
 """
 
 import collections
+import contextlib
 import copy
 import logging
 import math
@@ -101,8 +102,8 @@ class EnginePipeline:
         raise NotImplementedError
 
     def video_fps(self, arguments):
-        """Playback frames per second of the job's video (for MP4 writing)."""
-        return 8
+        """Playback frames per second of the job's video (for MP4 writing), from the arguments ``check`` returned."""
+        raise NotImplementedError
 
 
 # the size and length of a job, the same for every video pipeline
@@ -119,6 +120,9 @@ class StableVideoDiffusionEngine(EnginePipeline):
     """Image-to-video: ``image`` plus the arguments of ``StableVideoDiffusionPipeline.__call__``."""
 
     kind = "stable-video-diffusion"
+    # the call arguments whose defaults come from the artifact (``ArtifactPipeline.call_arguments``)
+    resolved = ("height", "width", "num_frames", "num_inference_steps", "fps", "motion_bucket_id",
+                "noise_aug_strength", "min_guidance_scale", "max_guidance_scale")
     params = EnginePipeline.params + (
         Param("image", "image", required=True, help="conditioning image (an uploaded file over HTTP)"),
         *VIDEO_PARAMS,
@@ -151,12 +155,7 @@ class StableVideoDiffusionEngine(EnginePipeline):
         from framegraph.runtime.image import as_image_list
 
         call = dict(arguments)
-        defaults = pipeline.artifact.defaults
-        for name in ("height", "width", "num_frames", "num_inference_steps", "min_guidance_scale",
-                     "max_guidance_scale", "fps", "motion_bucket_id", "noise_aug_strength"):
-            if call.get(name) is None and defaults.get(name) is not None:
-                call[name] = defaults[name]
-        call.setdefault("num_inference_steps", 25)
+        call.update(pipeline.call_arguments(**{name: call.get(name) for name in self.resolved}))
         call.setdefault("num_videos_per_prompt", 1)
         call.setdefault("output_type", "np")
         if call.get("decode_chunk_size") is None:
@@ -165,12 +164,10 @@ class StableVideoDiffusionEngine(EnginePipeline):
             images = as_image_list(call["image"])
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError(f"image: {exc}", field="image") from None
-        try:
-            pipeline._check_call(call["height"], call["width"], call["num_frames"], call["num_inference_steps"],
-                                 call["fps"], call["motion_bucket_id"], call["noise_aug_strength"],
-                                 call["decode_chunk_size"], call["num_videos_per_prompt"], call["output_type"], None)
-        except (TypeError, ValueError) as exc:
-            raise InvalidRequestError(str(exc)) from None
+        with invalid_request():
+            pipeline.check_inputs(**{name: call[name] for name in self.resolved}, sigmas=None,
+                                  decode_chunk_size=call["decode_chunk_size"],
+                                  num_videos_per_prompt=call["num_videos_per_prompt"], output_type=call["output_type"])
         videos = len(images) * call["num_videos_per_prompt"]
         chunks = 0 if call["output_type"] == "latent" else videos * math.ceil(
             call["num_frames"] / call["decode_chunk_size"])
@@ -180,7 +177,7 @@ class StableVideoDiffusionEngine(EnginePipeline):
         return pipeline(**arguments, generator=seed, progress=progress).frames
 
     def video_fps(self, arguments):
-        return arguments.get("fps") or 7
+        return arguments["fps"]  # the fps the video was conditioned on (resolved by check)
 
 
 @register_engine_pipeline
@@ -188,12 +185,15 @@ class TextToVideoSDEngine(EnginePipeline):
     """Text-to-video (ModelScope): ``prompt`` plus the arguments of ``TextToVideoSDPipeline.__call__``."""
 
     kind = "text-to-video-sd"
+    resolved = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "eta")
     params = EnginePipeline.params + (
         Param("prompt", "text", required=True, maximum=4000),
         Param("negative_prompt", "text", maximum=4000),
         *VIDEO_PARAMS,
         Param("guidance_scale", "float", minimum=0.0, maximum=100.0),
         Param("eta", "float", minimum=0.0, maximum=1.0),
+        Param("fps", "int", minimum=1, maximum=1000, help="frame rate of the written video (default 8; the model "
+              "takes no fps)"),
         Param("decode_chunk_size", "int", minimum=1, maximum=1024, help="frames decoded per VAE call"),
         Param("output_type", "choice", choices=("np", "pil", "latent"), http=False),
         Param("latents", "array", http=False),
@@ -213,23 +213,36 @@ class TextToVideoSDEngine(EnginePipeline):
 
     def check(self, pipeline, arguments):
         call = dict(arguments)
-        defaults = pipeline.artifact.defaults
-        for name in ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "eta"):
-            if call.get(name) is None and defaults.get(name) is not None:
-                call[name] = defaults[name]
+        call.update(pipeline.call_arguments(**{name: call.get(name) for name in self.resolved}))
         call.setdefault("output_type", "np")
-        try:
-            pipeline._check_call(call["prompt"], None, call["height"], call["width"], call["num_frames"],
-                                 call["num_inference_steps"], call["guidance_scale"], call["eta"], call["output_type"],
-                                 call.get("decode_chunk_size"))
-        except (TypeError, ValueError) as exc:
-            raise InvalidRequestError(str(exc)) from None
+        if call.get("fps") is None:
+            call["fps"] = pipeline.video_fps
+        with invalid_request():
+            pipeline.check_inputs(call["prompt"], **{name: call[name] for name in self.resolved},
+                                  output_type=call["output_type"], decode_chunk_size=call.get("decode_chunk_size"))
         chunk = call.get("decode_chunk_size") or max(pipeline.artifact.buckets("vae_decoder", "chunk"))
         chunks = 0 if call["output_type"] == "latent" else math.ceil(call["num_frames"] / chunk)
         return call, call["num_inference_steps"], chunks
 
     def run(self, pipeline, arguments, seed, progress):
-        return pipeline(**arguments, generator=seed, progress=progress).frames
+        call = {name: value for name, value in arguments.items() if name != "fps"}  # the video's rate only
+        return pipeline(**call, generator=seed, progress=progress).frames
+
+    def video_fps(self, arguments):
+        return arguments["fps"]
+
+
+@contextlib.contextmanager
+def invalid_request():
+    """Answer a pipeline's refusal of a call argument as an InvalidRequestError naming that field."""
+    from framegraph.runtime.pipelines.common import CallArgumentError
+
+    try:
+        yield
+    except CallArgumentError as exc:
+        raise InvalidRequestError(str(exc), field=exc.argument) from None
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(str(exc)) from None
 
 
 def warm_up(artifact):

@@ -28,6 +28,19 @@ URL_TIMEOUT_S = 60
 
 
 # -- loading -------------------------------------------------------------------------------------------------------
+def open_image(source, name, formats=None):
+    """``PIL.Image.open(source)`` with its pixels read now; a file PIL cannot read is a ValueError that names
+    ``name`` (PIL's own message shows the address of an in-memory buffer)."""
+    try:
+        with PIL.Image.open(source, formats=formats) as image:
+            image.load()
+            return image.copy() if image.mode == "RGB" else image.convert("RGB")
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        kinds = ", ".join(formats) if formats else "PNG, JPEG, WebP or another format PIL reads"
+        reason = "not an image" if isinstance(exc, PIL.UnidentifiedImageError) else "a damaged image"
+        raise ValueError(f"{name} is {reason} PIL can read; pass an image file ({kinds})") from None
+
+
 def load_image(image):
     """An RGB PIL image from a PIL image, a file path or an http(s) URL (EXIF orientation applied, as diffusers)."""
     if isinstance(image, PIL.Image.Image):
@@ -36,9 +49,9 @@ def load_image(image):
         text = str(image)
         if text.startswith(("http://", "https://")):
             with urllib.request.urlopen(text, timeout=URL_TIMEOUT_S) as response:
-                pil = PIL.Image.open(io.BytesIO(response.read()))
+                pil = open_image(io.BytesIO(response.read()), text)
         elif Path(text).is_file():
-            pil = PIL.Image.open(text)
+            pil = open_image(text, text)
         else:
             raise ValueError(f"{text!r} is neither an http(s) URL nor an existing file; pass a valid path or URL")
         pil = PIL.ImageOps.exif_transpose(pil)

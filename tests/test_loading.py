@@ -67,8 +67,12 @@ def test_missing_config_json(vae_cls, vae_folder):
 
 
 def test_missing_weights_and_missing_variant(vae_cls, vae_folder):
+    (vae_folder / WEIGHTS).rename(vae_folder / "kept")
+    with pytest.raises(CheckpointError, match=r"svd-export --variant fp16 \(variant='fp16' in Python\)"):
+        load_component(vae_cls, vae_folder)  # only fp16 files: the hint names the CLI flag
+    (vae_folder / "kept").rename(vae_folder / WEIGHTS)
     (vae_folder / "diffusion_pytorch_model.fp16.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="variant='fp16'"):
+    with pytest.raises(CheckpointError, match="no variant 'fp16'.*leave out svd-export --variant"):
         load_component(vae_cls, vae_folder, variant="fp16")
     (vae_folder / WEIGHTS).unlink()
     with pytest.raises(CheckpointError, match="no safetensors weights"):

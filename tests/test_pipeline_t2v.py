@@ -113,7 +113,7 @@ def test_prompt_type_is_checked(t2v_artifact):
     from framegraph.runtime import TextToVideoSDPipeline
 
     pipe = TextToVideoSDPipeline.from_artifacts(t2v_artifact, verify=False)
-    with pytest.raises(TypeError, match="prompt"):
+    with pytest.raises(ValueError, match="prompt"):  # diffusers' check_inputs raises ValueError too
         pipe(123, num_frames=4, num_inference_steps=1)
     with pytest.raises(ValueError, match="prompt"):
         pipe(num_frames=4, num_inference_steps=1)
@@ -156,3 +156,16 @@ def test_export_without_tokenizer_fails_before_building_unless_random_weights(t2
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         export_t2v(PipelineFolder(folder), tmp_path / "art", options)
     assert not (tmp_path / "art").exists() and not list(tmp_path.glob(".art.partial-*"))
+
+
+def test_call_defaults_come_from_the_artifact(t2v_artifact):
+    """The artifact has no bucket for diffusers' 16 frames: a call without num_frames takes the manifest's."""
+    from framegraph.runtime import TextToVideoSDPipeline
+
+    pipe = TextToVideoSDPipeline.from_artifacts(t2v_artifact, verify=False)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.artifact.defaults["num_frames"] == 4
+    frames = pipe("a prompt", num_inference_steps=1, output_type="np").frames
+    assert frames.shape[1] == 4
+    assert pipe.call_arguments(num_frames=None, guidance_scale=None, eta=7.0) == {
+        "num_frames": 4, "guidance_scale": 9.0, "eta": 7.0}

@@ -19,3 +19,31 @@ def test_text_to_video_is_served_with_a_prompt(t2v_artifact):
         assert _video(t2v_client, job["id"])[4:8] == b"ftyp"
         status, _, body = t2v_client.post_job([("prompt", "x")])  # an image is not an argument of this kind
         assert status == 422 and body["field"] == "image" and "prompt" in body["error"]
+
+
+def test_text_to_video_video_rate_is_the_fps_field_default_8(t2v_artifact):
+    with Engine(t2v_artifact, workers=1, warmup=False, num_threads=1) as t2v, serving(t2v) as client:
+        rates = []
+        for fields in ([], [("fps", "5")]):
+            status, _, job = client.post_job([("prompt", "a red ball"), ("num_inference_steps", "1"), *fields],
+                                             files=())
+            assert status == 202, job
+            assert client.wait(job["id"])["state"] == "done"
+            rates.append(_video_fps(client, job["id"]))
+        assert rates == [8.0, 5.0]
+        status, _, body = client.post_job([("prompt", "x"), ("fps", "0")], files=())
+        assert status == 422 and body["field"] == "fps"
+        status, _, body = client.post_job([("prompt", "x"), ("num_frames", "16")], files=())
+        assert status == 422 and body["field"] == "num_frames" and "available: 4" in body["error"]
+
+
+def _video_fps(client, job_id):
+    import tempfile
+    from pathlib import Path
+
+    from framegraph.runtime.video import read_video_info
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "v.mp4"
+        path.write_bytes(_video(client, job_id))
+        return read_video_info(path).fps

@@ -38,6 +38,51 @@ def chunks(array, size):
     return [array[i:i + size] for i in range(0, len(array), size)]
 
 
+class CallArgumentError(ValueError):
+    """A call argument that is invalid or that the artifact cannot serve. ``argument`` names it as the pipeline's
+    parameter: the engine answers it as that HTTP field, the CLI names its flag."""
+
+    def __init__(self, argument, message):
+        super().__init__(message)
+        self.argument = argument
+
+
+def check_count(argument, value, minimum=1):
+    """Refuse ``value`` unless it is an int (not a bool) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise CallArgumentError(argument, f"{argument} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_number(argument, value, low, high):
+    """Refuse ``value`` unless it is a finite real number in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
+            np.isfinite(value) and low <= value <= high):
+        raise CallArgumentError(argument, f"{argument} must be a number in [{low:g}, {high:g}], got {value!r}")
+
+
+def check_size(artifact, height, width):
+    """Refuse a (height, width) the artifact's UNet was not exported for."""
+    check_count("height", height)
+    check_count("width", width)
+    sizes = sorted({(g.bucket["height"], g.bucket["width"]) for g in artifact.manifest.graphs
+                    if g.name == "unet" and g.format == artifact.format})
+    if (height, width) not in sizes:
+        raise CallArgumentError(
+            "height", f"height={height}, width={width} has no exported bucket; available: "
+            f"{', '.join(f'{h}x{w}' for h, w in sizes)} — pass one of them, or export an artifact for that size "
+            "with svd-export --height/--width (it tells which sizes the model accepts)")
+
+
+def check_frames(artifact, num_frames):
+    """Refuse a frame count the artifact's UNet was not exported for."""
+    check_count("num_frames", num_frames)
+    frames = artifact.buckets("unet", "num_frames")
+    if num_frames not in frames:
+        raise CallArgumentError(
+            "num_frames", f"num_frames={num_frames} has no exported bucket; available: {', '.join(map(str, frames))}"
+            f" — pass one of them or re-export with --frames {num_frames}")
+
+
 class ProgressBar:
     """A tqdm bar (unless disabled) plus an optional ``progress(kind)`` callback per step / decode chunk."""
 
@@ -65,6 +110,18 @@ class ArtifactPipeline:
     Subclasses build themselves from the opened artifact in ``_from_artifact``."""
 
     kind = None
+    # diffusers' call defaults, for what the artifact's manifest ``defaults`` leave out (older artifacts)
+    call_defaults = {}
+
+    def call_arguments(self, **arguments):
+        """``arguments`` with every None filled in: from the artifact's manifest ``defaults`` first (the sizes and
+        frame count it was exported for), then from ``call_defaults``. The one place call defaults come from."""
+        resolved = dict(arguments)
+        for name, value in arguments.items():
+            if value is None:
+                found = self.artifact.defaults.get(name)
+                resolved[name] = self.call_defaults.get(name) if found is None else found
+        return resolved
 
     @classmethod
     def from_artifacts(cls, path, backend="onnxruntime", providers=None, device=None, num_threads=None,

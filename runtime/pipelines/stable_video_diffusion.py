@@ -5,14 +5,25 @@ import logging
 
 import numpy as np
 
-from framegraph.runtime.pipelines.common import (ArtifactPipeline, ProgressBar, check_latents, chunks, make_rng,
-                                                 randn)
+from framegraph.runtime.pipelines.common import (ArtifactPipeline, CallArgumentError, ProgressBar, check_count,
+                                                 check_frames, check_latents, check_number, check_size, chunks,
+                                                 make_rng, randn)
 from framegraph.runtime.schedulers import load_scheduler
 
 logger = logging.getLogger(__name__)
 
 PIPELINE_KIND = "stable-video-diffusion"
 OUTPUT_TYPES = ("pil", "np", "latent")
+# diffusers' StableVideoDiffusionPipeline.__call__ defaults (the export writes them into the manifest's defaults)
+CALL_DEFAULTS = {
+    "num_inference_steps": 25,
+    "min_guidance_scale": 1.0,
+    "max_guidance_scale": 3.0,
+    "fps": 7,
+    "motion_bucket_id": 127,
+    "noise_aug_strength": 0.02,
+    "decode_chunk_size": None,
+}
 
 
 @dataclasses.dataclass
@@ -24,6 +35,7 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
     """Image-to-video with the graphs of an ``svd-export`` artifact (no torch, no MindSpore for ONNX)."""
 
     kind = PIPELINE_KIND
+    call_defaults = CALL_DEFAULTS
 
     def __init__(self, artifact, scheduler):
         self.artifact = artifact
@@ -36,42 +48,38 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
         return cls(artifact, load_scheduler(artifact.manifest.scheduler))
 
     # -- checks ------------------------------------------------------------------------------------------------
-    def _check_call(self, height, width, num_frames, num_inference_steps, fps, motion_bucket_id,
-                    noise_aug_strength, decode_chunk_size, num_videos_per_prompt, output_type, sigmas):
-        sizes = sorted({(g.bucket["height"], g.bucket["width"]) for g in self.artifact.manifest.graphs
-                        if g.name == "unet" and g.format == self.artifact.format})
-        if (height, width) not in sizes:
-            raise ValueError(
-                f"height={height}, width={width} has no exported bucket; available: "
-                f"{', '.join(f'{h}x{w}' for h, w in sizes)} — re-export with --height {height} --width {width}"
-            )
-        frames = self.artifact.buckets("unet", "num_frames")
-        if num_frames not in frames:
-            raise ValueError(
-                f"num_frames={num_frames} has no exported bucket; available: {', '.join(map(str, frames))} — "
-                f"re-export with --frames {num_frames}"
-            )
-        if sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        if not isinstance(fps, (int, np.integer)) or fps < 1:
-            raise ValueError(f"fps must be an integer >= 1 (the model is conditioned on fps - 1), got {fps!r}")
-        if not isinstance(motion_bucket_id, (int, np.integer)) or not 0 <= motion_bucket_id <= 1023:
-            raise ValueError(f"motion_bucket_id must be an integer in [0, 1023], got {motion_bucket_id!r}")
-        if not isinstance(noise_aug_strength, (int, float)) or not 0.0 <= noise_aug_strength <= 10.0:
-            raise ValueError(f"noise_aug_strength must be a number in [0, 10], got {noise_aug_strength!r}")
-        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
-            raise ValueError(f"num_videos_per_prompt must be an integer >= 1, got {num_videos_per_prompt!r}")
+    def check_inputs(self, height, width, num_frames, num_inference_steps=25, fps=7, motion_bucket_id=127,
+                     noise_aug_strength=0.02, decode_chunk_size=None, num_videos_per_prompt=1, output_type="pil",
+                     sigmas=None, min_guidance_scale=1.0, max_guidance_scale=3.0):
+        """Raise :class:`CallArgumentError` (a ValueError naming the argument) unless this artifact can serve a
+        call with these (resolved, see ``call_arguments``) arguments. Runs no graph."""
+        check_size(self.artifact, height, width)
+        check_frames(self.artifact, num_frames)
+        if sigmas is None:
+            check_count("num_inference_steps", num_inference_steps)
+        check_count("fps", fps)  # the model is conditioned on fps - 1
+        check_count("motion_bucket_id", motion_bucket_id, minimum=0)
+        if motion_bucket_id > 1023:
+            raise CallArgumentError("motion_bucket_id", f"motion_bucket_id must be in [0, 1023], got {motion_bucket_id}")
+        check_number("noise_aug_strength", noise_aug_strength, 0.0, 10.0)
+        check_number("min_guidance_scale", min_guidance_scale, 0.0, 100.0)
+        check_number("max_guidance_scale", max_guidance_scale, 0.0, 100.0)
+        check_count("num_videos_per_prompt", num_videos_per_prompt)
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+            raise CallArgumentError("output_type", f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if output_type != "latent":
+            if decode_chunk_size is None:
+                decode_chunk_size = num_frames
+            check_count("decode_chunk_size", decode_chunk_size)
             chunk = min(decode_chunk_size, num_frames)
             needed = {chunk} | ({num_frames % chunk} if num_frames % chunk else set())
             have = self.artifact.buckets("vae_decoder", "chunk")
-            if not isinstance(decode_chunk_size, int) or decode_chunk_size < 1 or not needed <= set(have):
-                raise ValueError(
-                    f"decode_chunk_size={decode_chunk_size!r} needs decoder graphs for chunks {sorted(needed)}; this "
+            if not needed <= set(have):
+                raise CallArgumentError(
+                    "decode_chunk_size",
+                    f"decode_chunk_size={decode_chunk_size} needs decoder graphs for chunks {sorted(needed)}; this "
                     f"artifact has chunks {have} — pass one of them or re-export with --decode-chunk-sizes "
-                    f"{decode_chunk_size}"
+                    f"{','.join(map(str, sorted(needed)))}"
                 )
 
     # -- stages ------------------------------------------------------------------------------------------------
@@ -136,21 +144,25 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
         return np.stack(videos).transpose(0, 2, 1, 3, 4).astype(np.float32)  # (N, C, F, H, W) like diffusers
 
     # -- call --------------------------------------------------------------------------------------------------
-    def __call__(self, image, height=None, width=None, num_frames=None, num_inference_steps=25, sigmas=None,
-                 min_guidance_scale=1.0, max_guidance_scale=3.0, fps=7, motion_bucket_id=127,
-                 noise_aug_strength=0.02, decode_chunk_size=None, num_videos_per_prompt=1, generator=None,
+    def __call__(self, image, height=None, width=None, num_frames=None, num_inference_steps=None, sigmas=None,
+                 min_guidance_scale=None, max_guidance_scale=None, fps=None, motion_bucket_id=None,
+                 noise_aug_strength=None, decode_chunk_size=None, num_videos_per_prompt=1, generator=None,
                  latents=None, output_type="pil", callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",), return_dict=True, image_noise=None,
                  progress=None):
         from framegraph.runtime.image import as_image_list, postprocess_video, vae_pixel_values
 
-        defaults = self.artifact.defaults
-        height = height or defaults["height"]
-        width = width or defaults["width"]
-        num_frames = num_frames if num_frames is not None else defaults["num_frames"]
+        call = self.call_arguments(height=height, width=width, num_frames=num_frames,
+                                   num_inference_steps=num_inference_steps, fps=fps, motion_bucket_id=motion_bucket_id,
+                                   noise_aug_strength=noise_aug_strength, min_guidance_scale=min_guidance_scale,
+                                   max_guidance_scale=max_guidance_scale)
+        self.check_inputs(**call, decode_chunk_size=decode_chunk_size, num_videos_per_prompt=num_videos_per_prompt,
+                          output_type=output_type, sigmas=sigmas)
+        height, width, num_frames = call["height"], call["width"], call["num_frames"]
+        num_inference_steps, fps, motion_bucket_id = call["num_inference_steps"], call["fps"], call["motion_bucket_id"]
+        noise_aug_strength = call["noise_aug_strength"]
+        min_guidance_scale, max_guidance_scale = call["min_guidance_scale"], call["max_guidance_scale"]
         decode_chunk_size = decode_chunk_size if decode_chunk_size is not None else num_frames
-        self._check_call(height, width, num_frames, num_inference_steps, fps, motion_bucket_id, noise_aug_strength,
-                         decode_chunk_size, num_videos_per_prompt, output_type, sigmas)
         for name in callback_on_step_end_tensor_inputs:
             if name != "latents":
                 raise ValueError(f"callback_on_step_end_tensor_inputs may only name 'latents', got {name!r}")

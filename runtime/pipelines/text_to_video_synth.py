@@ -6,14 +6,20 @@ import threading
 
 import numpy as np
 
-from framegraph.runtime.pipelines.common import (ArtifactPipeline, ProgressBar, check_latents, chunks, make_rng,
-                                                 randn)
+from framegraph.runtime.pipelines.common import (ArtifactPipeline, CallArgumentError, ProgressBar, check_count,
+                                                 check_frames, check_latents, check_number, check_size, chunks,
+                                                 make_rng, randn)
 from framegraph.runtime.schedulers import load_scheduler
 
 logger = logging.getLogger(__name__)
 
 PIPELINE_KIND = "text-to-video-sd"
 OUTPUT_TYPES = ("np", "pil", "latent")
+# diffusers' TextToVideoSDPipeline.__call__ defaults (the export writes them into the manifest's defaults; an
+# artifact without a 16-frame bucket records the frame count it has)
+CALL_DEFAULTS = {"num_frames": 16, "num_inference_steps": 50, "guidance_scale": 9.0, "eta": 0.0}
+# playback rate of the written video (ModelScope's videos are 8 frames per second; the model takes no fps)
+VIDEO_FPS = 8
 
 
 @dataclasses.dataclass
@@ -26,6 +32,8 @@ class TextToVideoSDPipeline(ArtifactPipeline):
     diffusers way: ``pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``."""
 
     kind = PIPELINE_KIND
+    call_defaults = CALL_DEFAULTS
+    video_fps = VIDEO_FPS
 
     def __init__(self, artifact, scheduler, tokenizer):
         self.artifact = artifact
@@ -96,35 +104,30 @@ class TextToVideoSDPipeline(ArtifactPipeline):
         return prompt_embeds, negative_prompt_embeds
 
     # -- checks ------------------------------------------------------------------------------------------------
-    def _check_call(self, prompt, prompt_embeds, height, width, num_frames, num_inference_steps, guidance_scale,
-                    eta, output_type, decode_chunk_size):
+    def check_inputs(self, prompt, height, width, num_frames, num_inference_steps=50, guidance_scale=9.0, eta=0.0,
+                     output_type="np", decode_chunk_size=None, prompt_embeds=None):
+        """Raise :class:`CallArgumentError` (a ValueError naming the argument) unless this artifact can serve a
+        call with these (resolved, see ``call_arguments``) arguments. Runs no graph."""
         if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("pass exactly one of prompt (str or list of str) and prompt_embeds")
+            raise CallArgumentError("prompt", "pass exactly one of prompt (str or list of str) and prompt_embeds")
         if prompt is not None and not (isinstance(prompt, str) or (
                 isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt))):
-            raise TypeError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
-        sizes = sorted({(g.bucket["height"], g.bucket["width"]) for g in self.artifact.manifest.graphs
-                        if g.name == "unet" and g.format == self.artifact.format})
-        if (height, width) not in sizes:
-            raise ValueError(f"height={height}, width={width} has no exported bucket; available: "
-                             f"{', '.join(f'{h}x{w}' for h, w in sizes)} — re-export with --height {height} "
-                             f"--width {width}")
-        frames = self.artifact.buckets("unet", "num_frames")
-        if num_frames not in frames:
-            raise ValueError(f"num_frames={num_frames} has no exported bucket; available: "
-                             f"{', '.join(map(str, frames))} — re-export with --frames {num_frames}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-        if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+            raise CallArgumentError("prompt", "prompt must be a string or a non-empty list of strings, got "
+                                    f"{type(prompt).__name__}")
+        check_size(self.artifact, height, width)
+        check_frames(self.artifact, num_frames)
+        check_count("num_inference_steps", num_inference_steps)
+        check_number("guidance_scale", guidance_scale, 0.0, 100.0)
+        check_number("eta", eta, 0.0, 1.0)
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        have = self.artifact.buckets("vae_decoder", "chunk")
-        if decode_chunk_size is not None and decode_chunk_size not in have:
-            raise ValueError(f"decode_chunk_size={decode_chunk_size!r} has no decoder graph; this artifact has "
-                             f"{have} — pass one of them or re-export with --decode-chunk-sizes {decode_chunk_size}")
+            raise CallArgumentError("output_type", f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if decode_chunk_size is not None:
+            check_count("decode_chunk_size", decode_chunk_size)
+            have = self.artifact.buckets("vae_decoder", "chunk")
+            if decode_chunk_size not in have:
+                raise CallArgumentError(
+                    "decode_chunk_size", f"decode_chunk_size={decode_chunk_size} has no decoder graph; this artifact "
+                    f"has {have} — pass one of them or re-export with --decode-chunk-sizes {decode_chunk_size}")
 
     # -- stages ------------------------------------------------------------------------------------------------
     def _unet(self, model_input, t, embeds, cfg, num_frames, height, width, graph=None, last=False):
@@ -167,17 +170,19 @@ class TextToVideoSDPipeline(ArtifactPipeline):
         return video.reshape(b, f, *video.shape[1:]).transpose(0, 2, 1, 3, 4).astype(np.float32)
 
     # -- call --------------------------------------------------------------------------------------------------
-    def __call__(self, prompt=None, height=None, width=None, num_frames=16, num_inference_steps=50,
-                 guidance_scale=9.0, negative_prompt=None, eta=0.0, generator=None, latents=None,
+    def __call__(self, prompt=None, height=None, width=None, num_frames=None, num_inference_steps=None,
+                 guidance_scale=None, negative_prompt=None, eta=None, generator=None, latents=None,
                  prompt_embeds=None, negative_prompt_embeds=None, output_type="np", callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",), return_dict=True, decode_chunk_size=None,
                  progress=None):
         from framegraph.runtime.image import postprocess_video
 
-        height = height or self.artifact.defaults["height"]
-        width = width or self.artifact.defaults["width"]
-        self._check_call(prompt, prompt_embeds, height, width, num_frames, num_inference_steps, guidance_scale,
-                         eta, output_type, decode_chunk_size)
+        call = self.call_arguments(height=height, width=width, num_frames=num_frames,
+                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta)
+        self.check_inputs(prompt, **call, output_type=output_type, decode_chunk_size=decode_chunk_size,
+                          prompt_embeds=prompt_embeds)
+        height, width, num_frames = call["height"], call["width"], call["num_frames"]
+        num_inference_steps, guidance_scale, eta = call["num_inference_steps"], call["guidance_scale"], call["eta"]
         for name in callback_on_step_end_tensor_inputs:
             if name != "latents":
                 raise ValueError(f"callback_on_step_end_tensor_inputs may only name 'latents', got {name!r}")
