@@ -8,7 +8,7 @@ against the MindSpore model at export time.
 import dataclasses
 import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -32,13 +32,17 @@ class TensorSpec:
 
 @dataclasses.dataclass
 class FileEntry:
+    """One file of the artifact: ``path`` relative to the artifact folder (see :func:`check_relative_path`)."""
+
     path: str
     sha256: str
     size: int
 
     @classmethod
-    def from_dict(cls, d):
-        return cls(path=d["path"], sha256=d["sha256"], size=int(d["size"]))
+    def from_dict(cls, d, source="manifest", owner="the artifact"):
+        """The entry ``d`` of ``owner`` (a graph key, or "the artifact" for its other files) in the manifest
+        ``source``; its path is refused unless it names a file inside the artifact folder."""
+        return cls(path=check_relative_path(d["path"], source, owner), sha256=d["sha256"], size=int(d["size"]))
 
 
 @dataclasses.dataclass
@@ -60,15 +64,27 @@ class GraphEntry:
 
     @property
     def main_file(self):
+        """The graph file the backend opens: the first of ``files`` (the others are its weights)."""
+        if not self.files:
+            raise ArtifactError(f"graph {self.key} lists no files, so there is no graph file to open; re-export the "
+                                "artifact (svd-export)")
         return self.files[0].path
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d, source="manifest"):
+        """The graph entry ``d`` of the manifest ``source``; refused unless it lists at least its graph file and
+        every file path stays inside the artifact folder."""
+        key = graph_key(d["name"], d["format"], d["bucket"])
+        if not d["files"]:
+            raise ArtifactError(
+                f"{source}: graph {key} lists no files (\"files\": []), so there is no graph file to open; "
+                "re-export the artifact (svd-export) or restore its original manifest.json"
+            )
         return cls(
             name=d["name"],
             format=d["format"],
             bucket=dict(d["bucket"]),
-            files=[FileEntry.from_dict(f) for f in d["files"]],
+            files=[FileEntry.from_dict(f, source, f"graph {key}") for f in d["files"]],
             inputs=[TensorSpec.from_dict(t) for t in d["inputs"]],
             outputs=[TensorSpec.from_dict(t) for t in d["outputs"]],
             max_abs_error=d.get("max_abs_error"),
@@ -124,11 +140,13 @@ class Manifest:
                 scheduler=d["scheduler"],
                 defaults=d["defaults"],
                 dtype=d.get("dtype", "float32"),
-                graphs=[GraphEntry.from_dict(g) for g in d["graphs"]],
-                files=[FileEntry.from_dict(f) for f in d.get("files", [])],
+                graphs=[GraphEntry.from_dict(g, source) for g in d["graphs"]],
+                files=[FileEntry.from_dict(f, source) for f in d.get("files", [])],
                 options=d.get("options", {}),
                 schema_version=version,
             )
+        except ArtifactError:  # already says which entry and what to do
+            raise
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{source} is malformed ({type(exc).__name__}: {exc}); re-export the artifact") from exc
 
@@ -190,14 +208,60 @@ def sha256_file(path, chunk=1 << 22):
     return h.hexdigest()
 
 
+def check_relative_path(path, source="manifest", owner="the artifact"):
+    """``path`` (a manifest file path) as given, or ArtifactError naming ``source`` and ``owner``.
+
+    The rule: a manifest names files inside its artifact folder only, by a relative path without ``..``
+    components, read as a POSIX and as a Windows path (so neither ``/etc/x``, ``C:/x`` nor ``..\\x`` passes).
+    Symlinks are caught where the path is opened, by :func:`resolve_in_folder`.
+    """
+    if not isinstance(path, str) or path in ("", "."):
+        raise ArtifactError(
+            f"{source}: file {path!r} of {owner} is not a file path inside the artifact folder; re-export the "
+            "artifact (svd-export) or restore its original manifest.json"
+        )
+    posix, windows = PurePosixPath(path), PureWindowsPath(path)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or windows.root:
+        problem = "is an absolute path"
+    elif ".." in posix.parts or ".." in windows.parts:
+        problem = "has a '..' component"
+    else:
+        return path
+    raise ArtifactError(
+        f"{source}: file {path!r} of {owner} {problem}, but a manifest may only name files inside its artifact "
+        "folder (this one was edited, or is not a framegraph manifest); re-export the artifact (svd-export) or "
+        "restore its original manifest.json"
+    )
+
+
+def resolve_in_folder(folder, path):
+    """``folder / path`` for a manifest file ``path``, or ArtifactError unless it stays inside ``folder``.
+
+    The one check every reader of a manifest file path goes through (hashing, verifying, opening a graph): the path
+    must pass :func:`check_relative_path`, and once symlinks are resolved it must still lie under the resolved
+    folder (a symlink inside the artifact pointing out of it is refused). The returned path is not resolved.
+    """
+    folder = Path(folder)
+    full = folder / check_relative_path(path, str(folder / MANIFEST_NAME))
+    root, target = folder.resolve(), full.resolve()
+    if not target.is_relative_to(root):
+        raise ArtifactError(
+            f"{full} resolves to {target}, outside the artifact folder {root} (a symlink leads out of it); a manifest "
+            "may only name files inside its artifact folder. Replace the link with the file itself (copy the whole "
+            "artifact folder without links) or re-export the artifact (svd-export)"
+        )
+    return full
+
+
 def file_entry(folder, path):
-    """A FileEntry for ``folder/path`` (path relative to the artifact folder)."""
-    full = Path(folder) / path
+    """A FileEntry for ``folder/path`` (path relative to the artifact folder, and inside it)."""
+    full = resolve_in_folder(folder, str(path))
     return FileEntry(path=str(path), sha256=sha256_file(full), size=full.stat().st_size)
 
 
 def verify_file(folder, entry, check_hash=True):
-    full = Path(folder) / entry.path
+    """Raise ArtifactError unless ``entry`` is a file inside ``folder`` with the manifest's size (and sha256)."""
+    full = resolve_in_folder(folder, entry.path)
     if not full.is_file():
         raise ArtifactError(f"{full} is missing from the artifact; re-export it (svd-export) or copy the whole folder")
     size = full.stat().st_size

@@ -2,6 +2,7 @@
 
 import gc
 import json
+import os
 import threading
 import time
 import weakref
@@ -195,12 +196,12 @@ def test_unknown_and_discarded_jobs(engine, image):
 
 
 @pytest.mark.parametrize("arguments, field, message", [
-    ({"num_frames": 5}, None, "num_frames=5 has no exported bucket"),
+    ({"num_frames": 5}, "num_frames", "num_frames=5 has no exported bucket"),
     ({"num_inference_steps": 0}, "num_inference_steps", "out of range"),
     ({"fps": "seven"}, "fps", "must be an integer"),
     ({"motion_bucket_id": True}, "motion_bucket_id", "got a bool"),
     ({"max_guidance_scale": float("nan")}, "max_guidance_scale", "finite"),
-    ({"decode_chunk_size": 3, "num_frames": 3}, None, "decode_chunk_size=3"),
+    ({"decode_chunk_size": 3, "num_frames": 3}, "decode_chunk_size", "decode_chunk_size=3"),
     ({"strength": 0.5}, "strength", "unknown argument"),
     ({"image": None}, "image", "image is required"),
     ({"image": "cat.png"}, "image", "not a path"),
@@ -270,7 +271,7 @@ def test_fuzzed_arguments_give_a_clear_error_or_a_result(engine, image, argument
 
 # -- artifact integrity ------------------------------------------------------------------------------------------------
 def _damaged_copy(src, dst, target=None, damage=None):
-    """``src`` linked file by file into ``dst``, with ``target`` (relative path) copied and damaged: "flip",
+    """``src`` hard-linked file by file into ``dst`` (a symlink out of the artifact would be refused), with ``target`` (relative path) copied and damaged: "flip",
     "truncate", "garbage" (same size), "delete", or a function of the manifest dict."""
     for path in src.rglob("*"):
         rel = path.relative_to(src)
@@ -279,7 +280,7 @@ def _damaged_copy(src, dst, target=None, damage=None):
             continue
         out.parent.mkdir(parents=True, exist_ok=True)
         if str(rel) != target:
-            out.symlink_to(path)
+            os.link(path, out)
         elif damage == "flip":
             data = bytearray(path.read_bytes())
             data[len(data) // 2] ^= 0xFF

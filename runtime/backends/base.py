@@ -1,8 +1,11 @@
 """The one interface every backend implements, the registry that finds them, and the checked graph call.
 
 A backend turns a manifest :class:`~framegraph.runtime.manifest.GraphEntry` plus its artifact folder into a
-:class:`Graph`. Every call of a graph is checked against the manifest (input names, dtypes and shapes, exactly)
-before the backend sees it, and the outputs come back as a dict keyed by the manifest's output names.
+:class:`Graph`. The manifest is not trusted: its file paths must stay inside the folder (``resolve_in_folder``), and
+when a graph is opened its declared inputs and outputs are checked against what the engine reads from the graph
+file (:func:`check_signature`). Every call of a graph is checked against the manifest (input names, dtypes and
+shapes, exactly) before the backend sees it, and the outputs come back as a dict keyed by the manifest's output
+names.
 
 Backends import their engine (onnxruntime, mindspore, mindspore_lite) only when constructed, so importing this
 package never imports MindSpore.
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..manifest import ArtifactError
+from ..manifest import ArtifactError, resolve_in_folder
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,76 @@ def load_backend(name, low_memory=False, **options):
             f"unknown backend {name!r}; available: {', '.join(available_backends())}"
         ) from None
     return cls(**({**cls.low_memory_options, **options} if low_memory else options))
+
+
+def _spec_text(dtype, shape):
+    """``dtype float32, shape [1, 2, 3]`` for a signature entry; an unknown dtype or shape reads "?"."""
+    dims = "?" if shape is None else "[" + ", ".join("?" if _dynamic(d) else str(d) for d in shape) + "]"
+    return f"dtype {dtype or '?'}, shape {dims}"
+
+
+def _dynamic(dim):
+    """Whether a graph file's dimension is left open (None, a symbolic name such as 'batch', or negative)."""
+    return not isinstance(dim, (int, np.integer)) or dim < 0
+
+
+def _manifest_dtype(spec, path, entry):
+    try:
+        return np.dtype(spec.dtype).name
+    except TypeError:
+        raise ArtifactError(
+            f"the manifest entry {entry.key} gives {spec.name!r} the dtype {spec.dtype!r}, which is not a numpy dtype "
+            f"(the graph file is {path}); re-export the artifact (svd-export)"
+        ) from None
+
+
+def _signature_differences(kind, specs, have, path, entry):
+    """What differs between the manifest's ``specs`` and the graph file's ``have`` ({name: (dtype, shape)})."""
+    differences = []
+    for spec in specs:
+        dtype, shape = have[spec.name]
+        want_dtype = _manifest_dtype(spec, path, entry)
+        want_shape = [int(d) for d in spec.shape]
+        same_dtype = dtype is None or dtype == want_dtype
+        same_shape = shape is None or (len(shape) == len(want_shape) and all(
+            _dynamic(d) or int(d) == w for d, w in zip(shape, want_shape)))
+        if not (same_dtype and same_shape):
+            differences.append(f"{kind} {spec.name!r}: the manifest says {_spec_text(want_dtype, want_shape)}, the "
+                               f"graph file has {_spec_text(dtype, shape)}")
+    return differences
+
+
+def check_signature(entry, path, inputs, outputs=None):
+    """Raise ArtifactError unless the graph file at ``path`` takes and gives what the manifest ``entry`` says.
+
+    ``inputs`` and ``outputs`` are what the backend read from its engine once the graph was opened: lists of
+    ``(name, dtype, shape)`` with ``dtype`` a numpy dtype name (None: the engine does not say) and ``shape`` a list
+    of dimensions (None: the engine does not say; a None, symbolic or negative dimension is left open by the graph
+    and matches any size). ``outputs=None``: the engine does not list its outputs (they are then checked on each
+    call). The rule: the graph's input names are exactly the manifest's, every manifest output is among the
+    graph's outputs, and each of those has the manifest's dtype and, where the graph fixes it, its shape (rank and
+    every fixed dimension). A backend that feeds its graph by position passes the manifest's names in order.
+    """
+    have_inputs = {name: (dtype, shape) for name, dtype, shape in inputs}
+    have_outputs = None if outputs is None else {name: (dtype, shape) for name, dtype, shape in outputs}
+    want_inputs = [s.name for s in entry.inputs]
+    want_outputs = [s.name for s in entry.outputs]
+    outputs_missing = have_outputs is not None and not set(want_outputs) <= set(have_outputs)
+    if set(have_inputs) != set(want_inputs) or outputs_missing:
+        raise ArtifactError(
+            f"{path} has inputs {sorted(have_inputs)} and outputs "
+            f"{'(not listed by the engine)' if have_outputs is None else sorted(have_outputs)} but the manifest entry "
+            f"{entry.key} lists inputs {sorted(want_inputs)} and outputs {want_outputs}; re-export the artifact "
+            "(svd-export)"
+        )
+    differences = _signature_differences("input", entry.inputs, have_inputs, path, entry)
+    if have_outputs is not None:
+        differences += _signature_differences("output", entry.outputs, have_outputs, path, entry)
+    if differences:
+        raise ArtifactError(
+            f"{path} does not match its manifest entry {entry.key}: {'; '.join(differences)}. The manifest or the "
+            "graph file was changed after the export; re-export the artifact (svd-export)"
+        )
 
 
 def _describe(value):
@@ -202,16 +275,19 @@ class Backend:
                 f"graphs; pick the {self.format!r} entry of this graph or another backend"
             )
         folder = Path(folder)
-        missing = [f.path for f in entry.files if not (folder / f.path).exists()]
+        paths = [resolve_in_folder(folder, f.path) for f in entry.files]  # refuses paths leading out of the folder
+        missing = [f.path for f, full in zip(entry.files, paths) if not full.exists()]
         if missing:
             raise ArtifactError(
                 f"graph {entry.key}: {', '.join(missing)} missing from {folder}; copy the whole artifact folder or "
                 "re-export it"
             )
-        path = folder / entry.main_file
+        path = resolve_in_folder(folder, entry.main_file)
         logger.info("opening %s with %s from %s", entry.key, self.name, path)
         run, native = self._load(path, entry, exclusive, streamed)
         return Graph(entry, run, self.name, native)
 
     def _load(self, path, entry, exclusive, streamed):
+        """``(run, native)`` for the graph file at ``path``; before returning, a backend checks the graph's inputs
+        and outputs against ``entry`` with :func:`check_signature` as far as its engine lists them."""
         raise NotImplementedError

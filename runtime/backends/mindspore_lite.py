@@ -7,7 +7,7 @@ wheel for your Python from mindspore.cn. Constructing this backend without it ra
 import logging
 
 from ..manifest import ArtifactError
-from .base import Backend, BackendUnavailableError, register_backend
+from .base import Backend, BackendUnavailableError, check_signature, register_backend
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,22 @@ def _import_mindspore_lite():
             "or backend='onnxruntime'"
         ) from exc
     return mindspore_lite
+
+
+def lite_signature(tensors, names):
+    """[(name, dtype, shape)] of MindSpore Lite tensors (``model.get_inputs()``) for ``check_signature``, named
+    ``names`` (the manifest's names in the order the tensors are fed or read). A tensor's ``dtype``
+    (``DataType.FLOAT32``) reads as its numpy name; a tensor that does not say its dtype or shape leaves it
+    unchecked, and a negative dimension is dynamic."""
+    out = []
+    for tensor, name in zip(tensors, names):
+        dtype = getattr(tensor, "dtype", None)
+        if dtype is not None:
+            dtype = getattr(dtype, "name", str(dtype)).rsplit(".", 1)[-1].lower()
+            dtype = None if dtype in ("unknown", "undefined", "none") else dtype
+        shape = getattr(tensor, "shape", None)
+        out.append((name, dtype, None if shape is None else list(shape)))
+    return out
 
 
 @register_backend
@@ -82,6 +98,14 @@ class MindSporeLiteBackend(Backend):
             order = list(range(len(want)))
         else:
             order = [want.index(n) for n in names]
+        inputs = lite_signature(tensors, [want[index] for index in order])
+        get_outputs = getattr(model, "get_outputs", None)  # the outputs are read by position, as predict gives them
+        outputs = None if get_outputs is None else get_outputs()
+        if outputs is not None:
+            labels = [s.name for s in entry.outputs] if len(outputs) == len(entry.outputs) else [
+                getattr(t, "name", f"output {i}") for i, t in enumerate(outputs)]
+            outputs = lite_signature(outputs, labels)
+        check_signature(entry, path, inputs, outputs)
 
         def run(arrays):
             inputs = model.get_inputs()

@@ -8,8 +8,8 @@ import weakref
 from pathlib import Path
 
 from ..heap import trim_heap
-from ..manifest import ArtifactError
-from .base import Backend, BackendUnavailableError, register_backend
+from ..manifest import resolve_in_folder
+from .base import Backend, BackendUnavailableError, check_signature, register_backend
 from .onnx_parts import constant_nodes
 
 logger = logging.getLogger(__name__)
@@ -37,12 +37,51 @@ FOLDED = "(constant-folded)"
 # madvise(MADV_POPULATE_READ) (Linux 5.14+): fault a mapping's pages in with one call instead of one fault per page
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
+# ONNX Runtime's type strings (NodeArg.type) -> numpy dtype names, as the manifest writes them
+ORT_DTYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(int8)": "int8", "tensor(int16)": "int16", "tensor(int32)": "int32", "tensor(int64)": "int64",
+    "tensor(uint8)": "uint8", "tensor(uint16)": "uint16", "tensor(uint32)": "uint32", "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+}
+
 # device -> execution providers in order of preference (ONNX Runtime falls back along the list).
 DEVICE_PROVIDERS = {
     "cpu": [CPU],
     "cuda": [CUDA, CPU],
     "gpu": [CUDA, CPU],
 }
+
+
+def signature(args):
+    """[(name, dtype, shape)] of ONNX Runtime NodeArgs (``session.get_inputs()``) for ``check_signature``; a type
+    numpy has no name for (e.g. "tensor(bfloat16)") is kept as ONNX Runtime writes it, so it matches no manifest
+    dtype."""
+    return [(arg.name, ORT_DTYPES.get(arg.type, arg.type), list(arg.shape)) for arg in args]
+
+
+def _shapeless(path):
+    """Names of the graph inputs and outputs that the ONNX file at ``path`` declares without a shape, or None where
+    the onnx package is not installed to read it."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {v.name for v in [*graph.input, *graph.output] if not v.type.tensor_type.HasField("shape")}
+
+
+def graph_signature(path, entry, inputs, outputs):
+    """``inputs`` and ``outputs`` (see ``signature``) with the shape of a tensor declared without one made unknown.
+
+    ONNX Runtime reports such a tensor's shape as [], as it does a scalar's. Only where that [] disagrees with the
+    manifest is the graph file read to tell them apart (without the onnx package, [] is then taken as unknown)."""
+    declared = {s.name: s.shape for s in [*entry.inputs, *entry.outputs]}
+    if not any(shape == [] and declared.get(name) for name, _, shape in [*inputs, *outputs]):
+        return inputs, outputs
+    shapeless = _shapeless(path)
+    return [[(name, dtype, None if shape == [] and (shapeless is None or name in shapeless) else shape)
+             for name, dtype, shape in tensors] for tensors in (inputs, outputs)]
 
 
 def _import_onnxruntime():
@@ -211,15 +250,10 @@ class OnnxRuntimeBackend(Backend):
                         len(stages), " + ".join(f"{sum(w.array.nbytes for _, w, _ in ws) / 1e9:.2f}"
                                                 for _, ws in stages))
         sessions = [stage for stage, _ in stages]
-        have_inputs = {i.name for i in sessions[0].get_inputs()}
-        have_outputs = {o.name for o in sessions[-1].get_outputs()}
-        want_inputs = {s.name for s in entry.inputs}
+        # a graph run in parts takes its inputs in the first part and gives its outputs from the last
+        check_signature(entry, path, *graph_signature(path, entry, signature(sessions[0].get_inputs()),
+                                                      signature(sessions[-1].get_outputs())))
         want_outputs = [s.name for s in entry.outputs]
-        if have_inputs != want_inputs or not set(want_outputs) <= have_outputs:
-            raise ArtifactError(
-                f"{path} has inputs {sorted(have_inputs)} and outputs {sorted(have_outputs)} but the manifest entry "
-                f"{entry.key} lists inputs {sorted(want_inputs)} and outputs {want_outputs}; re-export the artifact"
-            )
         input_names = [s.name for s in entry.inputs]
 
         def release():
@@ -295,7 +329,8 @@ class MappedWeights:
                 if not uses_external_data(tensor):
                     continue
                 info = {e.key: e.value for e in tensor.external_data}
-                file = (graph_path.parent / info["location"]).resolve()
+                # the graph file names its weight file: it must lie beside it, inside the artifact
+                file = resolve_in_folder(graph_path.parent, info["location"]).resolve()
                 offset = int(info.get("offset", 0))
                 dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
                 shape = tuple(int(d) for d in tensor.dims)
