@@ -222,7 +222,7 @@ def test_video_before_done_is_409(client):
 
 # -- errors ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fields, files, code, field, message", [
-    ([("num_frames", 5)], None, 422, None, "num_frames=5 has no exported bucket; available: 2, 3"),
+    ([("num_frames", 5)], None, 422, "num_frames", "num_frames=5 has no exported bucket; available: 2, 3"),
     ([("num_inference_steps", "many")], None, 422, "num_inference_steps", "must be an integer"),
     ([("motion_bucket_id", "2000")], None, 422, "motion_bucket_id", "out of range"),
     ([("noise_aug_strength", "nan")], None, 422, "noise_aug_strength", "finite"),
