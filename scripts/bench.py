@@ -59,26 +59,14 @@ from pathlib import Path
 
 import numpy as np
 
-from measure import tree_rss
+from bench_variants import ENGINES, EXPORTS
+from measure import folder_bytes, tree_rss
 
 logger = logging.getLogger("bench")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent
 INPUT_IMAGE = ROOT / "tests" / "fixtures" / "svd-tiny" / "input.png"
-# export -> (formats, two frame buckets?, --quantize, memory options: see memory_options)
-EXPORTS = {"onnx": (["onnx"], True, None, None), "mindir": (["mindir"], False, None, None),
-           "onnx-int8": (["onnx"], False, "int8", None), "onnx-memory": (["onnx"], False, None, "chunks"),
-           "onnx-sliced": (["onnx"], False, None, "slices")}
-ENGINE_EXPORT = {"onnxruntime": "onnx", "onnxruntime-lowmem": "onnx", "onnxruntime-2buckets": "onnx",
-                 "onnxruntime-2buckets-resident1": "onnx",
-                 "onnxruntime-unshared": "onnx", "onnxruntime-unshared-2buckets": "onnx", "onnxruntime-mapped": "onnx",
-                 "onnxruntime-int8": "onnx-int8",
-                 "onnxruntime-ffchunk": "onnx-memory", "onnxruntime-decode1": "onnx-memory",
-                 "onnxruntime-sliced": "onnx-sliced",
-                 "mindspore": "mindir", "mindspore-lowmem": "mindir"}
-ENGINES = ("diffusers",) + tuple(ENGINE_EXPORT)
-DEFAULT_ENGINES = ENGINES
 # a worker's child processes that measure the machine, not the engine: their RSS is not the engine's
 MEASURING_TOOLS = ("gemm_probe.py",)
 KINDS = {"StableVideoDiffusionPipeline": "svd", "TextToVideoSDPipeline": "t2v"}
@@ -201,12 +189,12 @@ def memory_options(args, kind):
 
 def export_artifact(args, pipeline, key):
     """The artifact of export ``key`` (see EXPORTS): an up-to-date one is reused, else it is exported."""
-    formats, two_buckets, quantize, memory = EXPORTS[key]
-    frames = [args.frames, args.second_frames or args.frames + 2] if two_buckets else [args.frames]
+    export = EXPORTS[key]
+    frames = [args.frames, args.second_frames or args.frames + 2] if export.two_buckets else [args.frames]
     base = f"artifact-{args.height}x{args.width}-f{'-'.join(map(str, frames))}"
-    options = memory_options(args, memory)
+    options = memory_options(args, export.memory)
     wanted = {"pipeline": pipeline["stamp"], "height": args.height, "width": args.width, "frames": frames,
-              "check": args.export_check, "quantize": quantize, "options": options,
+              "check": args.export_check, "quantize": export.quantize, "options": options,
               "framegraph_sources": framegraph_sources_hash()}
     artifact = args.work_dir / f"{base}-{key}"  # MindSpore rejects '+' in paths
     stamp_path = artifact.with_name(artifact.name + ".bench.json")
@@ -224,13 +212,13 @@ def export_artifact(args, pipeline, key):
         shutil.rmtree(artifact)
     command = [sys.executable, "-m", "framegraph.export", pipeline["path"], "--out", artifact,
                "--frames", ",".join(map(str, frames)), "--height", args.height, "--width", args.width,
-               "--formats", ",".join(formats)] + ([] if args.export_check else ["--no-check"])
-    if quantize:
-        command += ["--quantize", quantize]
+               "--formats", ",".join(export.formats)] + ([] if args.export_check else ["--no-check"])
+    if export.quantize:
+        command += ["--quantize", export.quantize]
     command += options
     code, wall, peak, timed_out = run_process(command, timeout=args.export_timeout)
     figures = {"command": " ".join(map(str, command))}
-    figures.update(export_s=round(wall, 1), peak_rss_gb=round(peak, 2), formats=list(formats), frames=frames,
+    figures.update(export_s=round(wall, 1), peak_rss_gb=round(peak, 2), formats=list(export.formats), frames=frames,
                    checked=args.export_check, exit_code=code)
     if code != 0:
         figures["status"] = "timed out" if timed_out else (
@@ -239,7 +227,7 @@ def export_artifact(args, pipeline, key):
         return {**figures, "path": str(artifact), "reused": False}
     figures.update(status="ok", artifact_gb=round(folder_bytes(artifact) / GIB, 3),
                    artifact_gb_by_format=artifact_sizes(artifact))
-    stamp_path.write_text(json.dumps({**wanted, "formats": list(formats), "figures": figures}, indent=1))
+    stamp_path.write_text(json.dumps({**wanted, "formats": list(export.formats), "figures": figures}, indent=1))
     return {**figures, "path": str(artifact), "reused": False}
 
 
@@ -267,10 +255,6 @@ def artifact_sizes(artifact):
         files = {p: (artifact / p).stat().st_size for p in files if (artifact / p).is_file()}
         sizes[fmt] = round(sum(files.values()) / GIB, 3)
     return sizes
-
-
-def folder_bytes(path):
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if Path(path).exists() else 0
 
 
 # -- 3. inputs -------------------------------------------------------------------------------------------------
@@ -436,7 +420,7 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="diffusers-format config folder (model_index.json + component "
                    "config.json files), e.g. ../shared/configs/svd-xt")
-    p.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
+    p.add_argument("--engines", default=",".join(ENGINES),
                    help=f"comma-separated subset of {','.join(ENGINES)}")
     p.add_argument("--height", type=int, default=128)
     p.add_argument("--width", type=int, default=128)
@@ -503,7 +487,7 @@ def main(argv=None):
     # ONNX: the frame bucket measured plus a second one (stored once: shared weights); MindIR: one bucket (each
     # MindIR graph carries its own copy of the weights, so a second bucket would double the disk use).
     report["exports"] = {}
-    for key in sorted({ENGINE_EXPORT[e] for e in engines if e in ENGINE_EXPORT}):
+    for key in sorted({ENGINES[e].export for e in engines if ENGINES[e].export is not None}):
         report["exports"][key] = export_artifact(args, report["pipeline"], key)
     if "onnx" in report["exports"] and report["exports"]["onnx"].get("status", "ok") == "ok":
         report["exports"]["onnx"]["bucket_disk_gb"] = bucket_disk(Path(report["exports"]["onnx"]["path"]),
@@ -517,7 +501,7 @@ def main(argv=None):
     report["unet_flops"] = run_worker("flops", spec_path, runs / "flops.json", args.threads)
     results = {}
     for engine in engines:
-        export = report["exports"].get(ENGINE_EXPORT.get(engine))
+        export = report["exports"].get(ENGINES[engine].export)
         if export is not None and export.get("status", "ok") != "ok":
             results[engine] = {"status": f"not run: export {export['status']}"}
             continue

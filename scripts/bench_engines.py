@@ -40,6 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_variants import ENGINES
+from gemm_probe import GemmProbe
+from gemm_timing import best_gflops, gemm_rates, square_pair
+
 logger = logging.getLogger("bench_engines")
 
 GIB = 1024 ** 3
@@ -135,18 +139,17 @@ def _probe(spec):
     """A GemmProbe for the last call where the spec asks for a GEMM rate beside each step (``paired_gemm``)."""
     if not spec.get("paired_gemm"):
         return contextlib.nullcontext()
-    from gemm_probe import GemmProbe
-
     return GemmProbe(threads=spec["threads"])  # the 4096-cube product of the run's GEMM peak
 
 
-def run_engine(engine, spec, result):
+def run_engine(name, spec, result):
+    """Load engine ``name`` (a key of bench_variants.ENGINES), run its calls and record their figures and frames."""
     inputs = np.load(spec["inputs"])
     from PIL import Image
 
     image = Image.open(spec["image"]).convert("RGB") if spec["kind"] == "svd" else None
     start = time.perf_counter()
-    load = ENGINE_IMPORTS[engine]()  # libraries are imported before the load clock starts
+    load = import_engine(ENGINES[name])  # libraries are imported before the load clock starts
     result.update(import_s=round(time.perf_counter() - start, 3))
     start = time.perf_counter()
     pipe, call = load(spec, inputs, image, result)
@@ -171,17 +174,10 @@ def run_engine(engine, spec, result):
     gc.collect()
     result.update(gemm_after_gflops=gemm_after(spec["threads"]))
     frames = np.asarray(frames, dtype=np.float32)
-    out = Path(spec["outputs"]) / f"{engine}.npz"
+    out = Path(spec["outputs"]) / f"{name}.npz"
     np.savez(out, frames=frames, latents=timer.latents)
     result.update(status="ok", frames_shape=list(frames.shape), frames_file=str(out), spec=spec,
                   finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
-
-
-def _import_diffusers():
-    import diffusers  # noqa: F401
-    import torch  # noqa: F401
-
-    return _diffusers
 
 
 def _diffusers(spec, inputs, image, result):
@@ -240,23 +236,24 @@ def _diffusers_svd(pipe, timer, spec, image, latents, image_noise):
         module.randn_tensor = original
 
 
-def _framegraph(backend, low_memory=False, extra_bucket=False, decode_chunk_size=None, **backend_options):
+def _framegraph(engine):
     def load(spec, inputs, image, result):
         from framegraph.runtime import StableVideoDiffusionPipeline, TextToVideoSDPipeline
 
         cls = StableVideoDiffusionPipeline if spec["kind"] == "svd" else TextToVideoSDPipeline
         start = time.perf_counter()
-        pipe = cls.from_artifacts(spec["artifact"], backend=backend, num_threads=spec["threads"],
-                                  low_memory=low_memory, **backend_options)
+        pipe = cls.from_artifacts(spec["artifact"], backend=engine.backend, num_threads=spec["threads"],
+                                  low_memory=engine.low_memory, resident_buckets=engine.resident_buckets,
+                                  share_weights=engine.share_weights, pack_exclusive=engine.pack_exclusive)
         pipe.set_progress_bar_config(disable=True)
         result.update(from_artifacts_s=round(time.perf_counter() - start, 3))
         # Graphs open lazily on first use; open the ones this call uses now, so that load_s means "ready to run"
         # on every engine (from_artifacts_s is the lazy part alone).
         start = time.perf_counter()
-        if not low_memory:  # low-memory mode opens each graph when it is needed, one at a time
-            for name, bucket in _graphs_used(pipe, spec, decode_chunk_size):
-                pipe.artifact.graph(name, **bucket)
-        if extra_bucket:
+        if not engine.low_memory:  # low-memory mode opens each graph when it is needed, one at a time
+            for graph, bucket in _graphs_used(pipe, spec, engine.decode_chunk_size):
+                pipe.artifact.graph(graph, **bucket)
+        if engine.extra_bucket:
             bucket = _other_unet_bucket(pipe, spec)
             pipe.artifact.graph("unet", **bucket)(**_zeros(pipe.artifact.manifest.find("unet", "onnx", **bucket)))
             result.update(extra_bucket=bucket)
@@ -269,7 +266,7 @@ def _framegraph(backend, low_memory=False, extra_bucket=False, decode_chunk_size
 
             common = dict(height=spec["height"], width=spec["width"], num_frames=spec["frames"],
                           num_inference_steps=spec["steps"], latents=inputs["latents"], output_type="np",
-                          decode_chunk_size=decode_chunk_size, callback_on_step_end=on_step_end)
+                          decode_chunk_size=engine.decode_chunk_size, callback_on_step_end=on_step_end)
             if spec["kind"] == "svd":
                 return p(image, min_guidance_scale=spec["min_guidance_scale"],
                          max_guidance_scale=spec["max_guidance_scale"], image_noise=inputs["image_noise"],
@@ -305,112 +302,31 @@ def _zeros(entry):
     return {t.name: np.zeros(t.shape, t.dtype) for t in entry.inputs}
 
 
-def _import_framegraph(backend, **options):
-    def load():
-        import framegraph.runtime.pipelines.stable_video_diffusion  # noqa: F401
-        import framegraph.runtime.pipelines.text_to_video_synth  # noqa: F401
-        import onnxruntime  # noqa: F401
+def import_engine(engine):
+    """Import the libraries ``engine`` (a bench_variants.Engine) runs on and return its loader: diffusers and torch
+    where it has no backend, else framegraph's pipelines, ONNX Runtime and, on the mindspore backend, MindSpore."""
+    if engine.backend is None:
+        import diffusers  # noqa: F401
+        import torch  # noqa: F401
 
-        if backend == "mindspore":
-            import mindspore  # noqa: F401
-        return _framegraph(backend, **options)
+        return _diffusers
+    import framegraph.runtime.pipelines.stable_video_diffusion  # noqa: F401
+    import framegraph.runtime.pipelines.text_to_video_synth  # noqa: F401
+    import onnxruntime  # noqa: F401
 
-    return load
-
-
-ENGINE_IMPORTS = {
-    "diffusers": _import_diffusers,
-    "onnxruntime": _import_framegraph("onnxruntime"),
-    "onnxruntime-lowmem": _import_framegraph("onnxruntime", low_memory=True),
-    "onnxruntime-2buckets": _import_framegraph("onnxruntime", extra_bucket=True, resident_buckets=None),
-    "onnxruntime-2buckets-resident1": _import_framegraph("onnxruntime", extra_bucket=True, resident_buckets=1),
-    "onnxruntime-unshared": _import_framegraph("onnxruntime", share_weights=False),
-    "onnxruntime-unshared-2buckets": _import_framegraph("onnxruntime", extra_bucket=True, share_weights=False,
-                                                        resident_buckets=None),
-    "onnxruntime-mapped": _import_framegraph("onnxruntime", pack_exclusive=False),
-    "onnxruntime-int8": _import_framegraph("onnxruntime"),  # on the --quantize int8 artifact
-    "onnxruntime-ffchunk": _import_framegraph("onnxruntime"),  # on the forward-chunked artifact
-    "onnxruntime-decode1": _import_framegraph("onnxruntime", decode_chunk_size=1),  # the same, one frame a decode
-    "onnxruntime-sliced": _import_framegraph("onnxruntime"),  # on the --attention-slice-mb artifact
-    "mindspore": _import_framegraph("mindspore"),
-    "mindspore-lowmem": _import_framegraph("mindspore", low_memory=True),
-}
-ENGINES = tuple(ENGINE_IMPORTS)
+    if engine.backend == "mindspore":
+        import mindspore  # noqa: F401
+    return _framegraph(engine)
 
 
 # -- measurements ----------------------------------------------------------------------------------------------
-def best_gflops(name, matmul, n, repeats):
-    """GFLOP/s of the fastest of ``repeats`` calls of ``matmul`` (an fp32 ``n``^3 product, 2 n^3 FLOP)."""
-    matmul()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul()
-        best = min(best, time.perf_counter() - start)
-    logger.info("%s %d^3 fp32 matmul: best %.3f s, %.1f GFLOP/s", name, n, best, 2.0 * n ** 3 / best / 1e9)
-    return round(2.0 * n ** 3 / best / 1e9, 1)
-
-
-def _square_pair(n):
-    rng = np.random.default_rng(0)
-    return rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
-
-
-def ort_matmul(a, b, threads, constant_b, op="MatMul", bias=None, spinning=True):
-    """A callable running ``a @ b`` in ONNX Runtime's CPU provider (MLAS: the kernels framegraph's graphs run on),
-    with ``b`` a graph input, or an initializer that ONNX Runtime prepacks (``constant_b``) as it does the UNet's
-    weights. ``op="Gemm"`` runs it as a Gemm node, as the exported graphs do, adding ``bias`` (a constant row) if
-    one is given. ``spinning=False`` lets its threads sleep between runs instead of spinning for more work."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    def info(name):
-        return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(a.shape if name == "a" else b.shape))
-
-    if bias is not None and op != "Gemm":
-        raise ValueError(f"a bias needs op='Gemm', not {op!r}")
-    inputs = [info("a")] + ([] if constant_b else [info("b")])
-    initializers = [numpy_helper.from_array(b, "b")] if constant_b else []
-    operands = ["a", "b"]
-    if bias is not None:
-        initializers.append(numpy_helper.from_array(bias, "bias"))
-        operands.append("bias")
-    out = helper.make_tensor_value_info("c", TensorProto.FLOAT, [a.shape[0], b.shape[1]])
-    graph = helper.make_graph([helper.make_node(op, operands, ["c"])], "product", inputs, [out], initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feeds = {"a": a} if constant_b else {"a": a, "b": b}
-    return lambda: session.run(None, feeds)
-
-
-def gemm_rates(a, b, threads, repeats, label=""):
-    """{name_gflops: rate} of the fp32 product ``a @ b`` with numpy's BLAS and ONNX Runtime (B as an input and B
-    prepacked). Each ONNX Runtime session is built right before it is measured and freed after, so that no other
-    session's threads compete with it."""
-    n = a.shape[0]
-    makers = (("numpy", lambda: lambda: a @ b),
-              ("onnxruntime", lambda: ort_matmul(a, b, threads, constant_b=False)),
-              ("onnxruntime_prepacked", lambda: ort_matmul(a, b, threads, constant_b=True)))
-    rates = {}
-    for name, make in makers:
-        matmul = make()
-        rates[f"{name}_gflops"] = best_gflops(name + label, matmul, n, repeats)
-        del matmul
-        gc.collect()
-    return rates
-
-
 def run_gemm(spec, result, n=4096, repeats=5):
     """Best-of-``repeats`` fp32 ``n``^3 matmul with numpy's BLAS, torch and ONNX Runtime: the machine's fp32 GEMM
     limit is the fastest of them (on AVX-512 machines ONNX Runtime's MLAS measured ~1.8x numpy's OpenBLAS)."""
     import torch
 
     torch.set_num_threads(spec["threads"])
-    a, b = _square_pair(n)
+    a, b = square_pair(n)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     figures = gemm_rates(a, b, spec["threads"], repeats)
     figures["torch_gflops"] = best_gflops("torch", lambda: torch.mm(ta, tb), n, repeats)
@@ -422,7 +338,7 @@ def gemm_after(threads, n=4096, repeats=3):
     """The fp32 GEMM rate (the best of numpy and ONNX Runtime) measured in an engine's process right after its
     calls: the machine's speed at that moment, beside the run's peak measured before and after all engines (its
     speed drifts by minutes)."""
-    a, b = _square_pair(n)
+    a, b = square_pair(n)
     return max(gemm_rates(a, b, threads, repeats, label=" (after the calls)").values())
 
 

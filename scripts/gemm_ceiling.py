@@ -33,8 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_engines import _square_pair, gemm_rates, ort_matmul  # noqa: E402  (scripts/ is not a package)
+from gemm_timing import gemm_rates, ort_matmul, square_pair
 
 logger = logging.getLogger("gemm_ceiling")
 
@@ -198,7 +197,7 @@ def main(argv=None):
     if not Path(args.graph).is_file():
         parser.error(f"{args.graph} is not a file; pass an exported .onnx graph")
 
-    a, b = _square_pair(args.peak_size)
+    a, b = square_pair(args.peak_size)
     peak_before = max(gemm_rates(a, b, args.threads, repeats=5).values())
     walls, per_run = profile_runs(args.graph, args.threads, args.warmup, args.runs)
     median = median_run(walls, per_run)

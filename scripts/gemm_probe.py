@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from gemm_timing import ort_matmul, square_pair
+
 
 class GemmProbeError(RuntimeError):
     pass
@@ -67,9 +69,7 @@ class GemmProbe:
 
 def serve(n, threads, repeats, lines=sys.stdin, out=sys.stdout):
     """The child side: one best-of-``repeats`` rate written per line read, until the input ends."""
-    from bench_engines import _square_pair, ort_matmul  # beside this file: on sys.path when run as a script
-
-    a, b = _square_pair(n)
+    a, b = square_pair(n)
     matmul = ort_matmul(a, b, threads, constant_b=True, spinning=False)
     matmul()  # B is packed at the session build; this run settles the arena
     out.write("ready\n")

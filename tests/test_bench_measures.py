@@ -1,17 +1,14 @@
-"""Measurements of scripts/bench_engines.py that do not need torch: the fp32 GEMM peak includes ONNX Runtime's MatMul
-(its products must be right, or the peak it reports would not be a GEMM rate), and the CPU time stolen by the
-hypervisor during a call."""
-
-import sys
-from pathlib import Path
+"""Measurements of the benchmark scripts that do not need torch: the fp32 GEMM peak (scripts/gemm_timing.py)
+includes ONNX Runtime's MatMul (its products must be right, or the peak it reports would not be a GEMM rate), and
+scripts/bench_engines.py reads the CPU time stolen by the hypervisor during a call."""
 
 import numpy as np
 import pytest
 
 pytest.importorskip("onnx")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-import bench_engines  # noqa: E402  (scripts/ is not a package)
+import bench_engines  # noqa: E402  (scripts/ is on pytest's pythonpath)
+import gemm_timing  # noqa: E402
 
 
 @pytest.mark.parametrize("constant_b", [False, True])
@@ -19,7 +16,7 @@ def test_onnxruntime_matmul_computes_the_product(constant_b):
     rng = np.random.default_rng(0)
     a = rng.standard_normal((48, 32), dtype=np.float32)
     b = rng.standard_normal((32, 40), dtype=np.float32)
-    (product,) = bench_engines.ort_matmul(a, b, threads=1, constant_b=constant_b)()
+    (product,) = gemm_timing.ort_matmul(a, b, threads=1, constant_b=constant_b)()
     np.testing.assert_allclose(product, a @ b, rtol=1e-5, atol=1e-5)
 
 
@@ -28,17 +25,17 @@ def test_onnxruntime_gemm_adds_the_bias_and_refuses_one_on_matmul():
     a = rng.standard_normal((16, 8), dtype=np.float32)
     b = rng.standard_normal((8, 12), dtype=np.float32)
     bias = rng.standard_normal(12, dtype=np.float32)
-    (product,) = bench_engines.ort_matmul(a, b, threads=1, constant_b=True, op="Gemm", bias=bias)()
+    (product,) = gemm_timing.ort_matmul(a, b, threads=1, constant_b=True, op="Gemm", bias=bias)()
     np.testing.assert_allclose(product, a @ b + bias, rtol=1e-5, atol=1e-5)
-    (product,) = bench_engines.ort_matmul(a, b, threads=1, constant_b=True, op="Gemm")()
+    (product,) = gemm_timing.ort_matmul(a, b, threads=1, constant_b=True, op="Gemm")()
     np.testing.assert_allclose(product, a @ b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="a bias needs op='Gemm'"):
-        bench_engines.ort_matmul(a, b, threads=1, constant_b=True, bias=bias)
+        gemm_timing.ort_matmul(a, b, threads=1, constant_b=True, bias=bias)
 
 
 def test_gemm_rates_measure_numpy_and_both_onnxruntime_forms():
-    a, b = bench_engines._square_pair(64)
-    rates = bench_engines.gemm_rates(a, b, threads=1, repeats=2)
+    a, b = gemm_timing.square_pair(64)
+    rates = gemm_timing.gemm_rates(a, b, threads=1, repeats=2)
     assert set(rates) == {"numpy_gflops", "onnxruntime_gflops", "onnxruntime_prepacked_gflops"}
     assert all(rate > 0 for rate in rates.values())
 

@@ -1,16 +1,13 @@
 """scripts/gemm_ceiling.py: the Gemm shapes it reads from a profile, the FLOP it counts, and its ceiling sums."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-import gemm_ceiling  # noqa: E402  (scripts/ is not a package)
+import gemm_ceiling  # noqa: E402  (scripts/ is on pytest's pythonpath)
 
 
 def _args(*inputs, out):

@@ -3,23 +3,21 @@ step clock leaves the probes out, and bench.py pairs each step with the rates ar
 
 import io
 import os
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("onnx")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-import bench  # noqa: E402  (scripts/ is not a package)
+import bench  # noqa: E402  (scripts/ is on pytest's pythonpath)
 import bench_engines  # noqa: E402
 import gemm_probe  # noqa: E402
 import measure  # noqa: E402
 
 
 def test_the_probe_process_answers_a_rate_per_request_and_exits_when_closed():
-    with gemm_probe.GemmProbe(n=64, threads=1, repeats=2) as probe:
+    # n=128: a product long enough that its rate, written to one decimal, stays above 0.0 on a busy machine
+    with gemm_probe.GemmProbe(n=128, threads=1, repeats=2) as probe:
         rates = [probe.probe() for _ in range(3)]
         assert all(rate > 0 for rate in rates)
     assert probe.proc.returncode == 0
@@ -29,7 +27,7 @@ def test_the_probe_process_answers_a_rate_per_request_and_exits_when_closed():
 
 def test_the_serving_side_writes_ready_then_one_line_per_request():
     out = io.StringIO()
-    gemm_probe.serve(32, threads=1, repeats=1, lines=io.StringIO("probe\nprobe\n"), out=out)
+    gemm_probe.serve(128, threads=1, repeats=1, lines=io.StringIO("probe\nprobe\n"), out=out)
     lines = out.getvalue().splitlines()
     assert lines[0] == "ready" and len(lines) == 3
     assert all(float(line) > 0 for line in lines[1:])

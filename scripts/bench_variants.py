@@ -1,0 +1,68 @@
+"""The exports and engines bench.py can run, as named records: one registry that bench.py (which exports and
+compares) and bench_engines.py (which runs one engine per process) both read. It imports no other script.
+
+An export is an artifact made by ``python -m framegraph.export`` from the random-weight pipeline; an engine is
+diffusers (no backend, no export) or framegraph on one backend, on one export's artifact, opened with its options.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Export:
+    """An artifact bench.py exports: its ``formats``, whether its UNet has a second frame bucket
+    (``two_buckets``, at bench.py's ``--second-frames``), its ``--quantize`` mode, and its ``memory`` options
+    ("chunks" or "slices", see bench.memory_options; None: none)."""
+
+    formats: tuple[str, ...]
+    two_buckets: bool = False
+    quantize: str | None = None
+    memory: str | None = None
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One engine: diffusers where ``backend`` is None, else framegraph on ``backend`` over the artifact of
+    ``export`` (a key of EXPORTS). ``low_memory`` and ``resident_buckets`` go to ``from_artifacts`` as they are;
+    ``share_weights`` and ``pack_exclusive`` go to it too, where None leaves the backend's default;
+    ``extra_bucket`` also opens (and runs once) the UNet bucket of the other frame count; ``decode_chunk_size`` goes
+    to each pipeline call (None: the pipeline's default)."""
+
+    name: str
+    backend: str | None = None
+    export: str | None = None
+    low_memory: bool = False
+    resident_buckets: int | None = 1
+    share_weights: bool | None = None
+    pack_exclusive: bool | None = None
+    extra_bucket: bool = False
+    decode_chunk_size: int | None = None
+
+
+EXPORTS = {
+    "onnx": Export(("onnx",), two_buckets=True),
+    "mindir": Export(("mindir",)),
+    "onnx-int8": Export(("onnx",), quantize="int8"),
+    "onnx-memory": Export(("onnx",), memory="chunks"),
+    "onnx-sliced": Export(("onnx",), memory="slices"),
+}
+
+ENGINES = {engine.name: engine for engine in (
+    Engine("diffusers"),
+    Engine("onnxruntime", backend="onnxruntime", export="onnx"),
+    Engine("onnxruntime-lowmem", backend="onnxruntime", export="onnx", low_memory=True),
+    Engine("onnxruntime-2buckets", backend="onnxruntime", export="onnx", extra_bucket=True,
+           resident_buckets=None),
+    Engine("onnxruntime-2buckets-resident1", backend="onnxruntime", export="onnx", extra_bucket=True,
+           resident_buckets=1),
+    Engine("onnxruntime-unshared", backend="onnxruntime", export="onnx", share_weights=False),
+    Engine("onnxruntime-unshared-2buckets", backend="onnxruntime", export="onnx", extra_bucket=True,
+           share_weights=False, resident_buckets=None),
+    Engine("onnxruntime-mapped", backend="onnxruntime", export="onnx", pack_exclusive=False),
+    Engine("onnxruntime-int8", backend="onnxruntime", export="onnx-int8"),
+    Engine("onnxruntime-ffchunk", backend="onnxruntime", export="onnx-memory"),
+    Engine("onnxruntime-decode1", backend="onnxruntime", export="onnx-memory", decode_chunk_size=1),
+    Engine("onnxruntime-sliced", backend="onnxruntime", export="onnx-sliced"),
+    Engine("mindspore", backend="mindspore", export="mindir"),
+    Engine("mindspore-lowmem", backend="mindspore", export="mindir", low_memory=True),
+)}
