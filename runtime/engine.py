@@ -16,7 +16,6 @@ one set of sessions per worker instead (more memory; ``python scripts/soak.py se
 """
 
 import collections
-import contextlib
 import copy
 import logging
 import math
@@ -45,6 +44,7 @@ from framegraph.runtime.engine_jobs import (
     parse_arguments,
 )
 from framegraph.runtime.manifest import MANIFEST_NAME, ArtifactError, Manifest
+from framegraph.runtime.pipelines.common import CallArgumentError
 
 logger = logging.getLogger(__name__)
 
@@ -160,14 +160,16 @@ class StableVideoDiffusionEngine(EnginePipeline):
         call.setdefault("output_type", "np")
         if call.get("decode_chunk_size") is None:
             call["decode_chunk_size"] = self._default_chunk(pipeline, call["num_frames"])
+        images, problem = None, None
         try:
             images = as_image_list(call["image"])
         except (TypeError, ValueError) as exc:
-            raise InvalidRequestError(f"image: {exc}", field="image") from None
-        with invalid_request():
-            pipeline.check_inputs(**{name: call[name] for name in self.resolved}, sigmas=None,
-                                  decode_chunk_size=call["decode_chunk_size"],
-                                  num_videos_per_prompt=call["num_videos_per_prompt"], output_type=call["output_type"])
+            problem = f"image: {exc}"
+        if problem is not None:  # raised outside the except block, see refuse_unless
+            raise InvalidRequestError(problem, field="image")
+        refuse_unless(pipeline.check_inputs, **{name: call[name] for name in self.resolved}, sigmas=None,
+                      decode_chunk_size=call["decode_chunk_size"], num_videos_per_prompt=call["num_videos_per_prompt"],
+                      output_type=call["output_type"])
         videos = len(images) * call["num_videos_per_prompt"]
         chunks = 0 if call["output_type"] == "latent" else videos * math.ceil(
             call["num_frames"] / call["decode_chunk_size"])
@@ -217,9 +219,8 @@ class TextToVideoSDEngine(EnginePipeline):
         call.setdefault("output_type", "np")
         if call.get("fps") is None:
             call["fps"] = pipeline.video_fps
-        with invalid_request():
-            pipeline.check_inputs(call["prompt"], **{name: call[name] for name in self.resolved},
-                                  output_type=call["output_type"], decode_chunk_size=call.get("decode_chunk_size"))
+        refuse_unless(pipeline.check_inputs, call["prompt"], **{name: call[name] for name in self.resolved},
+                      output_type=call["output_type"], decode_chunk_size=call.get("decode_chunk_size"))
         chunk = call.get("decode_chunk_size") or max(pipeline.artifact.buckets("vae_decoder", "chunk"))
         chunks = 0 if call["output_type"] == "latent" else math.ceil(call["num_frames"] / chunk)
         return call, call["num_inference_steps"], chunks
@@ -232,17 +233,21 @@ class TextToVideoSDEngine(EnginePipeline):
         return arguments["fps"]
 
 
-@contextlib.contextmanager
-def invalid_request():
-    """Answer a pipeline's refusal of a call argument as an InvalidRequestError naming that field."""
-    from framegraph.runtime.pipelines.common import CallArgumentError
+def refuse_unless(check, *args, **kwargs):
+    """Run a pipeline's ``check(*args, **kwargs)``; a refusal is raised as an InvalidRequestError naming the field.
 
+    The error is raised after the ``except`` block, so it carries no reference to the check's frames (which hold
+    the request's decoded image), and no local of this frame holds it: a refused request's memory is freed at once,
+    not by the garbage collector."""
+    problem = None  # (message, field): no local may hold the error, whose traceback holds this frame (a cycle)
     try:
-        yield
+        check(*args, **kwargs)
     except CallArgumentError as exc:
-        raise InvalidRequestError(str(exc), field=exc.argument) from None
+        problem = str(exc), exc.argument
     except (TypeError, ValueError) as exc:
-        raise InvalidRequestError(str(exc)) from None
+        problem = str(exc), None
+    if problem is not None:
+        raise InvalidRequestError(*problem)
 
 
 def warm_up(artifact):

@@ -267,7 +267,8 @@ def verify_file(folder, entry, check_hash=True):
     size = full.stat().st_size
     if size != entry.size:
         raise ArtifactError(
-            f"{full} is {size} bytes but the manifest says {entry.size} (truncated or replaced); re-export or re-copy it"
+            f"{full} is {size} bytes but the manifest says {entry.size} (truncated or replaced); re-export or "
+            "re-copy it"
         )
     if check_hash and sha256_file(full) != entry.sha256:
         raise ArtifactError(f"{full} does not match its sha256 in the manifest (corrupted); re-export or re-copy it")

@@ -53,6 +53,18 @@ EVENTS_POLL_S = 0.02
 SHUTDOWN_GRACE_S = 5
 
 
+def _detached(exc):
+    """A copy of a refusal from the engine with no traceback and no chained exception.
+
+    The engine's exception carries the frames that hold the request (the uploaded bytes, the decoded image, the
+    pipeline's checked call). Raised through the worker thread's future it is in a reference cycle (its traceback
+    holds the frame awaiting the future, the future holds it): unless something clears its traceback, a refused
+    upload would stay in memory until a garbage collection."""
+    if isinstance(exc, InvalidRequestError):
+        return InvalidRequestError(str(exc), field=exc.field)
+    return type(exc)(str(exc))
+
+
 class ApiError(Exception):
     def __init__(self, status, message, field=None, headers=None):
         super().__init__(message)
@@ -108,10 +120,10 @@ class JobsApi:
         if not content_type.lower().startswith("multipart/form-data"):
             raise ApiError(415, f"POST /jobs takes multipart/form-data (arguments as form fields, images as file "
                                 f"parts), got {content_type[:80]!r}")
-        body = await self._body(request)
+        pending = [await self._body(request)]  # handed over once: the raw body is freed as soon as it is parsed
 
         async def receive():
-            return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.request", "body": pending.pop() if pending else b"", "more_body": False}
 
         replay = Request(request.scope, receive)
         try:
@@ -120,11 +132,14 @@ class JobsApi:
             raise ApiError(400, f"malformed multipart body: {exc.detail}") from None
         except Exception as exc:  # the multipart parser on arbitrary bytes
             raise ApiError(400, f"malformed multipart body ({type(exc).__name__}: {exc})") from None
-        arguments = {}
+        finally:
+            pending.clear()
+        arguments, uploads, seen = {}, [], set()
         try:
             for name, value in form.multi_items():
-                if name in arguments:
+                if name in seen:
                     raise ApiError(422, f"argument {name!r} is given twice; give it once", field=name)
+                seen.add(name)
                 param = self.http_params.get(name)
                 if param is None:
                     raise ApiError(422, f"unknown argument {name!r}; POST /jobs takes: "
@@ -132,13 +147,19 @@ class JobsApi:
                 if isinstance(value, UploadFile):
                     if param.kind != "image":
                         raise ApiError(422, f"{name} must be a form field, not a file", field=name)
-                    arguments[name] = await value.read()
+                    uploads.append((name, value))
                 elif param.kind == "image":
                     raise ApiError(422, f"{name} must be uploaded as a file part (multipart filename=...)",
                                    field=name)
                 else:
-                    arguments[name] = value
+                    arguments[name] = param.parse(value)  # the cheap checks, before any upload is read
+            for name, upload in uploads:
+                arguments[name] = await upload.read()
+        except BaseException:
+            arguments.clear()  # a refused request's upload is not held by this frame while its error is answered
+            raise
         finally:
+            uploads.clear()
             await form.close()
         return arguments
 
@@ -147,10 +168,18 @@ class JobsApi:
         spec = self.engine.spec
 
         def submit():  # parsing may decode a large image: off the event loop
-            return self.engine.submit(**arguments, output_type="np",
-                                      postprocess=lambda frames, call: encode_mp4(frames[0], spec.video_fps(call)))
+            try:
+                return self.engine.submit(**arguments, output_type="np",
+                                          postprocess=lambda frames, call: encode_mp4(frames[0], spec.video_fps(call)))
+            except (InvalidRequestError, QueueFullError, EngineClosedError) as exc:
+                return _detached(exc)  # returned, not raised: see _detached
+            finally:
+                arguments.clear()  # the uploaded bytes; a queued job holds its decoded image
 
-        job_id = await run_in_threadpool(submit)
+        outcome = await run_in_threadpool(submit)
+        if isinstance(outcome, Exception):
+            raise outcome
+        job_id = outcome
         status = self.engine.status(job_id)
         status.update(status_url=f"/jobs/{job_id}", video_url=f"/jobs/{job_id}/video")
         return JSONResponse(status, status_code=202, headers={"Location": f"/jobs/{job_id}"})
@@ -253,6 +282,9 @@ async def _http(request, exc):
 
 async def _internal(request, exc):
     logger.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    # Starlette re-raises it to the ASGI server once answered: without the frames (logged just above), which hold the
+    # request's buffers in a cycle through the worker thread's future until a garbage collection
+    exc.__traceback__ = None
     return _error(500, f"internal error ({type(exc).__name__}); see the server log")
 
 

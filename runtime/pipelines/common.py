@@ -47,17 +47,26 @@ class CallArgumentError(ValueError):
         self.argument = argument
 
 
+def shown_value(value):
+    """``value`` for an error message, short and always printable (``repr`` of an int over 4300 digits raises)."""
+    if isinstance(value, (int, np.integer)) and abs(int(value)).bit_length() > 64:
+        return f"an integer of {abs(int(value)).bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
 def check_count(argument, value, minimum=1):
     """Refuse ``value`` unless it is an int (not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise CallArgumentError(argument, f"{argument} must be an integer >= {minimum}, got {value!r}")
+        raise CallArgumentError(argument, f"{argument} must be an integer >= {minimum}, got {shown_value(value)}")
 
 
 def check_number(argument, value, low, high):
-    """Refuse ``value`` unless it is a finite real number in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not (
-            np.isfinite(value) and low <= value <= high):
-        raise CallArgumentError(argument, f"{argument} must be a number in [{low:g}, {high:g}], got {value!r}")
+    """Refuse ``value`` unless it is a real number in [low, high] (ints are compared exactly, never converted)."""
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not number or not low <= value <= high:  # NaN fails the comparison, and so does an infinity
+        raise CallArgumentError(argument,
+                                f"{argument} must be a number in [{low:g}, {high:g}], got {shown_value(value)}")
 
 
 def check_size(artifact, height, width):
@@ -68,7 +77,7 @@ def check_size(artifact, height, width):
                     if g.name == "unet" and g.format == artifact.format})
     if (height, width) not in sizes:
         raise CallArgumentError(
-            "height", f"height={height}, width={width} has no exported bucket; available: "
+            "height", f"height={shown_value(height)}, width={shown_value(width)} has no exported bucket; available: "
             f"{', '.join(f'{h}x{w}' for h, w in sizes)} — pass one of them, or export an artifact for that size "
             "with svd-export --height/--width (it tells which sizes the model accepts)")
 
@@ -79,8 +88,8 @@ def check_frames(artifact, num_frames):
     frames = artifact.buckets("unet", "num_frames")
     if num_frames not in frames:
         raise CallArgumentError(
-            "num_frames", f"num_frames={num_frames} has no exported bucket; available: {', '.join(map(str, frames))}"
-            f" — pass one of them or re-export with --frames {num_frames}")
+            "num_frames", f"num_frames={shown_value(num_frames)} has no exported bucket; available: "
+            f"{', '.join(map(str, frames))} — pass one of them or re-export with --frames {shown_value(num_frames)}")
 
 
 class ProgressBar:

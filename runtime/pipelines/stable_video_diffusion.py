@@ -7,7 +7,7 @@ import numpy as np
 
 from framegraph.runtime.pipelines.common import (ArtifactPipeline, CallArgumentError, ProgressBar, check_count,
                                                  check_frames, check_latents, check_number, check_size, chunks,
-                                                 make_rng, randn)
+                                                 make_rng, randn, shown_value)
 from framegraph.runtime.schedulers import load_scheduler
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
         check_count("fps", fps)  # the model is conditioned on fps - 1
         check_count("motion_bucket_id", motion_bucket_id, minimum=0)
         if motion_bucket_id > 1023:
-            raise CallArgumentError("motion_bucket_id", f"motion_bucket_id must be in [0, 1023], got {motion_bucket_id}")
+            raise CallArgumentError("motion_bucket_id",
+                                    f"motion_bucket_id must be in [0, 1023], got {shown_value(motion_bucket_id)}")
         check_number("noise_aug_strength", noise_aug_strength, 0.0, 10.0)
         check_number("min_guidance_scale", min_guidance_scale, 0.0, 100.0)
         check_number("max_guidance_scale", max_guidance_scale, 0.0, 100.0)
@@ -77,9 +78,9 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
             if not needed <= set(have):
                 raise CallArgumentError(
                     "decode_chunk_size",
-                    f"decode_chunk_size={decode_chunk_size} needs decoder graphs for chunks {sorted(needed)}; this "
-                    f"artifact has chunks {have} — pass one of them or re-export with --decode-chunk-sizes "
-                    f"{','.join(map(str, sorted(needed)))}"
+                    f"decode_chunk_size={shown_value(decode_chunk_size)} needs decoder graphs for chunks "
+                    f"{sorted(needed)}; this artifact has chunks {have} — pass one of them or re-export with "
+                    f"--decode-chunk-sizes {','.join(map(str, sorted(needed)))}"
                 )
 
     # -- stages ------------------------------------------------------------------------------------------------

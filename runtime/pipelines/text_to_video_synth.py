@@ -8,7 +8,7 @@ import numpy as np
 
 from framegraph.runtime.pipelines.common import (ArtifactPipeline, CallArgumentError, ProgressBar, check_count,
                                                  check_frames, check_latents, check_number, check_size, chunks,
-                                                 make_rng, randn)
+                                                 make_rng, randn, shown_value)
 from framegraph.runtime.schedulers import load_scheduler
 
 logger = logging.getLogger(__name__)
@@ -126,8 +126,9 @@ class TextToVideoSDPipeline(ArtifactPipeline):
             have = self.artifact.buckets("vae_decoder", "chunk")
             if decode_chunk_size not in have:
                 raise CallArgumentError(
-                    "decode_chunk_size", f"decode_chunk_size={decode_chunk_size} has no decoder graph; this artifact "
-                    f"has {have} — pass one of them or re-export with --decode-chunk-sizes {decode_chunk_size}")
+                    "decode_chunk_size", f"decode_chunk_size={shown_value(decode_chunk_size)} has no decoder graph; "
+                    f"this artifact has {have} — pass one of them or re-export with --decode-chunk-sizes "
+                    f"{decode_chunk_size}")
 
     # -- stages ------------------------------------------------------------------------------------------------
     def _unet(self, model_input, t, embeds, cfg, num_frames, height, width, graph=None, last=False):
