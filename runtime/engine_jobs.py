@@ -258,6 +258,9 @@ def decode_image(data, max_pixels=MAX_IMAGE_PIXELS):
             return image.convert("RGB")
     except InvalidRequestError:
         raise
+    except PIL.UnidentifiedImageError:  # its message shows the address of the in-memory buffer: say it plainly
+        problem = "not an image in a format read here"
+        image = None
     except Exception as exc:  # untrusted bytes: any decoder error is the sender's problem, not the server's
         problem = f"{type(exc).__name__}: {_brief(exc, 200)}"
         image = None  # a half-decoded image, which the traceback of the error raised below would keep

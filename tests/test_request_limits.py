@@ -125,6 +125,14 @@ def test_an_undecodable_image_is_refused_without_the_decoders_exception():
     assert info.value.__context__ is None and info.value.__cause__ is None and info.value.field == "image"
 
 
+@pytest.mark.parametrize("data", [b"GIF89a-not-really", b"plain text", b"\x89PNG\r\n\x1a\nbroken"])
+def test_image_errors_show_no_object_address(data):
+    """PIL's own message for bytes it cannot identify names the in-memory buffer by its address."""
+    with pytest.raises(InvalidRequestError) as info:
+        decode_image(data)
+    assert " at 0x" not in str(info.value) and "send a PNG" in str(info.value)
+
+
 # -- the engine -----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def engine():
