@@ -93,6 +93,41 @@ def test_unknown_backend_names_the_available_ones():
         load_backend("tensorrt")
 
 
+def test_a_backend_returns_a_loaded_graph_that_the_graph_delegates_to(onnx_artifact):
+    """Graph checks the feeds, then hands run(shrink=...) to the backend's LoadedGraph; the memory methods give 0
+    unless the backend maps weights. A _load that returns anything else is refused with what to return."""
+    from framegraph.runtime.backends import Backend, LoadedGraph
+
+    class Doubling(LoadedGraph):
+        def __init__(self):
+            super().__init__(native="engine object")
+            self.shrinks = []
+
+        def run(self, arrays, shrink=False):
+            self.shrinks.append(shrink)
+            return [arrays[0] * arrays[1] + np.float32(1.0), arrays[0] * np.float32(2.0)]
+
+    class Stub(Backend):
+        name, format = "stub", "onnx"
+
+        def _load(self, path, entry, exclusive, streamed):
+            return self.loaded
+
+    folder, entry = onnx_artifact
+    backend = Stub()
+    backend.loaded = Doubling()
+    graph = backend.open(folder, entry)
+    inputs = feeds()
+    graph.run(inputs)
+    out = graph.run(inputs, shrink=True)
+    np.testing.assert_array_equal(out["doubled"], expected(**inputs)["doubled"])
+    assert backend.loaded.shrinks == [False, True]
+    assert graph.native == "engine object" and graph.release_memory() == 0 and graph.prefetch_memory() == 0
+    backend.loaded = (lambda arrays: arrays, None)
+    with pytest.raises(TypeError, match="Stub._load returned tuple; it must return a LoadedGraph"):
+        backend.open(folder, entry)
+
+
 # -- ONNX Runtime -----------------------------------------------------------------------------------------------
 def test_onnxruntime_runs_and_keys_outputs_by_manifest_names(onnx_graph):
     inputs = feeds()
@@ -374,7 +409,7 @@ def test_weights_of_constant_subgraphs_are_not_counted_as_read_in_place(tmp_path
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from framegraph.runtime.backends.onnxruntime import FOLDED, MappedWeights, OnnxRuntimeBackend
+    from framegraph.runtime.backends.ort_weights import FOLDED, MappedWeights, reads_in_place
 
     rng = np.random.default_rng(0)
     arrays = {name: rng.standard_normal((16, 16)).astype(np.float32) for name in ("w_run", "w_fold", "pos")}
@@ -389,8 +424,7 @@ def test_weights_of_constant_subgraphs_are_not_counted_as_read_in_place(tmp_path
     onnx.save(model, str(path), save_as_external_data=True, location="w.bin", size_threshold=0)
     mapped = {name: ops for name, _, ops in MappedWeights().initializers(path, ort)}
     assert mapped == {"w_run": {"Gemm"}, "w_fold": {FOLDED}, "pos": {FOLDED}}
-    backend = OnnxRuntimeBackend()
-    assert backend._read_in_place(mapped["w_run"]) and not backend._read_in_place(mapped["w_fold"])
+    assert reads_in_place(mapped["w_run"], "all") and not reads_in_place(mapped["w_fold"], "all")
 
 
 def _matmul_artifact(folder, quantize):

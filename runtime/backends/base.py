@@ -1,11 +1,11 @@
 """The one interface every backend implements, the registry that finds them, and the checked graph call.
 
 A backend turns a manifest :class:`~framegraph.runtime.manifest.GraphEntry` plus its artifact folder into a
-:class:`Graph`. The manifest is not trusted: its file paths must stay inside the folder (``resolve_in_folder``), and
-when a graph is opened its declared inputs and outputs are checked against what the engine reads from the graph
-file (:func:`check_signature`). Every call of a graph is checked against the manifest (input names, dtypes and
-shapes, exactly) before the backend sees it, and the outputs come back as a dict keyed by the manifest's output
-names.
+:class:`Graph`: its ``_load`` opens the graph file on its engine as a :class:`LoadedGraph`, which the Graph wraps.
+The manifest is not trusted: its file paths must stay inside the folder (``resolve_in_folder``), and when a graph is
+opened its declared inputs and outputs are checked against what the engine reads from the graph file
+(:func:`check_signature`). Every call of a graph is checked against the manifest (input names, dtypes and shapes,
+exactly) before the backend sees it, and the outputs come back as a dict keyed by the manifest's output names.
 
 Backends import their engine (onnxruntime, mindspore, mindspore_lite) only when constructed, so importing this
 package never imports MindSpore.
@@ -146,33 +146,61 @@ def _describe(value):
     return f"a {type(value).__name__}"
 
 
+class LoadedGraph:
+    """What a backend's ``_load`` returns: one graph opened on its engine, fed and read in the manifest's order, with
+    no checks of its own (:class:`Graph` checks every call, then delegates here).
+
+    A backend subclasses it and implements ``run``; ``release_memory`` and ``prefetch_memory`` give 0 unless the
+    engine maps weights it can give back and bring in. ``native`` is the engine's own object (see Graph.native).
+    """
+
+    def __init__(self, native):
+        self.native = native
+
+    def run(self, arrays, shrink=False):
+        """The output arrays in manifest order for the input ``arrays`` in manifest order (contiguous numpy arrays
+        of the manifest's dtypes and shapes). ``shrink=True``: the engine also gives back, at the end of this run, the
+        working memory it kept from its runs; an engine that keeps none ignores it."""
+        raise NotImplementedError
+
+    def release_memory(self):
+        """Give back the resident pages of the memory-mapped weights; the bytes released (0: none are mapped)."""
+        return 0
+
+    def prefetch_memory(self):
+        """Bring in, in one pass, the pages of the memory-mapped weights that the runs read in place; the bytes
+        brought in (0: none are mapped, or the runs read none of them in place)."""
+        return 0
+
+
 class Graph:
     """One opened graph: ``graph(**feeds) -> {output name: np.ndarray}``, with every feed checked first.
 
-    ``run`` is the backend's callable: it takes the input arrays in manifest order and returns the output arrays
-    in manifest order. ``native`` is the engine's own object (an onnxruntime InferenceSession, or the list of them
-    for a graph ONNX Runtime runs in parts; a MindSpore GraphCell, a MindSpore Lite Model) for callers that need
-    engine-specific features.
+    ``loaded`` is the backend's :class:`LoadedGraph`: it takes the input arrays in manifest order and returns the
+    output arrays in manifest order. ``native`` is the engine's own object (an onnxruntime InferenceSession, or the
+    list of them for a graph ONNX Runtime runs in parts; a MindSpore GraphCell, a MindSpore Lite Model) for callers
+    that need engine-specific features.
     """
 
-    def __init__(self, entry, run, backend, native=None):
+    def __init__(self, entry, loaded, backend):
         self.entry = entry
         self.backend = backend
-        self.native = native
-        self._run = run
-        self._release = getattr(run, "release", None)
-        self._prefetch = getattr(run, "prefetch", None)
+        self._loaded = loaded
+
+    @property
+    def native(self):
+        return self._loaded.native
 
     def release_memory(self):
         """Give back the resident pages of this graph's memory-mapped weights (backends that map them); the next
         call reads them again from the page cache or the artifact. Returns the bytes released (0 if none)."""
-        return self._release() if self._release is not None else 0
+        return self._loaded.release_memory()
 
     def prefetch_memory(self):
         """Bring in, in one pass, the pages of this graph's memory-mapped weights that its runs read in place
         (backends that map them), instead of one page fault at a time during the next run. Returns the bytes
         brought in (0 if none)."""
-        return self._prefetch() if self._prefetch is not None else 0
+        return self._loaded.prefetch_memory()
 
     @property
     def name(self):
@@ -206,8 +234,8 @@ class Graph:
                 value = np.asarray(value)
             if not isinstance(value, np.ndarray):
                 raise GraphInputError(
-                    f"graph {self.name}: input {spec.name!r} must be a numpy array with {want}, got {_describe(value)}; "
-                    f"pass np.asarray(value, dtype=np.{np.dtype(spec.dtype)})"
+                    f"graph {self.name}: input {spec.name!r} must be a numpy array with {want}, got "
+                    f"{_describe(value)}; pass np.asarray(value, dtype=np.{np.dtype(spec.dtype)})"
                 )
             if value.dtype != np.dtype(spec.dtype):
                 raise GraphInputError(
@@ -230,8 +258,7 @@ class Graph:
         denoising loop's last step: the UNet's activations need not stay through the decode)."""
         self.check_feeds(feeds)
         arrays = [np.ascontiguousarray(np.asarray(feeds[spec.name])) for spec in self.entry.inputs]
-        shrinks = shrink and getattr(self._run, "shrinks", False)
-        outputs = list(self._run(arrays, shrink=True) if shrinks else self._run(arrays))
+        outputs = list(self._loaded.run(arrays, shrink=bool(shrink)))
         if len(outputs) != len(self.entry.outputs):
             raise ArtifactError(
                 f"graph {self.name} returned {len(outputs)} outputs but the manifest lists {len(self.entry.outputs)} "
@@ -251,7 +278,7 @@ class Graph:
 
 class Backend:
     """Base class: subclasses set ``name`` and ``format`` and implement
-    ``_load(path, entry, exclusive, streamed) -> (run, native)``."""
+    ``_load(path, entry, exclusive, streamed) -> LoadedGraph``."""
 
     name = None
     format = None
@@ -284,10 +311,15 @@ class Backend:
             )
         path = resolve_in_folder(folder, entry.main_file)
         logger.info("opening %s with %s from %s", entry.key, self.name, path)
-        run, native = self._load(path, entry, exclusive, streamed)
-        return Graph(entry, run, self.name, native)
+        loaded = self._load(path, entry, exclusive, streamed)
+        if not isinstance(loaded, LoadedGraph):
+            raise TypeError(
+                f"{type(self).__name__}._load returned {type(loaded).__name__}; it must return a LoadedGraph "
+                "(subclass framegraph.runtime.backends.base.LoadedGraph and implement run)"
+            )
+        return Graph(entry, loaded, self.name)
 
     def _load(self, path, entry, exclusive, streamed):
-        """``(run, native)`` for the graph file at ``path``; before returning, a backend checks the graph's inputs
-        and outputs against ``entry`` with :func:`check_signature` as far as its engine lists them."""
+        """The :class:`LoadedGraph` of the graph file at ``path``; before returning, a backend checks the graph's
+        inputs and outputs against ``entry`` with :func:`check_signature` as far as its engine lists them."""
         raise NotImplementedError

@@ -8,7 +8,7 @@ MindSpore is imported when this backend is constructed, never at package import.
 import logging
 import mmap
 
-from .base import Backend, BackendUnavailableError, check_signature, register_backend
+from .base import Backend, BackendUnavailableError, LoadedGraph, check_signature, register_backend
 
 logger = logging.getLogger(__name__)
 
@@ -199,14 +199,21 @@ class MindSporeBackend(Backend):
             logger.warning("could not set MindSpore CPU threads to %d (%s); using its default", num_threads, exc)
 
     def _load(self, path, entry, exclusive, streamed=False):
-        ms = self.ms
-        cell = ms.nn.GraphCell(ms.load(str(path)))
+        cell = self.ms.nn.GraphCell(self.ms.load(str(path)))
         check_mindir_signature(path, entry)
+        return MindSporeGraph(cell, self.ms)
 
-        def run(arrays):
-            outputs = cell(*[ms.Tensor(a) for a in arrays])
-            if not isinstance(outputs, (tuple, list)):
-                outputs = [outputs]
-            return [o.asnumpy() for o in outputs]
 
-        return run, cell
+class MindSporeGraph(LoadedGraph):
+    """A MindSpore GraphCell (``native``), fed and read by position; it maps no weights and keeps no memory that
+    ``shrink`` could give back."""
+
+    def __init__(self, cell, ms):
+        super().__init__(cell)
+        self._ms = ms
+
+    def run(self, arrays, shrink=False):
+        outputs = self.native(*[self._ms.Tensor(a) for a in arrays])
+        if not isinstance(outputs, (tuple, list)):
+            outputs = [outputs]
+        return [o.asnumpy() for o in outputs]

@@ -7,18 +7,13 @@ wheel for your Python from mindspore.cn. Constructing this backend without it ra
 import logging
 
 from ..manifest import ArtifactError
-from .base import Backend, BackendUnavailableError, check_signature, register_backend
+from .base import Backend, BackendUnavailableError, LoadedGraph, check_signature, register_backend
+from .mindspore import DEVICE_TARGETS as MINDSPORE_TARGETS
 
 logger = logging.getLogger(__name__)
 
-# device argument -> MindSpore Lite context target
-DEVICE_TARGETS = {
-    "cpu": "cpu",
-    "gpu": "gpu",
-    "cuda": "gpu",
-    "ascend": "ascend",
-    "npu": "ascend",
-}
+# device argument -> MindSpore Lite context target: MindSpore's device_target, in lower case
+DEVICE_TARGETS = {device: target.lower() for device, target in MINDSPORE_TARGETS.items()}
 
 
 def _import_mindspore_lite():
@@ -106,11 +101,19 @@ class MindSporeLiteBackend(Backend):
                 getattr(t, "name", f"output {i}") for i, t in enumerate(outputs)]
             outputs = lite_signature(outputs, labels)
         check_signature(entry, path, inputs, outputs)
+        return MindSporeLiteGraph(model, order)
 
-        def run(arrays):
-            inputs = model.get_inputs()
-            for tensor, index in zip(inputs, order):
-                tensor.set_data_from_numpy(arrays[index])
-            return [o.get_data_to_numpy() for o in model.predict(inputs)]
 
-        return run, model
+class MindSporeLiteGraph(LoadedGraph):
+    """A MindSpore Lite Model (``native``) whose n-th input tensor is fed the manifest's ``order[n]``-th input; it
+    maps no weights and keeps no memory that ``shrink`` could give back."""
+
+    def __init__(self, model, order):
+        super().__init__(model)
+        self._order = list(order)
+
+    def run(self, arrays, shrink=False):
+        inputs = self.native.get_inputs()
+        for tensor, index in zip(inputs, self._order):
+            tensor.set_data_from_numpy(arrays[index])
+        return [o.get_data_to_numpy() for o in self.native.predict(inputs)]

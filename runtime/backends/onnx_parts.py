@@ -1,8 +1,9 @@
 """Cut a chain-shaped ONNX graph into parts that run one after another.
 
-A graph that runs once per call (the CLIP image encoder: 2.5 GB of weights at SVD-XT size) reads each weight once.
-Run whole, all of its memory-mapped weight pages are resident at the end of the run, on top of the UNet's. Run in
-parts, each part's pages can be given back before the next part's come in, so the overlap is one part.
+A graph that runs once per call (the CLIP image encoder) reads each weight once. Run whole, all of its
+memory-mapped weight pages are resident at the end of the run, on top of the UNet's. Run in parts, each part's pages
+can be given back before the next part's come in, so the overlap is one part (see docs/performance.md). The parts
+are run by ort_graph.
 
 A cut goes after a node where exactly one computed tensor is still needed later (between two transformer layers:
 the residual stream), so each part takes one tensor in and hands one tensor on. Nodes keep their order and
@@ -101,6 +102,16 @@ def plan_cuts(graph, part_bytes, sizes=None):
         if 0 < best[2] < total:
             chosen.append(best)
     return chosen
+
+
+def split_file(path, part_bytes, sizes=None):
+    """The parts of the ONNX graph file at ``path`` (see :func:`split_model`) with about ``part_bytes`` of the
+    weights ``sizes`` each (see :func:`plan_cuts`), or None where it runs whole. The weights are not loaded."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    cuts = plan_cuts(model.graph, part_bytes, sizes)
+    return split_model(model, cuts) if cuts else None
 
 
 def _value_info(graph, name):
