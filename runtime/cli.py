@@ -6,7 +6,6 @@ names its flag.
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -16,15 +15,18 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 # the source checkout's diffusers-saved tiny SVD pipeline, which ``demo --export`` exports first
 DEMO_MODEL = PACKAGE_ROOT / "tests" / "fixtures" / "svd-tiny" / "pipeline"
 
-# pipeline call argument -> the generate flag that sets it
-FLAGS = {
-    "num_frames": "--num-frames", "num_inference_steps": "--steps", "fps": "--fps",
-    "motion_bucket_id": "--motion-bucket-id", "noise_aug_strength": "--noise-aug-strength",
-    "min_guidance_scale": "--min-guidance-scale", "max_guidance_scale": "--max-guidance-scale",
-    "decode_chunk_size": "--decode-chunk-size", "guidance_scale": "--guidance-scale", "eta": "--eta",
-    "prompt": "--prompt", "image": "--image", "output_type": "--output-type",
-    "height": "the artifact's height (re-export for another)", "width": "the artifact's width",
-}
+
+
+def _pipelines():
+    """The runtime pipeline classes by kind: their declared call arguments are the generate flags."""
+    from framegraph.runtime import StableVideoDiffusionPipeline, TextToVideoSDPipeline
+
+    return {cls.kind: cls for cls in (StableVideoDiffusionPipeline, TextToVideoSDPipeline)}
+
+
+def _declared(cls):
+    """The pipeline's arguments the command line offers: its call arguments and its video's frame rate."""
+    return [p for p in dict.fromkeys((*cls.call_params, cls.video_fps_param)) if p.cli]
 
 
 class UsageError(ValueError):
@@ -45,30 +47,37 @@ def _count(minimum):
     return parse
 
 
-def _finite(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
+def _typed(param):
+    """An argparse type that checks a flag's text against its declaration (kind and range)."""
+    from framegraph.runtime.params import InvalidRequestError
+
+    def parse(text):
+        try:
+            return param.parse(text)
+        except InvalidRequestError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = {"int": "integer", "float": "number"}.get(param.kind, param.kind)
+    return parse
 
 
 def _generate_args(p):
-    p.add_argument("--num-frames", type=_count(1), default=None, help="default: the artifact's")
-    p.add_argument("--steps", type=_count(1), default=None, help="num_inference_steps (default: the artifact's)")
+    """The generate flags: each pipeline's declared call arguments (one flag per name), then the run options."""
+    seen = {}  # name -> [(kind, its Param)]
+    for kind, cls in _pipelines().items():
+        for param in _declared(cls):
+            seen.setdefault(param.name, []).append((kind, param))
+    for name, declared in seen.items():
+        param = declared[0][1]
+        which = "" if len(declared) == len(_pipelines()) else f" [{', '.join(kind for kind, _ in declared)}]"
+        defaults = {kind: p.default for kind, p in declared if p.default is not None}
+        if len(set(defaults.values())) > 1:
+            default = "; default " + ", ".join(f"{value} ({kind})" for kind, value in defaults.items())
+        else:
+            default = f"; default {next(iter(defaults.values()))}" if defaults else ""
+        p.add_argument(param.flag, dest=name, type=_typed(param), default=None,
+                       help=f"{param.help}{default}{which}")
     p.add_argument("--seed", type=_count(0), default=0)
-    p.add_argument("--fps", type=_count(1), default=None,
-                   help="video frame rate (default: 7 for SVD, which is also conditioned on it; 8 for text-to-video)")
-    p.add_argument("--motion-bucket-id", type=_count(0), default=None, help="SVD (default 127)")
-    p.add_argument("--noise-aug-strength", type=_finite, default=None, help="SVD (default 0.02)")
-    p.add_argument("--min-guidance-scale", type=_finite, default=None, help="SVD (default 1.0)")
-    p.add_argument("--max-guidance-scale", type=_finite, default=None, help="SVD (default 3.0)")
-    p.add_argument("--decode-chunk-size", type=_count(1), default=None)
-    p.add_argument("--guidance-scale", type=_finite, default=None, help="text-to-video guidance (default 9.0)")
-    p.add_argument("--negative-prompt", default=None, help="text-to-video negative prompt")
-    p.add_argument("--eta", type=_finite, default=None, help="text-to-video DDIM eta (default 0.0)")
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "mindspore", "mindspore_lite"))
     p.add_argument("--device", default=None, help="cpu, cuda (onnxruntime); CPU, GPU, Ascend (MindSpore)")
     p.add_argument("--threads", type=_count(1), default=None, help="intra-op threads")
@@ -144,73 +153,56 @@ def _image(args):
 
     if args.image is None:
         raise UsageError(f"{args.artifacts} is an image-to-video artifact: pass --image PATH")
-    if args.prompt is not None or args.negative_prompt is not None:
-        raise UsageError("--prompt and --negative-prompt are for text-to-video artifacts; this one takes --image")
+    if args.prompt is not None:
+        raise UsageError("--prompt is for text-to-video artifacts; this one takes --image")
     try:
         return load_image(args.image)
     except (TypeError, ValueError, OSError) as exc:
         raise UsageError(f"--image: {exc}") from None
 
 
-def _image_to_video_call(args):
-    return dict(num_frames=args.num_frames, num_inference_steps=args.steps, fps=args.fps,
-                motion_bucket_id=args.motion_bucket_id, noise_aug_strength=args.noise_aug_strength,
-                min_guidance_scale=args.min_guidance_scale, max_guidance_scale=args.max_guidance_scale,
-                height=None, width=None)
-
-
-def _text_to_video_call(args):
+def _prompt(args):
     if args.prompt is None:
         raise UsageError(f"{args.artifacts} is a text-to-video artifact: pass --prompt TEXT")
     if args.image is not None:
         raise UsageError("--image is for image-to-video artifacts; this one takes --prompt")
-    return dict(num_frames=args.num_frames, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                eta=args.eta, height=None, width=None)
-
-
-def _refuse_other_kind(args, flags):
-    given = [flag for flag, value in flags.items() if getattr(args, value) is not None]
-    if given:
-        raise UsageError(f"{', '.join(given)} do not apply to this artifact's pipeline; leave them out")
+    return args.prompt
 
 
 def generate(artifacts, out, args):
     """Check every argument, open the artifact (no graph yet), check the call against it, then render and write."""
-    from framegraph.runtime import StableVideoDiffusionPipeline, TextToVideoSDPipeline, export_to_video
+    from framegraph.runtime import export_to_video
     from framegraph.runtime.manifest import Manifest
-    from framegraph.runtime.pipelines.common import CallArgumentError
+    from framegraph.runtime.params import InvalidRequestError
 
     _check_output(out)
     kind = Manifest.load(artifacts).pipeline
-    if kind == StableVideoDiffusionPipeline.kind:
-        _refuse_other_kind(args, {"--guidance-scale": "guidance_scale", "--eta": "eta"})
-        image, call, cls = _image(args), _image_to_video_call(args), StableVideoDiffusionPipeline
-    elif kind == TextToVideoSDPipeline.kind:
-        _refuse_other_kind(args, {"--motion-bucket-id": "motion_bucket_id", "--noise-aug-strength":
-                                  "noise_aug_strength", "--min-guidance-scale": "min_guidance_scale",
-                                  "--max-guidance-scale": "max_guidance_scale"})
-        image, call, cls = None, _text_to_video_call(args), TextToVideoSDPipeline
-    else:
+    pipelines = _pipelines()
+    if kind not in pipelines:
         raise UsageError(f"{artifacts} holds a {kind!r} artifact, which framegraph generate cannot run")
+    cls = pipelines[kind]
+    declared = _declared(cls)
+    mine = {p.name for p in declared}
+    others = sorted({p.flag for other in pipelines.values() for p in _declared(other)
+                     if p.name not in mine and getattr(args, p.name) is not None})
+    if others:
+        raise UsageError(f"{', '.join(others)} do not apply to a {kind!r} artifact; leave them out")
+    first = _image(args) if kind == "stable-video-diffusion" else _prompt(args)
+    video = cls.video_fps_param
+    call = {p.name: getattr(args, p.name) for p in declared if p is not video or video in cls.call_params}
     pipe = cls.from_artifacts(artifacts, backend=args.backend, device=args.device, num_threads=args.threads,
                               low_memory=args.low_memory, resident_buckets=args.resident_buckets or None)
-    call = pipe.call_arguments(**call)
+    call.update(pipe.call_arguments(**{name: call.get(name) for name in pipe.defaulted()}))
+    checked = {name: call[name] for name in pipe.defaulted()}
     try:
-        if image is not None:
-            pipe.check_inputs(**call, decode_chunk_size=args.decode_chunk_size, output_type=args.output_type)
-        else:
-            pipe.check_inputs(args.prompt, **call, decode_chunk_size=args.decode_chunk_size,
-                              output_type=args.output_type)
-    except CallArgumentError as exc:
-        raise UsageError(f"{FLAGS.get(exc.argument, exc.argument)}: {exc}") from None
-    fps = call.get("fps") or args.fps or pipe.video_fps
+        pipe.check_inputs(first, **checked, decode_chunk_size=call.get("decode_chunk_size"),
+                          output_type=args.output_type)
+    except InvalidRequestError as exc:
+        flag = next((p.flag for p in declared if p.name == exc.field), exc.field)
+        raise UsageError(f"{flag}: {exc}") from None
+    fps = call.get(video.name) or getattr(args, video.name) or video.default
     pipe.set_progress_bar_config(desc="generate", unit="step")
-    if image is not None:
-        frames = pipe(image, **call, decode_chunk_size=args.decode_chunk_size, generator=args.seed,
-                      output_type=args.output_type).frames[0]
-    else:
-        frames = pipe(args.prompt, **call, negative_prompt=args.negative_prompt, generator=args.seed,
-                      decode_chunk_size=args.decode_chunk_size, output_type=args.output_type).frames[0]
+    frames = pipe(first, **call, generator=args.seed, output_type=args.output_type).frames[0]
     return export_to_video(frames, out, fps=fps)
 
 

@@ -31,20 +31,19 @@ import numpy as np
 from framegraph.runtime.engine_jobs import (
     EngineClosedError,
     EngineError,
-    InvalidRequestError,
     Job,
     JobCancelled,
     JobCancelledError,
     JobFailedError,
     JobQueue,
     JobState,
-    Param,
     QueueFullError,
     UnknownJobError,
-    parse_arguments,
 )
 from framegraph.runtime.manifest import MANIFEST_NAME, ArtifactError, Manifest
-from framegraph.runtime.pipelines.common import CallArgumentError
+from framegraph.runtime.params import InvalidRequestError, Param, parse_arguments
+from framegraph.runtime.pipelines.stable_video_diffusion import StableVideoDiffusionPipeline
+from framegraph.runtime.pipelines.text_to_video_synth import TextToVideoSDPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -59,25 +58,41 @@ __all__ = [
 ]
 
 
+SEED_PARAM = Param("seed", "int", minimum=0, maximum=MAX_SEED, cli=False, help="random seed; drawn when omitted")
+
+
 def register_engine_pipeline(cls):
-    """Class decorator: serve artifacts whose manifest says ``pipeline == cls.kind`` with ``cls``."""
-    if not getattr(cls, "kind", None):
-        raise TypeError(f"{cls.__name__} must set the class attribute `kind` (the manifest's pipeline field)")
+    """Class decorator: serve artifacts whose manifest says ``pipeline == cls.pipeline_class.kind`` with ``cls``."""
+    if not cls.kind:
+        raise TypeError(f"{cls.__name__} must set `pipeline_class` to a pipeline class with a `kind`")
     ENGINE_PIPELINES[cls.kind] = cls
     return cls
 
 
 class EnginePipeline:
-    """How the engine serves one pipeline kind. Subclasses set ``kind`` and ``params`` and implement ``load``,
-    ``check`` and ``run``; ``for_job`` (a shallow copy with a fresh scheduler) suits pipelines that keep their
-    per-call state in ``scheduler`` only."""
+    """How the engine serves one pipeline kind: ``pipeline_class`` (an ArtifactPipeline) declares the kind and the
+    call arguments; a subclass adds its request's input (``inputs``: the image, the prompt) and implements
+    ``check``. ``for_job`` (a shallow copy with a fresh scheduler) suits pipelines that keep their per-call state
+    in ``scheduler`` only."""
 
-    kind = None
-    params = (Param("seed", "int", minimum=0, maximum=MAX_SEED, help="random seed; drawn when omitted"),)
+    pipeline_class = None
+    inputs = ()  # the request's own input Params, before the call arguments
+    kind = None  # set from pipeline_class
+    params = ()  # set from pipeline_class: every argument a request may carry
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.pipeline_class is None:
+            return
+        cls.kind = cls.pipeline_class.kind
+        # the seed, the inputs, the pipeline's call arguments and, where the model takes none, the video's rate
+        params = (SEED_PARAM, *cls.inputs, *cls.pipeline_class.call_params)
+        video = cls.pipeline_class.video_fps_param
+        cls.params = params if video in params else params + (video,)
 
     def load(self, path, backend, verify, backend_options):
         """The pipeline for the artifact at ``path``."""
-        raise NotImplementedError
+        return self.pipeline_class.from_artifacts(path, backend=backend, verify=verify, **backend_options)
 
     def for_worker(self, pipeline):
         """The pipeline one worker thread uses for all its jobs: a copy of whatever is not thread-safe."""
@@ -92,74 +107,50 @@ class EnginePipeline:
         job_pipeline.set_progress_bar_config(disable=True)
         return job_pipeline
 
+    def resolve(self, pipeline, arguments):
+        """The parsed arguments with the artifact's defaults filled in (``ArtifactPipeline.call_arguments``) and
+        the video's frame rate set."""
+        call = dict(arguments)
+        call.update(pipeline.call_arguments(**{name: call.get(name) for name in pipeline.defaulted()}))
+        video = self.pipeline_class.video_fps_param
+        if call.get(video.name) is None:
+            call[video.name] = video.default
+        call.setdefault("output_type", "np")
+        return call
+
     def check(self, pipeline, arguments):
         """``(call keyword arguments, number of denoising steps, number of decode chunks)`` for parsed arguments;
         raises InvalidRequestError when the artifact cannot serve them."""
         raise NotImplementedError
 
     def run(self, pipeline, arguments, seed, progress):
-        """Run one job: the pipeline output's frames."""
-        raise NotImplementedError
+        """Run one job: the pipeline output's frames (the video's frame rate, where the model takes none, is left
+        out of the call)."""
+        video = self.pipeline_class.video_fps_param
+        call = arguments if video in self.pipeline_class.call_params else {
+            name: value for name, value in arguments.items() if name != video.name}
+        return pipeline(**call, generator=seed, progress=progress).frames
 
     def video_fps(self, arguments):
         """Playback frames per second of the job's video (for MP4 writing), from the arguments ``check`` returned."""
-        raise NotImplementedError
-
-
-# the size and length of a job, the same for every video pipeline
-VIDEO_PARAMS = (
-    Param("height", "int", minimum=8, maximum=4096),
-    Param("width", "int", minimum=8, maximum=4096),
-    Param("num_frames", "int", minimum=1, maximum=1024),
-    Param("num_inference_steps", "int", minimum=1, maximum=1000),
-)
+        return arguments[self.pipeline_class.video_fps_param.name]
 
 
 @register_engine_pipeline
 class StableVideoDiffusionEngine(EnginePipeline):
     """Image-to-video: ``image`` plus the arguments of ``StableVideoDiffusionPipeline.__call__``."""
 
-    kind = "stable-video-diffusion"
-    # the call arguments whose defaults come from the artifact (``ArtifactPipeline.call_arguments``)
-    resolved = ("height", "width", "num_frames", "num_inference_steps", "fps", "motion_bucket_id",
-                "noise_aug_strength", "min_guidance_scale", "max_guidance_scale")
-    params = EnginePipeline.params + (
-        Param("image", "image", required=True, help="conditioning image (an uploaded file over HTTP)"),
-        *VIDEO_PARAMS,
-        Param("min_guidance_scale", "float", minimum=0.0, maximum=100.0),
-        Param("max_guidance_scale", "float", minimum=0.0, maximum=100.0),
-        Param("fps", "int", minimum=1, maximum=1000),
-        Param("motion_bucket_id", "int", minimum=0, maximum=1023),
-        Param("noise_aug_strength", "float", minimum=0.0, maximum=10.0),
-        Param("decode_chunk_size", "int", minimum=1, maximum=1024,
-              help="frames decoded per VAE call; default: the largest the artifact has for num_frames"),
-        Param("num_videos_per_prompt", "int", minimum=1, maximum=16, http=False),
-        Param("output_type", "choice", choices=("np", "pil", "latent"), http=False),
-        Param("latents", "array", http=False),
-        Param("image_noise", "array", http=False),
-    )
-
-    def load(self, path, backend, verify, backend_options):
-        from framegraph.runtime.pipelines.stable_video_diffusion import StableVideoDiffusionPipeline
-
-        return StableVideoDiffusionPipeline.from_artifacts(path, backend=backend, verify=verify, **backend_options)
-
-    @staticmethod
-    def _default_chunk(pipeline, num_frames):
-        """The largest exported decoder chunk that covers ``num_frames`` (remainder included)."""
-        have = set(pipeline.artifact.buckets("vae_decoder", "chunk"))
-        fits = [c for c in sorted(have, reverse=True) if c <= num_frames and (num_frames % c in have | {0})]
-        return fits[0] if fits else num_frames
+    pipeline_class = StableVideoDiffusionPipeline
+    inputs = (Param("image", "image", required=True, cli=False,
+                    help="conditioning image (an uploaded file over HTTP)"),)
 
     def check(self, pipeline, arguments):
         from framegraph.runtime.image import as_image_list
 
-        call = dict(arguments)
-        call.update(pipeline.call_arguments(**{name: call.get(name) for name in self.resolved}))
+        call = self.resolve(pipeline, arguments)
         call.setdefault("num_videos_per_prompt", 1)
-        call.setdefault("output_type", "np")
         if call.get("decode_chunk_size") is None:
-            call["decode_chunk_size"] = self._default_chunk(pipeline, call["num_frames"])
+            call["decode_chunk_size"] = pipeline.default_decode_chunk(call["num_frames"])
         images, problem = None, None
         try:
             images = as_image_list(call["image"])
@@ -167,7 +158,7 @@ class StableVideoDiffusionEngine(EnginePipeline):
             problem = f"image: {exc}"
         if problem is not None:  # raised outside the except block, see refuse_unless
             raise InvalidRequestError(problem, field="image")
-        refuse_unless(pipeline.check_inputs, **{name: call[name] for name in self.resolved}, sigmas=None,
+        refuse_unless(pipeline.check_inputs, images, **{name: call[name] for name in pipeline.defaulted()}, sigmas=None,
                       decode_chunk_size=call["decode_chunk_size"], num_videos_per_prompt=call["num_videos_per_prompt"],
                       output_type=call["output_type"])
         videos = len(images) * call["num_videos_per_prompt"]
@@ -175,36 +166,13 @@ class StableVideoDiffusionEngine(EnginePipeline):
             call["num_frames"] / call["decode_chunk_size"])
         return call, call["num_inference_steps"], chunks
 
-    def run(self, pipeline, arguments, seed, progress):
-        return pipeline(**arguments, generator=seed, progress=progress).frames
-
-    def video_fps(self, arguments):
-        return arguments["fps"]  # the fps the video was conditioned on (resolved by check)
-
 
 @register_engine_pipeline
 class TextToVideoSDEngine(EnginePipeline):
     """Text-to-video (ModelScope): ``prompt`` plus the arguments of ``TextToVideoSDPipeline.__call__``."""
 
-    kind = "text-to-video-sd"
-    resolved = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "eta")
-    params = EnginePipeline.params + (
-        Param("prompt", "text", required=True, maximum=4000),
-        Param("negative_prompt", "text", maximum=4000),
-        *VIDEO_PARAMS,
-        Param("guidance_scale", "float", minimum=0.0, maximum=100.0),
-        Param("eta", "float", minimum=0.0, maximum=1.0),
-        Param("fps", "int", minimum=1, maximum=1000, help="frame rate of the written video (default 8; the model "
-              "takes no fps)"),
-        Param("decode_chunk_size", "int", minimum=1, maximum=1024, help="frames decoded per VAE call"),
-        Param("output_type", "choice", choices=("np", "pil", "latent"), http=False),
-        Param("latents", "array", http=False),
-    )
-
-    def load(self, path, backend, verify, backend_options):
-        from framegraph.runtime.pipelines.text_to_video_synth import TextToVideoSDPipeline
-
-        return TextToVideoSDPipeline.from_artifacts(path, backend=backend, verify=verify, **backend_options)
+    pipeline_class = TextToVideoSDPipeline
+    inputs = (Param("prompt", "text", required=True, maximum=4000, cli=False, help="what the video shows"),)
 
     def for_worker(self, pipeline):
         # A Hugging Face tokenizer keeps its padding / truncation settings on the object, and the pipeline tokenizes
@@ -214,23 +182,12 @@ class TextToVideoSDEngine(EnginePipeline):
         return worker_pipeline
 
     def check(self, pipeline, arguments):
-        call = dict(arguments)
-        call.update(pipeline.call_arguments(**{name: call.get(name) for name in self.resolved}))
-        call.setdefault("output_type", "np")
-        if call.get("fps") is None:
-            call["fps"] = pipeline.video_fps
-        refuse_unless(pipeline.check_inputs, call["prompt"], **{name: call[name] for name in self.resolved},
+        call = self.resolve(pipeline, arguments)
+        refuse_unless(pipeline.check_inputs, call["prompt"], **{name: call[name] for name in pipeline.defaulted()},
                       output_type=call["output_type"], decode_chunk_size=call.get("decode_chunk_size"))
         chunk = call.get("decode_chunk_size") or max(pipeline.artifact.buckets("vae_decoder", "chunk"))
         chunks = 0 if call["output_type"] == "latent" else math.ceil(call["num_frames"] / chunk)
         return call, call["num_inference_steps"], chunks
-
-    def run(self, pipeline, arguments, seed, progress):
-        call = {name: value for name, value in arguments.items() if name != "fps"}  # the video's rate only
-        return pipeline(**call, generator=seed, progress=progress).frames
-
-    def video_fps(self, arguments):
-        return arguments["fps"]
 
 
 def refuse_unless(check, *args, **kwargs):
@@ -242,8 +199,8 @@ def refuse_unless(check, *args, **kwargs):
     problem = None  # (message, field): no local may hold the error, whose traceback holds this frame (a cycle)
     try:
         check(*args, **kwargs)
-    except CallArgumentError as exc:
-        problem = str(exc), exc.argument
+    except InvalidRequestError as exc:
+        problem = str(exc), exc.field
     except (TypeError, ValueError) as exc:
         problem = str(exc), None
     if problem is not None:

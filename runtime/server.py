@@ -36,13 +36,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from framegraph.runtime.engine import Engine
-from framegraph.runtime.engine_jobs import (
-    EngineClosedError,
-    InvalidRequestError,
-    JobState,
-    QueueFullError,
-    UnknownJobError,
-)
+from framegraph.runtime.engine_jobs import EngineClosedError, JobState, QueueFullError, UnknownJobError
+from framegraph.runtime.params import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from framegraph.runtime import engine_jobs
-from framegraph.runtime.engine_jobs import InvalidRequestError, Param, decode_image, parse_arguments
+from framegraph.runtime import params as params_module
+from framegraph.runtime.params import InvalidRequestError, Param, decode_image, parse_arguments
 
 NUM_FRAMES = Param("num_frames", "int", minimum=1, maximum=1024)
 SEED = Param("seed", "int", minimum=0, maximum=2**63 - 1)
@@ -30,7 +30,7 @@ OUTPUT = Param("output_type", "choice", choices=("np", "pil"))
 LATENTS = Param("latents", "array")
 HUGE = 10**400  # float(HUGE) and math.isfinite(HUGE) raise OverflowError
 ENORMOUS = 10**5000  # str(ENORMOUS) raises ValueError (Python's 4300-digit limit)
-MAX_NUMBER_TEXT = 64  # engine_jobs.MAX_NUMBER_TEXT: longer numeric text is refused before int() or float()
+MAX_NUMBER_TEXT = 64  # params.MAX_NUMBER_TEXT: longer numeric text is refused before int() or float()
 
 
 def _id(value):
@@ -109,7 +109,7 @@ def test_valid_numbers_come_back_in_their_type(param, value, want):
 
 def test_cheap_arguments_are_checked_before_the_image_is_decoded(monkeypatch):
     decoded = []
-    monkeypatch.setattr(engine_jobs, "decode_image", lambda data: decoded.append(data))
+    monkeypatch.setattr(params_module, "decode_image", lambda data: decoded.append(data))
     params = (SEED, Param("image", "image", required=True), NUM_FRAMES, STRENGTH)
     with pytest.raises(InvalidRequestError, match="num_frames") as info:
         parse_arguments(params, {"image": b"\x89PNG...", "num_frames": "9" * 400, "seed": "1"}, "a test")

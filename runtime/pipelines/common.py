@@ -4,6 +4,8 @@ import logging
 
 import numpy as np
 
+from framegraph.runtime.params import InvalidRequestError, Param
+
 logger = logging.getLogger(__name__)
 
 
@@ -38,15 +40,6 @@ def chunks(array, size):
     return [array[i:i + size] for i in range(0, len(array), size)]
 
 
-class CallArgumentError(ValueError):
-    """A call argument that is invalid or that the artifact cannot serve. ``argument`` names it as the pipeline's
-    parameter: the engine answers it as that HTTP field, the CLI names its flag."""
-
-    def __init__(self, argument, message):
-        super().__init__(message)
-        self.argument = argument
-
-
 def shown_value(value):
     """``value`` for an error message, short and always printable (``repr`` of an int over 4300 digits raises)."""
     if isinstance(value, (int, np.integer)) and abs(int(value)).bit_length() > 64:
@@ -55,41 +48,42 @@ def shown_value(value):
     return text if len(text) <= 40 else text[:40] + "..."
 
 
-def check_count(argument, value, minimum=1):
-    """Refuse ``value`` unless it is an int (not a bool) >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise CallArgumentError(argument, f"{argument} must be an integer >= {minimum}, got {shown_value(value)}")
+# The size and length of a video, declared once for both pipelines (their defaults are the artifact's).
+VIDEO_PARAMS = (
+    Param("height", "int", minimum=8, maximum=4096, help="video height (default: the artifact's)"),
+    Param("width", "int", minimum=8, maximum=4096, help="video width (default: the artifact's)"),
+    Param("num_frames", "int", minimum=1, maximum=1024, help="frames of the video (default: the artifact's)"),
+)
 
 
-def check_number(argument, value, low, high):
-    """Refuse ``value`` unless it is a real number in [low, high] (ints are compared exactly, never converted)."""
-    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-    if not number or not low <= value <= high:  # NaN fails the comparison, and so does an infinity
-        raise CallArgumentError(argument,
-                                f"{argument} must be a number in [{low:g}, {high:g}], got {shown_value(value)}")
+def declared_call(params, arguments):
+    """Check ``arguments`` (resolved call arguments, typed) against their declarations in ``params``; None values
+    and undeclared names are left to the caller."""
+    by_name = {p.name: p for p in params}
+    for name, value in arguments.items():
+        if value is not None and name in by_name:
+            by_name[name].check(value)
 
 
 def check_size(artifact, height, width):
     """Refuse a (height, width) the artifact's UNet was not exported for."""
-    check_count("height", height)
-    check_count("width", width)
     sizes = sorted({(g.bucket["height"], g.bucket["width"]) for g in artifact.manifest.graphs
                     if g.name == "unet" and g.format == artifact.format})
     if (height, width) not in sizes:
-        raise CallArgumentError(
-            "height", f"height={shown_value(height)}, width={shown_value(width)} has no exported bucket; available: "
+        raise InvalidRequestError(
+            f"height={shown_value(height)}, width={shown_value(width)} has no exported bucket; available: "
             f"{', '.join(f'{h}x{w}' for h, w in sizes)} — pass one of them, or export an artifact for that size "
-            "with svd-export --height/--width (it tells which sizes the model accepts)")
+            "with svd-export --height/--width (it tells which sizes the model accepts)", field="height")
 
 
 def check_frames(artifact, num_frames):
     """Refuse a frame count the artifact's UNet was not exported for."""
-    check_count("num_frames", num_frames)
     frames = artifact.buckets("unet", "num_frames")
     if num_frames not in frames:
-        raise CallArgumentError(
-            "num_frames", f"num_frames={shown_value(num_frames)} has no exported bucket; available: "
-            f"{', '.join(map(str, frames))} — pass one of them or re-export with --frames {shown_value(num_frames)}")
+        raise InvalidRequestError(
+            f"num_frames={shown_value(num_frames)} has no exported bucket; available: "
+            f"{', '.join(map(str, frames))} — pass one of them or re-export with --frames {shown_value(num_frames)}",
+            field="num_frames")
 
 
 class ProgressBar:
@@ -119,8 +113,19 @@ class ArtifactPipeline:
     Subclasses build themselves from the opened artifact in ``_from_artifact``."""
 
     kind = None
-    # diffusers' call defaults, for what the artifact's manifest ``defaults`` leave out (older artifacts)
+    # the call's arguments (``Param``s): names, kinds, ranges, diffusers' defaults, help; the engine, the HTTP
+    # server and the CLI take theirs from here
+    call_params = ()
+    # the Param of the written video's frames per second (a call argument, or only the video's)
+    video_fps_param = None
+
+    # diffusers' defaults of ``call_params`` (those declared with one), as the export writes them into the manifest
     call_defaults = {}
+
+    @classmethod
+    def defaulted(cls):
+        """Names of the arguments whose None means the artifact's or diffusers' default (``call_arguments``)."""
+        return tuple(dict.fromkeys([p.name for p in VIDEO_PARAMS] + list(cls.call_defaults)))
 
     def call_arguments(self, **arguments):
         """``arguments`` with every None filled in: from the artifact's manifest ``defaults`` first (the sizes and
@@ -166,14 +171,13 @@ class ArtifactPipeline:
 
         Held, it cannot be closed between steps by calls running at once with other frame counts
         (``resident_buckets``). It is opened before the encoders run: where it replaces another bucket, the call's
-        peak memory then stays that of a call without a switch (SVD-XT: 7.6 GB, against 9.4 GB when the bucket was
-        switched after the encoders had run)."""
+        peak memory then stays that of a call without a switch (see docs/performance.md)."""
         return None if self.artifact.low_memory else self._unet_graph(num_frames, cfg, height, width)
 
     @staticmethod
     def _prefetch_unet(unet):
         """Bring the held UNet bucket's weight pages in before the first step, in one pass rather than a page
-        fault at a time (SVD-XT UNet from the page cache: 0.3 s, against about 1 s more on the first step).
+        fault at a time (see docs/performance.md).
         Called after the encoders gave their pages back, so the call's peak memory stays the denoising loop's; in
         low-memory mode (no held bucket) the pages come in on first use."""
         if unet is not None:

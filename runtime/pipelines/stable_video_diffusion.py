@@ -5,25 +5,39 @@ import logging
 
 import numpy as np
 
-from framegraph.runtime.pipelines.common import (ArtifactPipeline, CallArgumentError, ProgressBar, check_count,
-                                                 check_frames, check_latents, check_number, check_size, chunks,
-                                                 make_rng, randn, shown_value)
+from framegraph.runtime.params import InvalidRequestError, Param
+from framegraph.runtime.pipelines.common import (VIDEO_PARAMS, ArtifactPipeline, ProgressBar, check_frames,
+                                                 check_latents, check_size, chunks, declared_call, make_rng, randn,
+                                                 shown_value)
 from framegraph.runtime.schedulers import load_scheduler
 
 logger = logging.getLogger(__name__)
 
 PIPELINE_KIND = "stable-video-diffusion"
 OUTPUT_TYPES = ("pil", "np", "latent")
-# diffusers' StableVideoDiffusionPipeline.__call__ defaults (the export writes them into the manifest's defaults)
-CALL_DEFAULTS = {
-    "num_inference_steps": 25,
-    "min_guidance_scale": 1.0,
-    "max_guidance_scale": 3.0,
-    "fps": 7,
-    "motion_bucket_id": 127,
-    "noise_aug_strength": 0.02,
-    "decode_chunk_size": None,
-}
+# The call's arguments (besides ``image`` and the Python-only ones), with diffusers' defaults: declared once, read by
+# the engine, the HTTP server and the CLI; the export writes the defaults into the manifest.
+CALL_PARAMS = VIDEO_PARAMS + (
+    Param("num_inference_steps", "int", minimum=1, maximum=1000, default=25, flag="--steps",
+          help="denoising steps"),
+    Param("min_guidance_scale", "float", minimum=0.0, maximum=100.0, default=1.0,
+          help="guidance of the first frame"),
+    Param("max_guidance_scale", "float", minimum=0.0, maximum=100.0, default=3.0,
+          help="guidance of the last frame (above 1: classifier-free guidance)"),
+    Param("fps", "int", minimum=1, maximum=1000, default=7,
+          help="frames per second of the video (the model is also conditioned on it)"),
+    Param("motion_bucket_id", "int", minimum=0, maximum=1023, default=127, help="how much motion"),
+    Param("noise_aug_strength", "float", minimum=0.0, maximum=10.0, default=0.02,
+          help="noise added to the conditioning image"),
+    Param("decode_chunk_size", "int", minimum=1, maximum=1024,
+          help="frames decoded per VAE call (default: the largest the artifact has for num_frames)"),
+    Param("num_videos_per_prompt", "int", minimum=1, maximum=16, http=False, cli=False),
+    Param("output_type", "choice", choices=OUTPUT_TYPES, http=False, cli=False),
+    Param("latents", "array", http=False, cli=False),
+    Param("image_noise", "array", http=False, cli=False),
+)
+# what the export writes into the manifest's defaults
+CALL_DEFAULTS = {p.name: p.default for p in CALL_PARAMS if p.default is not None}
 
 
 @dataclasses.dataclass
@@ -35,7 +49,9 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
     """Image-to-video with the graphs of an ``svd-export`` artifact (no torch, no MindSpore for ONNX)."""
 
     kind = PIPELINE_KIND
+    call_params = CALL_PARAMS
     call_defaults = CALL_DEFAULTS
+    video_fps_param = next(p for p in CALL_PARAMS if p.name == "fps")  # the conditioning fps is the video's too
 
     def __init__(self, artifact, scheduler):
         self.artifact = artifact
@@ -48,40 +64,44 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
         return cls(artifact, load_scheduler(artifact.manifest.scheduler))
 
     # -- checks ------------------------------------------------------------------------------------------------
-    def check_inputs(self, height, width, num_frames, num_inference_steps=25, fps=7, motion_bucket_id=127,
+    def default_decode_chunk(self, num_frames):
+        """The largest exported decoder chunk that covers ``num_frames`` (its remainder included), else
+        ``num_frames`` (diffusers' default)."""
+        have = set(self.artifact.buckets("vae_decoder", "chunk"))
+        fits = [c for c in sorted(have, reverse=True) if c <= num_frames and (num_frames % c in have | {0})]
+        return fits[0] if fits else num_frames
+
+    def check_inputs(self, image, height, width, num_frames, num_inference_steps=25, fps=7, motion_bucket_id=127,
                      noise_aug_strength=0.02, decode_chunk_size=None, num_videos_per_prompt=1, output_type="pil",
                      sigmas=None, min_guidance_scale=1.0, max_guidance_scale=3.0):
-        """Raise :class:`CallArgumentError` (a ValueError naming the argument) unless this artifact can serve a
-        call with these (resolved, see ``call_arguments``) arguments. Runs no graph."""
+        """Raise :class:`InvalidRequestError` (a ValueError naming the argument in ``field``) unless this artifact
+        can serve a call with these (resolved, see ``call_arguments``) arguments. Runs no graph."""
+        import PIL.Image
+
+        kinds = (PIL.Image.Image, np.ndarray)
+        if not (isinstance(image, kinds) or (isinstance(image, (list, tuple)) and image
+                                             and all(isinstance(i, kinds) for i in image))):
+            raise InvalidRequestError("image must be a PIL image, a numpy array or a non-empty list of them, got "
+                                      f"{type(image).__name__}; open files with load_image(path)", field="image")
+        declared_call(CALL_PARAMS, dict(
+            height=height, width=width, num_frames=num_frames, fps=fps, motion_bucket_id=motion_bucket_id,
+            noise_aug_strength=noise_aug_strength, min_guidance_scale=min_guidance_scale,
+            max_guidance_scale=max_guidance_scale, decode_chunk_size=decode_chunk_size,
+            num_videos_per_prompt=num_videos_per_prompt, output_type=output_type,
+            num_inference_steps=num_inference_steps if sigmas is None else None))
         check_size(self.artifact, height, width)
         check_frames(self.artifact, num_frames)
-        if sigmas is None:
-            check_count("num_inference_steps", num_inference_steps)
-        check_count("fps", fps)  # the model is conditioned on fps - 1
-        check_count("motion_bucket_id", motion_bucket_id, minimum=0)
-        if motion_bucket_id > 1023:
-            raise CallArgumentError("motion_bucket_id",
-                                    f"motion_bucket_id must be in [0, 1023], got {shown_value(motion_bucket_id)}")
-        check_number("noise_aug_strength", noise_aug_strength, 0.0, 10.0)
-        check_number("min_guidance_scale", min_guidance_scale, 0.0, 100.0)
-        check_number("max_guidance_scale", max_guidance_scale, 0.0, 100.0)
-        check_count("num_videos_per_prompt", num_videos_per_prompt)
-        if output_type not in OUTPUT_TYPES:
-            raise CallArgumentError("output_type", f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if output_type != "latent":
             if decode_chunk_size is None:
-                decode_chunk_size = num_frames
-            check_count("decode_chunk_size", decode_chunk_size)
+                decode_chunk_size = self.default_decode_chunk(num_frames)
             chunk = min(decode_chunk_size, num_frames)
             needed = {chunk} | ({num_frames % chunk} if num_frames % chunk else set())
             have = self.artifact.buckets("vae_decoder", "chunk")
             if not needed <= set(have):
-                raise CallArgumentError(
-                    "decode_chunk_size",
+                raise InvalidRequestError(
                     f"decode_chunk_size={shown_value(decode_chunk_size)} needs decoder graphs for chunks "
                     f"{sorted(needed)}; this artifact has chunks {have} — pass one of them or re-export with "
-                    f"--decode-chunk-sizes {','.join(map(str, sorted(needed)))}"
-                )
+                    f"--decode-chunk-sizes {','.join(map(str, sorted(needed)))}", field="decode_chunk_size")
 
     # -- stages ------------------------------------------------------------------------------------------------
     def _encode_image(self, images, num_videos_per_prompt, cfg):
@@ -157,13 +177,14 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
                                    num_inference_steps=num_inference_steps, fps=fps, motion_bucket_id=motion_bucket_id,
                                    noise_aug_strength=noise_aug_strength, min_guidance_scale=min_guidance_scale,
                                    max_guidance_scale=max_guidance_scale)
-        self.check_inputs(**call, decode_chunk_size=decode_chunk_size, num_videos_per_prompt=num_videos_per_prompt,
-                          output_type=output_type, sigmas=sigmas)
+        self.check_inputs(image, **call, decode_chunk_size=decode_chunk_size,
+                          num_videos_per_prompt=num_videos_per_prompt, output_type=output_type, sigmas=sigmas)
         height, width, num_frames = call["height"], call["width"], call["num_frames"]
         num_inference_steps, fps, motion_bucket_id = call["num_inference_steps"], call["fps"], call["motion_bucket_id"]
         noise_aug_strength = call["noise_aug_strength"]
         min_guidance_scale, max_guidance_scale = call["min_guidance_scale"], call["max_guidance_scale"]
-        decode_chunk_size = decode_chunk_size if decode_chunk_size is not None else num_frames
+        if decode_chunk_size is None:
+            decode_chunk_size = self.default_decode_chunk(num_frames)
         for name in callback_on_step_end_tensor_inputs:
             if name != "latents":
                 raise ValueError(f"callback_on_step_end_tensor_inputs may only name 'latents', got {name!r}")

@@ -6,20 +6,38 @@ import threading
 
 import numpy as np
 
-from framegraph.runtime.pipelines.common import (ArtifactPipeline, CallArgumentError, ProgressBar, check_count,
-                                                 check_frames, check_latents, check_number, check_size, chunks,
-                                                 make_rng, randn, shown_value)
+from framegraph.runtime.params import InvalidRequestError, Param
+from framegraph.runtime.pipelines.common import (VIDEO_PARAMS, ArtifactPipeline, ProgressBar, check_frames,
+                                                 check_latents, check_size, chunks, declared_call, make_rng, randn,
+                                                 shown_value)
 from framegraph.runtime.schedulers import load_scheduler
 
 logger = logging.getLogger(__name__)
 
 PIPELINE_KIND = "text-to-video-sd"
 OUTPUT_TYPES = ("np", "pil", "latent")
-# diffusers' TextToVideoSDPipeline.__call__ defaults (the export writes them into the manifest's defaults; an
-# artifact without a 16-frame bucket records the frame count it has)
-CALL_DEFAULTS = {"num_frames": 16, "num_inference_steps": 50, "guidance_scale": 9.0, "eta": 0.0}
+# The call's arguments (besides the prompt), with diffusers' defaults: declared once, read by the engine, the HTTP
+# server and the CLI; the export writes the defaults into the manifest (an artifact without a bucket for diffusers'
+# 16 frames records the frame count it has).
+CALL_PARAMS = VIDEO_PARAMS[:2] + (
+    Param("num_frames", "int", minimum=1, maximum=1024, default=16,
+          help="frames of the video (default: the artifact's)"),
+    Param("num_inference_steps", "int", minimum=1, maximum=1000, default=50, flag="--steps",
+          help="denoising steps"),
+    Param("guidance_scale", "float", minimum=0.0, maximum=100.0, default=9.0,
+          help="classifier-free guidance (above 1: on)"),
+    Param("negative_prompt", "text", maximum=4000, help="what the video should not show"),
+    Param("eta", "float", minimum=0.0, maximum=1.0, default=0.0, help="DDIM's eta"),
+    Param("decode_chunk_size", "int", minimum=1, maximum=1024,
+          help="frames decoded per VAE call (default: the largest the artifact has)"),
+    Param("output_type", "choice", choices=OUTPUT_TYPES, http=False, cli=False),
+    Param("latents", "array", http=False, cli=False),
+)
+# what the export writes into the manifest's defaults
+CALL_DEFAULTS = {p.name: p.default for p in CALL_PARAMS if p.default is not None}
 # playback rate of the written video (ModelScope's videos are 8 frames per second; the model takes no fps)
-VIDEO_FPS = 8
+VIDEO_FPS_PARAM = Param("fps", "int", minimum=1, maximum=1000, default=8,
+                        help="frames per second of the written video (the model takes no fps)")
 
 
 @dataclasses.dataclass
@@ -32,8 +50,9 @@ class TextToVideoSDPipeline(ArtifactPipeline):
     diffusers way: ``pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``."""
 
     kind = PIPELINE_KIND
+    call_params = CALL_PARAMS
     call_defaults = CALL_DEFAULTS
-    video_fps = VIDEO_FPS
+    video_fps_param = VIDEO_FPS_PARAM
 
     def __init__(self, artifact, scheduler, tokenizer):
         self.artifact = artifact
@@ -106,29 +125,26 @@ class TextToVideoSDPipeline(ArtifactPipeline):
     # -- checks ------------------------------------------------------------------------------------------------
     def check_inputs(self, prompt, height, width, num_frames, num_inference_steps=50, guidance_scale=9.0, eta=0.0,
                      output_type="np", decode_chunk_size=None, prompt_embeds=None):
-        """Raise :class:`CallArgumentError` (a ValueError naming the argument) unless this artifact can serve a
-        call with these (resolved, see ``call_arguments``) arguments. Runs no graph."""
+        """Raise :class:`InvalidRequestError` (a ValueError naming the argument in ``field``) unless this artifact
+        can serve a call with these (resolved, see ``call_arguments``) arguments. Runs no graph."""
         if (prompt is None) == (prompt_embeds is None):
-            raise CallArgumentError("prompt", "pass exactly one of prompt (str or list of str) and prompt_embeds")
+            raise InvalidRequestError("pass exactly one of prompt (str or list of str) and prompt_embeds",
+                                      field="prompt")
         if prompt is not None and not (isinstance(prompt, str) or (
                 isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt))):
-            raise CallArgumentError("prompt", "prompt must be a string or a non-empty list of strings, got "
-                                    f"{type(prompt).__name__}")
+            raise InvalidRequestError("prompt must be a string or a non-empty list of strings, got "
+                                      f"{type(prompt).__name__}", field="prompt")
+        declared_call(CALL_PARAMS, dict(
+            height=height, width=width, num_frames=num_frames, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, eta=eta, output_type=output_type, decode_chunk_size=decode_chunk_size))
         check_size(self.artifact, height, width)
         check_frames(self.artifact, num_frames)
-        check_count("num_inference_steps", num_inference_steps)
-        check_number("guidance_scale", guidance_scale, 0.0, 100.0)
-        check_number("eta", eta, 0.0, 1.0)
-        if output_type not in OUTPUT_TYPES:
-            raise CallArgumentError("output_type", f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if decode_chunk_size is not None:
-            check_count("decode_chunk_size", decode_chunk_size)
-            have = self.artifact.buckets("vae_decoder", "chunk")
-            if decode_chunk_size not in have:
-                raise CallArgumentError(
-                    "decode_chunk_size", f"decode_chunk_size={shown_value(decode_chunk_size)} has no decoder graph; "
-                    f"this artifact has {have} — pass one of them or re-export with --decode-chunk-sizes "
-                    f"{decode_chunk_size}")
+        have = self.artifact.buckets("vae_decoder", "chunk")
+        if decode_chunk_size is not None and decode_chunk_size not in have:
+            raise InvalidRequestError(
+                f"decode_chunk_size={shown_value(decode_chunk_size)} has no decoder graph; this artifact has {have} "
+                f"— pass one of them or re-export with --decode-chunk-sizes {decode_chunk_size}",
+                field="decode_chunk_size")
 
     # -- stages ------------------------------------------------------------------------------------------------
     def _unet(self, model_input, t, embeds, cfg, num_frames, height, width, graph=None, last=False):
