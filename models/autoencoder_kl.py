@@ -17,49 +17,32 @@ from mindspore import nn
 
 from .layers import Conv2d
 from .loading import config_from_dict
-from .vae_blocks import Decoder, Encoder, VaeEncoderGraph  # noqa: F401 -- VaeEncoderGraph: part of this module's API
+from .vae_blocks import (  # noqa: F401 -- the graphs: part of this module's API (the exporter, the tests)
+    Decoder,
+    VaeDecoderGraph,
+    VaeEncoderGraph,
+    vae_encoder,
+)
+from .vae_config import VaeConfig
 
 logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class AutoencoderKLConfig:
-    """The ``config.json`` of an ``AutoencoderKL`` (diffusers' defaults)."""
+class AutoencoderKLConfig(VaeConfig):
+    """The ``config.json`` of an ``AutoencoderKL`` (diffusers' defaults): the shared VAE fields and these."""
 
-    in_channels: int = 3
-    out_channels: int = 3
-    down_block_types: tuple = ("DownEncoderBlock2D",)
+    block_type_fields = ("down_block_types", "up_block_types")
+
     up_block_types: tuple = ("UpDecoderBlock2D",)
-    block_out_channels: tuple = (64,)
-    layers_per_block: int = 1
     act_fn: str = "silu"
-    latent_channels: int = 4
     norm_num_groups: int = 32
-    sample_size: object = 32
-    scaling_factor: float = 0.18215
     shift_factor: Optional[float] = None
     latents_mean: Optional[tuple] = None
     latents_std: Optional[tuple] = None
-    force_upcast: bool = True
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
-
-    def __post_init__(self):
-        self.down_block_types = tuple(self.down_block_types)
-        self.up_block_types = tuple(self.up_block_types)
-        self.block_out_channels = tuple(self.block_out_channels)
-        for name in ("down_block_types", "up_block_types"):
-            if len(getattr(self, name)) != len(self.block_out_channels):
-                raise ValueError(
-                    f"{name} {getattr(self, name)} and block_out_channels {self.block_out_channels} "
-                    "must have the same length"
-                )
-
-    @property
-    def vae_scale_factor(self):
-        """Pixels per latent along each side: 2 ** (number of blocks - 1)."""
-        return 2 ** (len(self.block_out_channels) - 1)
 
 
 class AutoencoderKL(nn.Cell):
@@ -72,23 +55,17 @@ class AutoencoderKL(nn.Cell):
         cfg = self.config
         self.latent_channels = cfg.latent_channels
         common = dict(
-            block_out_channels=cfg.block_out_channels,
-            layers_per_block=cfg.layers_per_block,
             norm_num_groups=cfg.norm_num_groups,
             act_fn=cfg.act_fn,
             mid_block_add_attention=cfg.mid_block_add_attention,
         )
-        self.encoder = Encoder(
-            in_channels=cfg.in_channels,
-            out_channels=cfg.latent_channels,
-            down_block_types=cfg.down_block_types,
-            double_z=True,
-            **common,
-        )
+        self.encoder = vae_encoder(cfg, **common)
         self.decoder = Decoder(
             in_channels=cfg.latent_channels,
             out_channels=cfg.out_channels,
             up_block_types=cfg.up_block_types,
+            block_out_channels=cfg.block_out_channels,
+            layers_per_block=cfg.layers_per_block,
             **common,
         )
         moments = 2 * cfg.latent_channels
@@ -115,17 +92,3 @@ class AutoencoderKL(nn.Cell):
     def construct(self, sample):
         """diffusers' ``forward`` with ``sample_posterior=False``: decode the mode of the encoded ``sample``."""
         return self.decode(self.encode(sample))
-
-
-class VaeDecoderGraph(nn.Cell):
-    """The graph that is exported for decoding: latents [N, latent_channels, h, w] -> sample [N, 3, H, W].
-
-    Frames are independent, so a video is decoded in slices of any size N with identical results.
-    """
-
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def construct(self, latents):
-        return self.vae.decode(latents)

@@ -9,108 +9,35 @@ factor, and ends in a temporal convolution ``time_conv_out``. Frames arrive flat
 import dataclasses
 import logging
 
-import mindspore as ms
-from mindspore import Parameter, nn, ops
-from mindspore.common.initializer import initializer
+from mindspore import nn
 
-from .layers import Conv2d, GroupNorm, TemporalConv3d, silu
+from .layers import Conv2d, GroupNorm, TemporalConv3d, clips_to_frames, frames_to_clips, silu
 from .loading import config_from_dict
-from .vae_blocks import (  # noqa: F401 -- VaeEncoderGraph: part of this module's API (the exporter, the tests)
+from .resampling import Upsample2D
+from .resnet import SpatioTemporalResBlock
+from .vae_blocks import (  # noqa: F401 -- the graphs: part of this module's API (the exporter, the tests)
     AttentionBlock,
-    Encoder,
-    ResnetBlock2D,
-    Upsample2D,
+    VaeDecoderGraph,
     VaeEncoderGraph,
+    block_channels,
+    vae_encoder,
 )
+from .vae_config import VaeConfig
 
 logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class AutoencoderKLTemporalDecoderConfig:
-    """The ``config.json`` of an ``AutoencoderKLTemporalDecoder`` (diffusers' defaults)."""
-
-    in_channels: int = 3
-    out_channels: int = 3
-    down_block_types: tuple = ("DownEncoderBlock2D",)
-    block_out_channels: tuple = (64,)
-    layers_per_block: int = 1
-    latent_channels: int = 4
-    sample_size: int = 32
-    scaling_factor: float = 0.18215
-    force_upcast: bool = True
-
-    def __post_init__(self):
-        self.down_block_types = tuple(self.down_block_types)
-        self.block_out_channels = tuple(self.block_out_channels)
-        if len(self.down_block_types) != len(self.block_out_channels):
-            raise ValueError(
-                f"down_block_types {self.down_block_types} and block_out_channels {self.block_out_channels} "
-                "must have the same length"
-            )
-
-    @property
-    def vae_scale_factor(self):
-        """Pixels per latent along each side: 2 ** (number of blocks - 1)."""
-        return 2 ** (len(self.block_out_channels) - 1)
+class AutoencoderKLTemporalDecoderConfig(VaeConfig):
+    """The ``config.json`` of an ``AutoencoderKLTemporalDecoder`` (diffusers' defaults): the shared VAE fields."""
 
 
-def _to_clips(x, num_frames):
-    """[B*F, C, H, W] -> [B, C, F, H, W]."""
-    bf, c, h, w = x.shape
-    return x.reshape(bf // num_frames, num_frames, c, h, w).transpose(0, 2, 1, 3, 4)
-
-
-def _to_frames(x):
-    """[B, C, F, H, W] -> [B*F, C, H, W]."""
-    b, c, f, h, w = x.shape
-    return x.transpose(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-
-
-class TemporalResnetBlock(nn.Cell):
-    """diffusers' ``TemporalResnetBlock`` without a time embedding, on [B, C, F, H, W] (same channels in and out)."""
-
-    def __init__(self, channels, eps=1e-5):
-        super().__init__()
-        self.norm1 = GroupNorm(32, channels, eps=eps)
-        self.conv1 = TemporalConv3d(channels, channels)
-        self.norm2 = GroupNorm(32, channels, eps=eps)
-        self.conv2 = TemporalConv3d(channels, channels)
-
-    def construct(self, x):
-        h = self.conv1(silu(self.norm1(x)))
-        h = self.conv2(silu(self.norm2(h)))
-        return x + h
-
-
-class AlphaBlender(nn.Cell):
-    """diffusers' ``AlphaBlender(merge_strategy="learned", switch_spatial_to_temporal_mix=True)``.
-
-    alpha = sigmoid(mix_factor); the switch makes the result alpha * temporal + (1 - alpha) * spatial.
-    """
-
-    def __init__(self, alpha=0.0):
-        super().__init__()
-        self.mix_factor = Parameter(initializer(alpha, (1,), ms.float32), name="mix_factor")
-
-    def construct(self, x_spatial, x_temporal):
-        alpha = ops.sigmoid(self.mix_factor).astype(x_spatial.dtype)
-        return alpha * x_temporal + (1.0 - alpha) * x_spatial
-
-
-class SpatioTemporalResBlock(nn.Cell):
-    """A per-frame ``ResnetBlock2D``, then a ``TemporalResnetBlock`` over each clip, blended by ``time_mixer``."""
-
-    def __init__(self, in_channels, out_channels, eps=1e-6, temporal_eps=1e-5):
-        super().__init__()
-        self.spatial_res_block = ResnetBlock2D(in_channels, out_channels, eps=eps)
-        self.temporal_res_block = TemporalResnetBlock(out_channels, eps=temporal_eps)
-        self.time_mixer = AlphaBlender(0.0)
-
-    def construct(self, x, num_frames):
-        spatial = _to_clips(self.spatial_res_block(x), num_frames)
-        mixed = self.time_mixer(spatial, self.temporal_res_block(spatial))
-        return _to_frames(mixed)
+def _resnet(in_channels, out_channels):
+    """The decoder's ``SpatioTemporalResBlock``: no time embedding, temporal eps 1e-5, and a
+    ``TemporalAlphaBlender`` starting at alpha = sigmoid(0)."""
+    return SpatioTemporalResBlock(
+        in_channels, out_channels, eps=1e-6, temporal_eps=1e-5, merge_factor=0.0, switch_spatial_to_temporal_mix=True
+    )
 
 
 class MidBlockTemporalDecoder(nn.Cell):
@@ -123,7 +50,7 @@ class MidBlockTemporalDecoder(nn.Cell):
     def __init__(self, in_channels, out_channels, attention_head_dim=512, num_layers=1):
         super().__init__()
         self.resnets = nn.CellList(
-            [SpatioTemporalResBlock(in_channels if i == 0 else out_channels, out_channels) for i in range(num_layers)]
+            [_resnet(in_channels if i == 0 else out_channels, out_channels) for i in range(num_layers)]
         )
         self.attentions = nn.CellList([AttentionBlock(in_channels, in_channels // attention_head_dim, 32, 1e-6)])
         self.use_attention = num_layers > 1
@@ -136,19 +63,19 @@ class MidBlockTemporalDecoder(nn.Cell):
 
 
 class UpBlockTemporalDecoder(nn.Cell):
+    """``num_layers`` decoder ``SpatioTemporalResBlock``s, then an optional ``Upsample2D``."""
+
     def __init__(self, in_channels, out_channels, num_layers=1, add_upsample=True):
         super().__init__()
         self.resnets = nn.CellList(
-            [SpatioTemporalResBlock(in_channels if i == 0 else out_channels, out_channels) for i in range(num_layers)]
+            [_resnet(in_channels if i == 0 else out_channels, out_channels) for i in range(num_layers)]
         )
         self.upsamplers = nn.CellList([Upsample2D(out_channels)]) if add_upsample else None
 
     def construct(self, x, num_frames):
         for resnet in self.resnets:
             x = resnet(x, num_frames)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
-        return x
+        return x if self.upsamplers is None else self.upsamplers[0](x)
 
 
 class TemporalDecoder(nn.Cell):
@@ -160,13 +87,10 @@ class TemporalDecoder(nn.Cell):
         self.mid_block = MidBlockTemporalDecoder(
             block_out_channels[-1], block_out_channels[-1], block_out_channels[-1], layers_per_block
         )
-        reversed_channels = list(reversed(block_out_channels))
-        blocks = []
-        out_ch = reversed_channels[0]
-        for i in range(len(block_out_channels)):
-            in_ch, out_ch = out_ch, reversed_channels[i]
-            is_last = i == len(block_out_channels) - 1
-            blocks.append(UpBlockTemporalDecoder(in_ch, out_ch, layers_per_block + 1, add_upsample=not is_last))
+        blocks = [
+            UpBlockTemporalDecoder(in_ch, out_ch, layers_per_block + 1, add_upsample=resample)
+            for in_ch, out_ch, resample in block_channels(list(reversed(block_out_channels)))
+        ]
         self.up_blocks = nn.CellList(blocks)
         self.conv_norm_out = GroupNorm(32, block_out_channels[0], eps=1e-6)
         self.conv_out = Conv2d(block_out_channels[0], out_channels, 3, padding=1)
@@ -177,7 +101,7 @@ class TemporalDecoder(nn.Cell):
         for block in self.up_blocks:
             x = block(x, num_frames)
         x = self.conv_out(silu(self.conv_norm_out(x)))
-        return _to_frames(self.time_conv_out(_to_clips(x, num_frames)))
+        return clips_to_frames(self.time_conv_out(frames_to_clips(x, num_frames)))
 
 
 class AutoencoderKLTemporalDecoder(nn.Cell):
@@ -192,14 +116,7 @@ class AutoencoderKLTemporalDecoder(nn.Cell):
         self.config = config or AutoencoderKLTemporalDecoderConfig()
         cfg = self.config
         self.latent_channels = cfg.latent_channels
-        self.encoder = Encoder(
-            in_channels=cfg.in_channels,
-            out_channels=cfg.latent_channels,
-            down_block_types=cfg.down_block_types,
-            block_out_channels=cfg.block_out_channels,
-            layers_per_block=cfg.layers_per_block,
-            double_z=True,
-        )
+        self.encoder = vae_encoder(cfg)
         self.decoder = TemporalDecoder(
             in_channels=cfg.latent_channels,
             out_channels=cfg.out_channels,
@@ -224,15 +141,3 @@ class AutoencoderKLTemporalDecoder(nn.Cell):
     def construct(self, sample, num_frames=1):
         """diffusers' ``forward`` with ``sample_posterior=False``: decode the mode of the encoded ``sample``."""
         return self.decode(self.encode(sample), num_frames)
-
-
-class VaeDecoderGraph(nn.Cell):
-    """The graph that is exported for decoding: latents [B*num_frames, C, h, w] -> sample [B*num_frames, 3, H, W]."""
-
-    def __init__(self, vae, num_frames):
-        super().__init__()
-        self.vae = vae
-        self.num_frames = int(num_frames)
-
-    def construct(self, latents):
-        return self.vae.decode(latents, self.num_frames)

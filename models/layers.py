@@ -118,6 +118,19 @@ class TemporalConv3d(nn.Cell):
         return y.reshape(b, self.out_channels, f, h, w)
 
 
+def _scale_and_shift(channels):
+    """The affine parameters of a normalisation: ``weight`` (ones) and ``bias`` (zeros), one per channel."""
+    return _param((channels,), "ones", "weight"), _param((channels,), "zeros", "bias")
+
+
+def _standardise(h, axis, eps):
+    """``(h - mean) / sqrt(var + eps)`` over ``axis`` (biased variance, as torch's norms)."""
+    mean = h.mean(axis=axis, keep_dims=True)
+    centred = h - mean
+    var = (centred * centred).mean(axis=axis, keep_dims=True)
+    return centred / ops.sqrt(var + eps)
+
+
 class GroupNorm(nn.Cell):
     """``torch.nn.GroupNorm`` on [N, C, *] as reshape + mean + variance (computed in float32)."""
 
@@ -128,18 +141,13 @@ class GroupNorm(nn.Cell):
         self.eps = eps
         self.affine = affine
         if affine:
-            self.weight = _param((num_channels,), "ones", "weight")
-            self.bias = _param((num_channels,), "zeros", "bias")
+            self.weight, self.bias = _scale_and_shift(num_channels)
 
     def construct(self, x):
         shape = x.shape
         dtype = x.dtype
         h = x.astype(ms.float32).reshape(shape[0], self.num_groups, -1)
-        mean = h.mean(axis=2, keep_dims=True)
-        centred = h - mean
-        var = (centred * centred).mean(axis=2, keep_dims=True)
-        h = centred / ops.sqrt(var + self.eps)
-        h = h.reshape(shape).astype(dtype)
+        h = _standardise(h, 2, self.eps).reshape(shape).astype(dtype)
         if self.affine:
             param_shape = (1, self.num_channels) + (1,) * (len(shape) - 2)
             h = h * self.weight.reshape(param_shape) + self.bias.reshape(param_shape)
@@ -154,16 +162,11 @@ class LayerNorm(nn.Cell):
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         if elementwise_affine:
-            self.weight = _param((normalized_shape,), "ones", "weight")
-            self.bias = _param((normalized_shape,), "zeros", "bias")
+            self.weight, self.bias = _scale_and_shift(normalized_shape)
 
     def construct(self, x):
         dtype = x.dtype
-        h = x.astype(ms.float32)
-        mean = h.mean(axis=-1, keep_dims=True)
-        centred = h - mean
-        var = (centred * centred).mean(axis=-1, keep_dims=True)
-        h = (centred / ops.sqrt(var + self.eps)).astype(dtype)
+        h = _standardise(x.astype(ms.float32), -1, self.eps).astype(dtype)
         if self.elementwise_affine:
             h = h * self.weight + self.bias
         return h
@@ -175,6 +178,25 @@ class Upsample2x(nn.Cell):
     def construct(self, x):
         h, w = x.shape[-2:]
         return ops.ResizeNearestNeighbor((h * 2, w * 2))(x)
+
+
+def in_turn(cells, x):
+    """``x`` through each of ``cells`` in order (the plain chain of a block list)."""
+    for cell in cells:
+        x = cell(x)
+    return x
+
+
+def frames_to_clips(x, num_frames):
+    """[B*F, C, H, W] frames -> [B, C, F, H, W] clips of ``num_frames`` frames (what the temporal layers take)."""
+    bf, c, h, w = x.shape
+    return x.reshape(bf // num_frames, num_frames, c, h, w).transpose(0, 2, 1, 3, 4)
+
+
+def clips_to_frames(x):
+    """[B, C, F, H, W] clips -> [B*F, C, H, W] frames (what the per-frame 2-D layers take)."""
+    b, c, f, h, w = x.shape
+    return x.transpose(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
 
 
 def softmax(x):

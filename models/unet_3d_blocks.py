@@ -4,8 +4,8 @@ Mirrors ``unets/unet_3d_blocks.py`` (``CrossAttnDownBlock3D``, ``DownBlock3D``, 
 ``UpBlock3D``, ``CrossAttnUpBlock3D``), ``resnet.py`` (``TemporalConvLayer``),
 ``transformers/transformer_2d.py`` (``Transformer2DModel``, continuous input) and
 ``transformers/transformer_temporal.py`` (``TransformerTemporalModel``). The resnet, attention, feed-forward and
-resampling cells are the SVD UNet's (``unet_spatio_temporal_blocks``), which compute the same things.
-Attribute paths equal diffusers' module paths, so parameter names equal the checkpoint keys.
+resampling cells are the shared ones (``resnet``, ``attention``, ``resampling``), the per-layer loops
+``unet_common``'s. Attribute paths equal diffusers' module paths, so parameter names equal the checkpoint keys.
 
 Activations are [batch * frames, C, H, W] as in diffusers; the temporal layers regroup them by ``num_frames`` (a
 Python int taken from the static input shape). Dropout is inference-time identity.
@@ -14,28 +14,13 @@ Head counts follow diffusers' naming quirk: a block built with ``num_attention_h
 ``attention_head_dim``) has ``channels // n`` heads of ``n`` channels each.
 """
 
-from mindspore import nn, ops
+from mindspore import nn
 
-from .layers import Conv2d, GroupNorm, Linear, TemporalConv3d, silu
-from .unet_spatio_temporal_blocks import (
-    BasicTransformerBlock,
-    Downsample2D,
-    ResnetBlock2D,
-    Upsample2D,
-    feed_forward,
-)
-
-
-def _frames_first(x, num_frames):
-    """[B*F, C, H, W] -> [B, C, F, H, W]."""
-    bf, c, h, w = x.shape
-    return x.reshape(bf // num_frames, num_frames, c, h, w).transpose(0, 2, 1, 3, 4)
-
-
-def _frames_back(x):
-    """[B, C, F, H, W] -> [B*F, C, H, W]."""
-    b, c, f, h, w = x.shape
-    return x.transpose(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+from .attention import BasicTransformerBlock, feed_forward
+from .layers import Conv2d, GroupNorm, Linear, TemporalConv3d, clips_to_frames, frames_to_clips, silu
+from .resampling import Downsample2D, Upsample2D
+from .resnet import ResnetBlock2D
+from .unet_common import UNetDownBlock, UNetMidBlock, UNetUpBlock, down_resnet_in_channels, up_resnet_in_channels
 
 
 class TemporalConvLayer(nn.Cell):
@@ -60,12 +45,12 @@ class TemporalConvLayer(nn.Cell):
         )
 
     def construct(self, x, num_frames):
-        identity = _frames_first(x, num_frames)
+        identity = frames_to_clips(x, num_frames)
         h = self.conv1[2](silu(self.conv1[0](identity)))
         h = self.conv2[3](silu(self.conv2[0](h)))
         h = self.conv3[3](silu(self.conv3[0](h)))
         h = self.conv4[3](silu(self.conv4[0](h)))
-        return _frames_back(identity + h)
+        return clips_to_frames(identity + h)
 
 
 class SelfAttentionTwiceBlock(BasicTransformerBlock):
@@ -148,7 +133,7 @@ class TransformerTemporalModel(nn.Cell):
         bf, c, height, width = x.shape
         b = bf // num_frames
         residual = x
-        h = self.norm(_frames_first(x, num_frames))  # [B, C, F, H, W]
+        h = self.norm(frames_to_clips(x, num_frames))  # [B, C, F, H, W]
         h = h.transpose(0, 3, 4, 2, 1).reshape(b * height * width, num_frames, c)
         h = self.proj_in(h)
         for i in range(self.num_layers):
@@ -167,64 +152,54 @@ def _attention_pair(channels, num_attention_heads, cross_attention_dim, groups):
     return spatial, temporal
 
 
-class _Block3D(nn.Cell):
-    """Shared layout: per layer ``resnets[i]`` -> ``temp_convs[i]`` (-> ``attentions[i]`` -> ``temp_attentions[i]``
-    in the cross-attention blocks)."""
-
-    has_cross_attention = False
+class _Layers3D:
+    """The layer cells of the ModelScope blocks: ``resnets[i]`` -> ``temp_convs[i]`` is a resnet stage,
+    ``attentions[i]`` (spatial, text cross-attention) -> ``temp_attentions[i]`` (temporal) a transformer stage;
+    see ``unet_common``."""
 
     def _build(self, in_channels_per_layer, out_channels, temb_channels, eps, groups, num_attention_heads,
-               cross_attention_dim):
-        self.num_layers = len(in_channels_per_layer)
+               cross_attention_dim, num_transformer_stages, output_scale_factor=1.0):
         self.resnets = nn.CellList(
-            [ResnetBlock2D(c, out_channels, temb_channels, eps=eps, groups=groups) for c in in_channels_per_layer]
+            [
+                ResnetBlock2D(c, out_channels, temb_channels, groups=groups, eps=eps,
+                              output_scale_factor=output_scale_factor)
+                for c in in_channels_per_layer
+            ]
         )
         self.temp_convs = nn.CellList(
             [TemporalConvLayer(out_channels, out_channels, norm_num_groups=groups) for _ in in_channels_per_layer]
         )
-        if self.has_cross_attention:
+        self.attentions = None
+        self.temp_attentions = None
+        if num_transformer_stages:
             pairs = [
                 _attention_pair(out_channels, num_attention_heads, cross_attention_dim, groups)
-                for _ in in_channels_per_layer
+                for _ in range(num_transformer_stages)
             ]
             self.attentions = nn.CellList([p[0] for p in pairs])
             self.temp_attentions = nn.CellList([p[1] for p in pairs])
-        else:
-            self.attentions = None
-            self.temp_attentions = None
 
-    def _layer(self, i, x, temb, context, num_frames):
-        x = self.resnets[i](x, temb)
-        x = self.temp_convs[i](x, num_frames)
-        if self.has_cross_attention:
-            x = self.attentions[i](x, context)
-            x = self.temp_attentions[i](x, num_frames)
-        return x
+    def _resnet(self, i, x, temb, num_frames):
+        return self.temp_convs[i](self.resnets[i](x, temb), num_frames)
+
+    def _attend(self, i, x, context, num_frames):
+        return self.temp_attentions[i](self.attentions[i](x, context), num_frames)
 
 
-class DownBlock3D(_Block3D):
-    """``num_layers`` (resnet, temporal conv) pairs, then an optional stride-2 downsampler; returns every stage's
-    output for the skip connections."""
+class DownBlock3D(_Layers3D, UNetDownBlock):
+    """``num_layers`` (resnet, temporal conv) pairs, then an optional stride-2 downsampler."""
 
     def __init__(
         self, in_channels, out_channels, temb_channels, num_layers=1, resnet_eps=1e-6, resnet_groups=32,
         num_attention_heads=1, cross_attention_dim=1280, add_downsample=True,
     ):
         super().__init__()
-        ins = [in_channels] + [out_channels] * (num_layers - 1)
-        self._build(ins, out_channels, temb_channels, resnet_eps, resnet_groups, num_attention_heads,
-                    cross_attention_dim)
+        self.num_layers = num_layers
+        self._build(
+            down_resnet_in_channels(in_channels, out_channels, num_layers), out_channels, temb_channels, resnet_eps,
+            resnet_groups, num_attention_heads, cross_attention_dim, num_layers if self.has_cross_attention else 0,
+        )
         self.downsamplers = nn.CellList([Downsample2D(out_channels)]) if add_downsample else None
-
-    def construct(self, x, temb, context, num_frames):
-        states = ()
-        for i in range(self.num_layers):
-            x = self._layer(i, x, temb, context, num_frames)
-            states = states + (x,)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-            states = states + (x,)
-        return x, states
 
 
 class CrossAttnDownBlock3D(DownBlock3D):
@@ -233,34 +208,21 @@ class CrossAttnDownBlock3D(DownBlock3D):
     has_cross_attention = True
 
 
-class UpBlock3D(_Block3D):
-    """``num_layers`` (resnet, temporal conv) pairs, each resnet fed the running activation concatenated with one
-    skip connection (last first), then an optional upsampler.
-
-    ``skips`` holds this block's ``num_layers`` skip connections in the order the down path produced them.
-    """
+class UpBlock3D(_Layers3D, UNetUpBlock):
+    """``num_layers`` (resnet, temporal conv) pairs fed with skip connections, then an optional upsampler."""
 
     def __init__(
         self, in_channels, prev_output_channel, out_channels, temb_channels, num_layers=1, resnet_eps=1e-6,
         resnet_groups=32, num_attention_heads=1, cross_attention_dim=1280, add_upsample=True,
     ):
         super().__init__()
-        ins = []
-        for i in range(num_layers):
-            skip_channels = in_channels if i == num_layers - 1 else out_channels
-            running_channels = prev_output_channel if i == 0 else out_channels
-            ins.append(running_channels + skip_channels)
-        self._build(ins, out_channels, temb_channels, resnet_eps, resnet_groups, num_attention_heads,
-                    cross_attention_dim)
+        self.num_layers = num_layers
+        self._build(
+            up_resnet_in_channels(in_channels, prev_output_channel, out_channels, num_layers), out_channels,
+            temb_channels, resnet_eps, resnet_groups, num_attention_heads, cross_attention_dim,
+            num_layers if self.has_cross_attention else 0,
+        )
         self.upsamplers = nn.CellList([Upsample2D(out_channels)]) if add_upsample else None
-
-    def construct(self, x, skips, temb, context, num_frames):
-        for i in range(self.num_layers):
-            x = ops.concat((x, skips[self.num_layers - 1 - i]), 1)
-            x = self._layer(i, x, temb, context, num_frames)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
-        return x
 
 
 class CrossAttnUpBlock3D(UpBlock3D):
@@ -269,7 +231,7 @@ class CrossAttnUpBlock3D(UpBlock3D):
     has_cross_attention = True
 
 
-class UNetMidBlock3DCrossAttn(nn.Cell):
+class UNetMidBlock3DCrossAttn(_Layers3D, UNetMidBlock):
     """resnet -> temporal conv, then ``num_layers`` times (spatial transformer, temporal transformer, resnet,
     temporal conv), at the bottom resolution. Resnet outputs are divided by ``output_scale_factor``."""
 
@@ -279,36 +241,10 @@ class UNetMidBlock3DCrossAttn(nn.Cell):
     ):
         super().__init__()
         self.num_layers = num_layers
-        self.output_scale_factor = float(output_scale_factor)
-        self.resnets = nn.CellList(
-            [
-                ResnetBlock2D(in_channels, in_channels, temb_channels, eps=resnet_eps, groups=resnet_groups)
-                for _ in range(num_layers + 1)
-            ]
+        self._build(
+            [in_channels] * (num_layers + 1), in_channels, temb_channels, resnet_eps, resnet_groups,
+            num_attention_heads, cross_attention_dim, num_layers, output_scale_factor,
         )
-        self.temp_convs = nn.CellList(
-            [TemporalConvLayer(in_channels, in_channels, norm_num_groups=resnet_groups) for _ in range(num_layers + 1)]
-        )
-        pairs = [
-            _attention_pair(in_channels, num_attention_heads, cross_attention_dim, resnet_groups)
-            for _ in range(num_layers)
-        ]
-        self.attentions = nn.CellList([p[0] for p in pairs])
-        self.temp_attentions = nn.CellList([p[1] for p in pairs])
-
-    def _resnet(self, i, x, temb, num_frames):
-        x = self.resnets[i](x, temb)
-        if self.output_scale_factor != 1.0:
-            x = x / self.output_scale_factor
-        return self.temp_convs[i](x, num_frames)
-
-    def construct(self, x, temb, context, num_frames):
-        x = self._resnet(0, x, temb, num_frames)
-        for i in range(self.num_layers):
-            x = self.attentions[i](x, context)
-            x = self.temp_attentions[i](x, num_frames)
-            x = self._resnet(i + 1, x, temb, num_frames)
-        return x
 
 
 DOWN_BLOCKS = {"DownBlock3D": DownBlock3D, "CrossAttnDownBlock3D": CrossAttnDownBlock3D}

@@ -7,11 +7,9 @@
 
 import dataclasses
 
-import mindspore as ms
-from mindspore import nn, ops
+from mindspore import nn
 
-from .layers import Conv2d, GroupNorm, TimestepEmbedding, Timesteps, set_forward_chunking, silu
-from .loading import config_from_dict
+from .unet_common import UNetModel, down_block_channels, repeat_per_frame, up_block_channels
 from .unet_3d_blocks import DOWN_BLOCKS, UP_BLOCKS, TransformerTemporalModel, UNetMidBlock3DCrossAttn
 from .unet_config import check_block_lists, per_down_block
 
@@ -85,27 +83,20 @@ class UNet3DConditionConfig:
                 raise ValueError(f"block_out_channels {c} is not divisible by norm_num_groups={self.norm_num_groups}")
 
 
-class UNet3DConditionModel(nn.Cell):
-    """ModelScope text-to-video UNet. Parameter names equal the diffusers checkpoint keys.
+class UNet3DConditionModel(UNetModel):
+    """ModelScope text-to-video UNet. Parameter names equal the diffusers checkpoint keys; ``forward_chunk_size``:
+    see ``UNetModel``."""
 
-    ``forward_chunk_size`` (or ``enable_forward_chunking``) runs every transformer feed-forward over slices of that
-    many positions along axis 1 (diffusers' ``enable_forward_chunking(chunk_size, dim=1)``): spatial positions in
-    the spatial transformers, frames in the temporal ones. Lower peak memory, identical result.
-    """
+    config_class = UNet3DConditionConfig
 
     def __init__(self, config, forward_chunk_size=None):
-        super().__init__()
-        config.validate()
-        self.config = config
+        super().__init__(config)
         channels = list(config.block_out_channels)
         heads = config.block_attention_heads()
         groups, eps = config.norm_num_groups, config.norm_eps
-        temb_dim = channels[0] * 4
         n = len(channels)
 
-        self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1)
-        self.time_proj = Timesteps(channels[0], True, 0)
-        self.time_embedding = TimestepEmbedding(channels[0], temb_dim)
+        temb_dim = self._build_input(config.in_channels, channels[0])
         self.transformer_in = TransformerTemporalModel(
             TRANSFORMER_IN_HEADS, config.attention_head_dim, channels[0], norm_num_groups=groups
         )
@@ -117,74 +108,34 @@ class UNet3DConditionModel(nn.Cell):
         self.down_blocks = nn.CellList(
             [
                 DOWN_BLOCKS[block_type](
-                    in_channels=channels[max(i - 1, 0)], out_channels=channels[i], num_layers=config.layers_per_block,
-                    num_attention_heads=heads[i], add_downsample=i < n - 1, **common,
+                    num_layers=config.layers_per_block, num_attention_heads=heads[i], **plan, **common
                 )
-                for i, block_type in enumerate(config.down_block_types)
+                for i, (block_type, plan) in enumerate(zip(config.down_block_types, down_block_channels(channels)))
             ]
         )
         self.mid_block = UNetMidBlock3DCrossAttn(
             channels[-1], temb_dim, resnet_eps=eps, resnet_groups=groups, num_attention_heads=heads[-1],
             output_scale_factor=config.mid_block_scale_factor, cross_attention_dim=config.cross_attention_dim,
         )
-        rev = list(reversed(channels))
-        rev_heads = list(reversed(heads))
         self.up_blocks = nn.CellList(
             [
                 UP_BLOCKS[block_type](
-                    in_channels=rev[min(i + 1, n - 1)], prev_output_channel=rev[max(i - 1, 0)], out_channels=rev[i],
-                    num_layers=config.layers_per_block + 1, num_attention_heads=rev_heads[i],
-                    add_upsample=i < n - 1, **common,
+                    num_layers=config.layers_per_block + 1, num_attention_heads=heads[n - 1 - i], **plan, **common
                 )
-                for i, block_type in enumerate(config.up_block_types)
+                for i, (block_type, plan) in enumerate(zip(config.up_block_types, up_block_channels(channels)))
             ]
         )
-        self.num_upsamplers = n - 1
-
-        self.conv_norm_out = GroupNorm(groups, channels[0], eps=eps)
-        self.conv_out = Conv2d(channels[0], config.out_channels, 3, padding=1)
-        self.forward_chunk_size = None
-        self.enable_forward_chunking(forward_chunk_size)
-
-    @classmethod
-    def from_config(cls, config_dict, forward_chunk_size=None):
-        return cls(config_from_dict(UNet3DConditionConfig, config_dict), forward_chunk_size)
-
-    def enable_forward_chunking(self, chunk_size=None):
-        """Chunk every transformer feed-forward along axis 1 (``None`` turns chunking off); see
-        :func:`~framegraph.models.layers.set_forward_chunking`."""
-        set_forward_chunking(self, chunk_size)
+        self._build_output(channels[0], config.out_channels, groups, eps, forward_chunk_size)
 
     def construct(self, sample, timestep, encoder_hidden_states):
         b, c, f, h, w = sample.shape
-        factor = 2**self.num_upsamplers
-        if h % factor != 0 or w % factor != 0:
-            raise ValueError(
-                f"sample height and width ({h}, {w}) must be multiples of {factor}, since the UNet halves them "
-                f"{self.num_upsamplers} times; use a video size whose latents are multiples of {factor}"
-            )
-
-        timesteps = ops.broadcast_to(timestep.astype(ms.float32).reshape(-1), (b,))
-        emb = self.time_embedding(self.time_proj(timesteps).astype(sample.dtype))
+        self._check_sample_size(h, w, "a video size")
 
         # one copy of the embedding per frame (diffusers' repeat_interleave); the text conditioning stays one per
         # video: the cross-attentions project it once and let every frame's queries attend to it
-        emb = ops.broadcast_to(emb.reshape(b, 1, -1), (b, f, emb.shape[-1])).reshape(b * f, -1)
+        emb = repeat_per_frame(self._time_embedding(timestep, b, sample.dtype), f)
         context = encoder_hidden_states
 
         x = self.conv_in(sample.transpose(0, 2, 1, 3, 4).reshape(b * f, c, h, w))
-        x = self.transformer_in(x, f)
-        skips = (x,)
-        for block in self.down_blocks:
-            x, states = block(x, emb, context, f)
-            skips = skips + states
-
-        x = self.mid_block(x, emb, context, f)
-
-        for block in self.up_blocks:
-            count = block.num_layers
-            x = block(x, skips[len(skips) - count :], emb, context, f)
-            skips = skips[: len(skips) - count]
-
-        x = self.conv_out(silu(self.conv_norm_out(x)))
+        x = self._denoise(self.transformer_in(x, f), emb, context, f)
         return x.reshape(b, f, x.shape[1], h, w).transpose(0, 2, 1, 3, 4)

@@ -7,14 +7,12 @@ the result is [B, F, out_channels, H, W]. H and W must be divisible by 2 ** (num
 
 import dataclasses
 
-import mindspore as ms
-from mindspore import nn, ops
+from mindspore import nn
 
-from .layers import Conv2d, GroupNorm, TimestepEmbedding, Timesteps, set_forward_chunking, silu
-from .loading import config_from_dict
+from .layers import TimestepEmbedding, Timesteps
+from .unet_common import UNetModel, down_block_channels, repeat_per_frame, up_block_channels
 from .unet_config import check_block_lists, per_down_block
 from .unet_spatio_temporal_blocks import DOWN_BLOCKS, UP_BLOCKS, UNetMidBlockSpatioTemporal
-
 
 
 @dataclasses.dataclass
@@ -53,44 +51,38 @@ class UNetSpatioTemporalConditionConfig:
         check_block_lists(self, DOWN_BLOCKS, UP_BLOCKS)
 
 
-class UNetSpatioTemporalConditionModel(nn.Cell):
-    """Stable Video Diffusion's UNet. Parameter names equal the diffusers checkpoint keys.
+class UNetSpatioTemporalConditionModel(UNetModel):
+    """Stable Video Diffusion's UNet. Parameter names equal the diffusers checkpoint keys; ``forward_chunk_size``:
+    see ``UNetModel``."""
 
-    ``forward_chunk_size`` (or ``enable_forward_chunking``) runs every transformer feed-forward over slices of that
-    many positions along the sequence axis (diffusers' ``enable_forward_chunking(chunk_size, dim=1)``): lower peak
-    memory in the compiled graph, identical result.
-    """
+    config_class = UNetSpatioTemporalConditionConfig
 
     def __init__(self, config, forward_chunk_size=None):
-        super().__init__()
-        config.validate()
-        self.config = config
+        super().__init__(config)
         channels = list(config.block_out_channels)
         heads = config.per_block("num_attention_heads")
         cross_dims = config.per_block("cross_attention_dim")
         layers = config.per_block("layers_per_block")
         transformer_layers = config.per_block("transformer_layers_per_block")
-        temb_dim = channels[0] * 4
         n = len(channels)
 
-        self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1)
-        self.time_proj = Timesteps(channels[0], True, 0)
-        self.time_embedding = TimestepEmbedding(channels[0], temb_dim)
+        temb_dim = self._build_input(config.in_channels, channels[0])
         self.add_time_proj = Timesteps(config.addition_time_embed_dim, True, 0)
         self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, temb_dim)
 
-        down = []
-        for i, block_type in enumerate(config.down_block_types):
-            kwargs = dict(
-                in_channels=channels[max(i - 1, 0)], out_channels=channels[i], temb_channels=temb_dim,
-                num_layers=layers[i], add_downsample=i < n - 1,
+        def block_options(cls, i):
+            """What a block mirroring down block ``i`` takes besides its channels."""
+            if not cls.has_cross_attention:
+                return {}
+            return dict(
+                transformer_layers_per_block=transformer_layers[i], num_attention_heads=heads[i],
+                cross_attention_dim=cross_dims[i],
             )
-            if DOWN_BLOCKS[block_type].has_cross_attention:
-                kwargs.update(
-                    transformer_layers_per_block=transformer_layers[i], num_attention_heads=heads[i],
-                    cross_attention_dim=cross_dims[i],
-                )
-            down.append(DOWN_BLOCKS[block_type](**kwargs))
+
+        down = []
+        for i, (block_type, plan) in enumerate(zip(config.down_block_types, down_block_channels(channels))):
+            cls = DOWN_BLOCKS[block_type]
+            down.append(cls(temb_channels=temb_dim, num_layers=layers[i], **plan, **block_options(cls, i)))
         self.down_blocks = nn.CellList(down)
 
         self.mid_block = UNetMidBlockSpatioTemporal(
@@ -99,68 +91,24 @@ class UNetSpatioTemporalConditionModel(nn.Cell):
         )
 
         up = []
-        rev = list(reversed(channels))
-        for i, block_type in enumerate(config.up_block_types):
+        for i, (block_type, plan) in enumerate(zip(config.up_block_types, up_block_channels(channels))):
+            cls = UP_BLOCKS[block_type]
             j = n - 1 - i  # the down block this up block mirrors
-            kwargs = dict(
-                in_channels=rev[min(i + 1, n - 1)], prev_output_channel=rev[max(i - 1, 0)], out_channels=rev[i],
-                temb_channels=temb_dim, num_layers=layers[j] + 1, add_upsample=i < n - 1,
-            )
-            if UP_BLOCKS[block_type].has_cross_attention:
-                kwargs.update(
-                    transformer_layers_per_block=transformer_layers[j], num_attention_heads=heads[j],
-                    cross_attention_dim=cross_dims[j],
-                )
-            up.append(UP_BLOCKS[block_type](**kwargs))
+            up.append(cls(temb_channels=temb_dim, num_layers=layers[j] + 1, **plan, **block_options(cls, j)))
         self.up_blocks = nn.CellList(up)
-        self.num_upsamplers = n - 1
-
-        self.conv_norm_out = GroupNorm(32, channels[0], eps=1e-5)
-        self.conv_out = Conv2d(channels[0], config.out_channels, 3, padding=1)
-        self.forward_chunk_size = None
-        self.enable_forward_chunking(forward_chunk_size)
-
-    @classmethod
-    def from_config(cls, config_dict, forward_chunk_size=None):
-        return cls(config_from_dict(UNetSpatioTemporalConditionConfig, config_dict), forward_chunk_size)
-
-    def enable_forward_chunking(self, chunk_size=None):
-        """Chunk every transformer feed-forward along the sequence axis (``None`` turns chunking off); see
-        :func:`~framegraph.models.layers.set_forward_chunking`."""
-        set_forward_chunking(self, chunk_size)
+        self._build_output(channels[0], config.out_channels, 32, 1e-5, forward_chunk_size)
 
     def construct(self, sample, timestep, encoder_hidden_states, added_time_ids):
         b, f, c, h, w = sample.shape
-        factor = 2**self.num_upsamplers
-        if h % factor != 0 or w % factor != 0:
-            raise ValueError(
-                f"sample height and width ({h}, {w}) must be multiples of {factor}, since the UNet halves them "
-                f"{self.num_upsamplers} times; use an image size whose latents are multiples of {factor}"
-            )
+        self._check_sample_size(h, w, "an image size")
 
-        timesteps = ops.broadcast_to(timestep.astype(ms.float32).reshape(-1), (b,))
-        emb = self.time_embedding(self.time_proj(timesteps).astype(sample.dtype))
+        emb = self._time_embedding(timestep, b, sample.dtype)
         time_embeds = self.add_time_proj(added_time_ids.reshape(-1)).reshape(b, -1).astype(emb.dtype)
         emb = emb + self.add_embedding(time_embeds)
 
         # one copy of the embedding and of the conditioning per frame (diffusers' repeat_interleave)
-        emb = ops.broadcast_to(emb.reshape(b, 1, -1), (b, f, emb.shape[-1])).reshape(b * f, -1)
-        length, dim = encoder_hidden_states.shape[1], encoder_hidden_states.shape[2]
-        context = ops.broadcast_to(encoder_hidden_states.reshape(b, 1, length, dim), (b, f, length, dim))
-        context = context.reshape(b * f, length, dim)
+        emb = repeat_per_frame(emb, f)
+        context = repeat_per_frame(encoder_hidden_states, f)
 
-        x = self.conv_in(sample.reshape(b * f, c, h, w))
-        skips = (x,)
-        for block in self.down_blocks:
-            x, states = block(x, emb, context, f)
-            skips = skips + states
-
-        x = self.mid_block(x, emb, context, f)
-
-        for block in self.up_blocks:
-            count = block.num_layers
-            x = block(x, skips[len(skips) - count :], emb, context, f)
-            skips = skips[: len(skips) - count]
-
-        x = self.conv_out(silu(self.conv_norm_out(x)))
+        x = self._denoise(self.conv_in(sample.reshape(b * f, c, h, w)), emb, context, f)
         return x.reshape(b, f, x.shape[1], h, w)

@@ -8,7 +8,9 @@ SiLU activations, ``time_embedding_norm="default"`` without a time embedding, Gr
 
 from mindspore import nn
 
-from .layers import Conv2d, GroupNorm, Linear, Upsample2x, attention, silu
+from .layers import Conv2d, GroupNorm, Linear, attention, in_turn, silu
+from .resampling import Downsample2D, Upsample2D
+from .resnet import ResnetBlock2D
 
 _ACTIVATIONS = ("silu", "swish")
 
@@ -16,31 +18,6 @@ _ACTIVATIONS = ("silu", "swish")
 def _check_act(act_fn):
     if act_fn not in _ACTIVATIONS:
         raise ValueError(f"act_fn={act_fn!r} is not supported; the VAE blocks implement {_ACTIVATIONS}")
-
-
-class ResnetBlock2D(nn.Cell):
-    """diffusers' ``ResnetBlock2D`` without a time embedding: norm1 -> SiLU -> conv1 -> norm2 -> SiLU -> conv2, plus
-    a 1x1 ``conv_shortcut`` when the channel count changes."""
-
-    def __init__(self, in_channels, out_channels=None, groups=32, eps=1e-6, output_scale_factor=1.0):
-        super().__init__()
-        out_channels = out_channels or in_channels
-        self.norm1 = GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
-        self.output_scale_factor = output_scale_factor
-
-    def construct(self, x):
-        h = self.conv1(silu(self.norm1(x)))
-        h = self.conv2(silu(self.norm2(h)))
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        out = x + h
-        if self.output_scale_factor != 1.0:
-            out = out / self.output_scale_factor
-        return out
 
 
 class AttentionBlock(nn.Cell):
@@ -69,66 +46,47 @@ class AttentionBlock(nn.Cell):
         return out
 
 
-class Downsample2D(nn.Cell):
-    """The VAE encoder's ``Downsample2D(padding=0)``: a 3x3 stride-2 convolution over the input padded with one
-    zero row at the bottom and one zero column on the right (``F.pad(x, (0, 1, 0, 1))``)."""
-
-    def __init__(self, channels, out_channels=None):
-        super().__init__()
-        self.conv = Conv2d(channels, out_channels or channels, 3, stride=2, padding=(0, 1, 0, 1))
-
-    def construct(self, x):
-        return self.conv(x)
+def block_channels(block_out_channels):
+    """Per block, in order: (in_channels, out_channels, resample). Each block takes the previous block's output (the
+    first its own width, which ``conv_in`` gives) and every block but the last resamples."""
+    n = len(block_out_channels)
+    return [(block_out_channels[max(i - 1, 0)], c, i < n - 1) for i, c in enumerate(block_out_channels)]
 
 
-class Upsample2D(nn.Cell):
-    """diffusers' ``Upsample2D(use_conv=True)``: nearest 2x upsampling, then a 3x3 convolution."""
-
-    def __init__(self, channels, out_channels=None):
-        super().__init__()
-        self.upsample = Upsample2x()
-        self.conv = Conv2d(channels, out_channels or channels, 3, padding=1)
-
-    def construct(self, x):
-        return self.conv(self.upsample(x))
+def _resnets(in_channels, out_channels, num_layers, groups, eps):
+    """``num_layers`` resnets: the first changes the channel count, the rest keep it."""
+    return nn.CellList(
+        [
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups=groups, eps=eps)
+            for i in range(num_layers)
+        ]
+    )
 
 
 class DownEncoderBlock2D(nn.Cell):
+    """``num_layers`` resnets, then an optional ``Downsample2D(padding=0)``."""
+
     def __init__(self, in_channels, out_channels, num_layers=1, groups=32, eps=1e-6, add_downsample=True):
         super().__init__()
-        self.resnets = nn.CellList(
-            [
-                ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, eps)
-                for i in range(num_layers)
-            ]
-        )
-        self.downsamplers = nn.CellList([Downsample2D(out_channels)]) if add_downsample else None
+        self.resnets = _resnets(in_channels, out_channels, num_layers, groups, eps)
+        self.downsamplers = nn.CellList([Downsample2D(out_channels, padding=0)]) if add_downsample else None
 
     def construct(self, x):
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
-        return x
+        x = in_turn(self.resnets, x)
+        return x if self.downsamplers is None else self.downsamplers[0](x)
 
 
 class UpDecoderBlock2D(nn.Cell):
+    """``num_layers`` resnets, then an optional ``Upsample2D``."""
+
     def __init__(self, in_channels, out_channels, num_layers=1, groups=32, eps=1e-6, add_upsample=True):
         super().__init__()
-        self.resnets = nn.CellList(
-            [
-                ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, eps)
-                for i in range(num_layers)
-            ]
-        )
+        self.resnets = _resnets(in_channels, out_channels, num_layers, groups, eps)
         self.upsamplers = nn.CellList([Upsample2D(out_channels)]) if add_upsample else None
 
     def construct(self, x):
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
-        return x
+        x = in_turn(self.resnets, x)
+        return x if self.upsamplers is None else self.upsamplers[0](x)
 
 
 class UNetMidBlock2D(nn.Cell):
@@ -140,7 +98,7 @@ class UNetMidBlock2D(nn.Cell):
         self.num_layers = num_layers
         self.add_attention = add_attention
         self.resnets = nn.CellList(
-            [ResnetBlock2D(in_channels, in_channels, groups, eps) for _ in range(num_layers + 1)]
+            [ResnetBlock2D(in_channels, in_channels, groups=groups, eps=eps) for _ in range(num_layers + 1)]
         )
         self.attentions = nn.CellList(
             [AttentionBlock(in_channels, heads, groups, eps) for _ in range(num_layers)] if add_attention else []
@@ -180,16 +138,10 @@ class Encoder(nn.Cell):
         _check_act(act_fn)
         _check_block_types(down_block_types, "DownEncoderBlock2D", "down_block_types")
         self.conv_in = Conv2d(in_channels, block_out_channels[0], 3, padding=1)
-        blocks = []
-        out_ch = block_out_channels[0]
-        for i in range(len(down_block_types)):
-            in_ch, out_ch = out_ch, block_out_channels[i]
-            blocks.append(
-                DownEncoderBlock2D(
-                    in_ch, out_ch, layers_per_block, norm_num_groups, 1e-6,
-                    add_downsample=i != len(block_out_channels) - 1,
-                )
-            )
+        blocks = [
+            DownEncoderBlock2D(in_ch, out_ch, layers_per_block, norm_num_groups, 1e-6, add_downsample=resample)
+            for in_ch, out_ch, resample in block_channels(block_out_channels)
+        ]
         self.down_blocks = nn.CellList(blocks)
         self.mid_block = UNetMidBlock2D(
             block_out_channels[-1], 1, norm_num_groups, 1e-6, block_out_channels[-1], mid_block_add_attention
@@ -198,11 +150,22 @@ class Encoder(nn.Cell):
         self.conv_out = Conv2d(block_out_channels[-1], 2 * out_channels if double_z else out_channels, 3, padding=1)
 
     def construct(self, x):
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
-        x = self.mid_block(x)
+        x = self.mid_block(in_turn(self.down_blocks, self.conv_in(x)))
         return self.conv_out(silu(self.conv_norm_out(x)))
+
+
+def vae_encoder(config, **options):
+    """The ``Encoder`` of a VAE ``config`` (a ``VaeConfig``): images -> the moments of the latent distribution
+    (``double_z``); ``options`` are the further ``Encoder`` arguments that config sets."""
+    return Encoder(
+        in_channels=config.in_channels,
+        out_channels=config.latent_channels,
+        down_block_types=config.down_block_types,
+        block_out_channels=config.block_out_channels,
+        layers_per_block=config.layers_per_block,
+        double_z=True,
+        **options,
+    )
 
 
 class Decoder(nn.Cell):
@@ -226,25 +189,16 @@ class Decoder(nn.Cell):
         self.mid_block = UNetMidBlock2D(
             block_out_channels[-1], 1, norm_num_groups, 1e-6, block_out_channels[-1], mid_block_add_attention
         )
-        reversed_channels = list(reversed(block_out_channels))
-        blocks = []
-        out_ch = reversed_channels[0]
-        for i in range(len(up_block_types)):
-            in_ch, out_ch = out_ch, reversed_channels[i]
-            blocks.append(
-                UpDecoderBlock2D(
-                    in_ch, out_ch, layers_per_block + 1, norm_num_groups, 1e-6,
-                    add_upsample=i != len(block_out_channels) - 1,
-                )
-            )
+        blocks = [
+            UpDecoderBlock2D(in_ch, out_ch, layers_per_block + 1, norm_num_groups, 1e-6, add_upsample=resample)
+            for in_ch, out_ch, resample in block_channels(list(reversed(block_out_channels)))
+        ]
         self.up_blocks = nn.CellList(blocks)
         self.conv_norm_out = GroupNorm(norm_num_groups, block_out_channels[0], eps=1e-6)
         self.conv_out = Conv2d(block_out_channels[0], out_channels, 3, padding=1)
 
     def construct(self, z):
-        x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
+        x = in_turn(self.up_blocks, self.mid_block(self.conv_in(z)))
         return self.conv_out(silu(self.conv_norm_out(x)))
 
 
@@ -257,3 +211,23 @@ class VaeEncoderGraph(nn.Cell):
 
     def construct(self, sample):
         return self.vae.encode(sample)
+
+
+class VaeDecoderGraph(nn.Cell):
+    """The graph that is exported for decoding: latents -> samples through ``vae.decode``.
+
+    Without ``num_frames`` (the image VAE, ``AutoencoderKL``): [N, latent_channels, h, w] -> [N, 3, H, W]; frames are
+    independent, so a video decodes in slices of any size N with identical results. With ``num_frames`` (the video
+    VAE, ``AutoencoderKLTemporalDecoder``, which mixes the frames of each clip): [B*num_frames, C, h, w] latents,
+    decoded clip by clip of ``num_frames`` frames.
+    """
+
+    def __init__(self, vae, num_frames=None):
+        super().__init__()
+        self.vae = vae
+        self.num_frames = None if num_frames is None else int(num_frames)
+
+    def construct(self, latents):
+        if self.num_frames is None:
+            return self.vae.decode(latents)
+        return self.vae.decode(latents, self.num_frames)

@@ -149,7 +149,7 @@ def test_gelu_is_exact_not_tanh(ms):
 
 def test_single_key_attention_equals_full_attention(ms):
     """A softmax over one key is exactly 1, so ``Attention.single_key`` is the full attention of every query."""
-    from framegraph.models.unet_spatio_temporal_blocks import Attention
+    from framegraph.models.attention import Attention
 
     attn = Attention(16, heads=2, dim_head=8, cross_attention_dim=12)
     x = ms.Tensor(RNG.standard_normal((3, 5, 16)).astype(np.float32))
@@ -163,7 +163,7 @@ def test_single_key_attention_equals_full_attention(ms):
 
 def test_shared_context_attention_equals_attention_over_repeated_context(ms):
     """Keys and values projected once per video equal diffusers' per-frame copies of the context."""
-    from framegraph.models.unet_spatio_temporal_blocks import Attention
+    from framegraph.models.attention import Attention
 
     attn = Attention(16, heads=2, dim_head=8, cross_attention_dim=12)
     frames = 3
@@ -233,7 +233,7 @@ def test_set_attention_slicing_reaches_every_attention_and_refuses_bad_budgets(m
     from mindspore import nn
 
     from framegraph.models.layers import set_attention_slicing
-    from framegraph.models.unet_spatio_temporal_blocks import Attention
+    from framegraph.models.attention import Attention
     from framegraph.models.vae_blocks import AttentionBlock
 
     net = nn.CellList([Attention(16, heads=2, dim_head=8), nn.CellList([AttentionBlock(32, groups=4)])])
