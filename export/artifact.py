@@ -31,7 +31,7 @@ def check_output_folder(out, overwrite=False):
     if not out.exists():
         return "new"
     if not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file, not a folder; choose another --out (svd-export writes a "
+        raise FileExistsError(f"--out {out} is a file, not a folder; choose another --out (the export writes a "
                               "folder and never replaces a file)")
     if not any(out.iterdir()):
         return "empty"
@@ -42,7 +42,7 @@ def check_output_folder(out, overwrite=False):
         why = ("its manifest.json is not a framegraph manifest this version reads" if (out / MANIFEST_NAME).exists()
                else "it is not empty and has no manifest.json")
         raise FileExistsError(
-            f"--out {out} exists and is not a framegraph artifact ({why}); svd-export replaces only artifacts it "
+            f"--out {out} exists and is not a framegraph artifact ({why}); the export replaces only artifacts it "
             "wrote: choose another --out, or empty the folder yourself"
         ) from None
     if not overwrite:

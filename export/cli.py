@@ -1,4 +1,8 @@
-"""``svd-export`` / ``python -m framegraph.export``: diffusers-format pipeline folder -> artifact folder."""
+"""The export command: diffusers-format pipeline folder -> artifact folder.
+
+One parser under three names: ``framegraph export`` (the documented one), ``svd-export`` (kept: users know it) and
+``python -m framegraph.export``. :func:`main` takes the name to show in usage and help as ``prog``.
+"""
 
 import argparse
 import errno
@@ -6,12 +10,15 @@ import logging
 import sys
 
 from framegraph.export.artifact import check_output_folder
-from framegraph.export.components import PipelineFolder
-from framegraph.export.pipeline_export import DEFAULT_ATTENTION_SLICE_MB, ExportOptions
-from framegraph.export.registry import run_export
+from framegraph.export.driver import export_pipeline
+from framegraph.export.options import DEFAULT_ATTENTION_SLICE_MB, ISOLATE_MODES, QUANTIZE_MODES, ExportOptions
+from framegraph.export.pipeline_folder import PipelineFolder
+from framegraph.export.registry import recipe_function
 from framegraph.models.loading import resolve_model_path
 
 logger = logging.getLogger("framegraph.export")
+
+PROG = "svd-export"  # the console script's name; runtime/cli.py passes "framegraph export"
 
 
 def _positive_int(text):
@@ -42,9 +49,10 @@ def _formats(text):
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
-def build_parser():
+def build_parser(prog=PROG):
+    """The export command's parser; ``prog`` is the name its usage and help show."""
     p = argparse.ArgumentParser(
-        prog="svd-export",
+        prog=prog,
         description="Export a diffusers-format video diffusion pipeline (folder or hub id) to static-shape "
         "MindIR and ONNX graphs in one artifact folder with a manifest.json.",
     )
@@ -79,18 +87,19 @@ def build_parser():
                    f"many MB (default {DEFAULT_ATTENTION_SLICE_MB:g}; same numbers; whole [batch, heads, queries, "
                    "keys] scores grow with the square of the positions: 85 GB in SVD-XT's first level at 576x1024, "
                    "25 frames); 0 computes every attention whole")
-    p.add_argument("--quantize", choices=("int8",), default=None,
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
                    help="int8 UNet weights in the ONNX graphs (ONNX Runtime dynamic quantization of the linear "
                    "layers, 7-bit weights; convolutions stay float; faster on CPU, less exact: compare the frames)")
-    p.add_argument("--isolate", choices=("auto", "always", "never"), default="auto",
+    p.add_argument("--isolate", choices=ISOLATE_MODES, default="auto",
                    help="export components in child processes so MindSpore's compile memory is returned after each "
                    "graph (auto: components with >= 1 GiB of parameters; needed at real size on 24 GiB)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog=PROG):
+    """Run the export command on ``argv`` (default: sys.argv[1:]); returns the exit status (2: refused)."""
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -104,7 +113,8 @@ def main(argv=None):
             isolate=args.isolate, forward_chunk_size=args.forward_chunk_size, quantize=args.quantize,
             attention_slice_mb=args.attention_slice_mb or None, overwrite=args.overwrite,
         )
-        out = run_export(pipeline, args.out, options, source_name=args.model)
+        out = export_pipeline(pipeline, args.out, options, recipe_function(pipeline), source_name=args.model,
+                              show_progress=True)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         logger.error("%s", exc)
         return 2

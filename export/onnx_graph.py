@@ -16,6 +16,7 @@ from pathlib import Path
 from framegraph.export.onnx_fusions import drop_unused, fuse_gelu, fuse_normalization
 from framegraph.export.onnx_linear import fold_linear
 from framegraph.export.onnx_small_conv import convs_to_matmul
+from framegraph.export.quantize import drop_unused_domains, quantize_int8
 
 logger = logging.getLogger(__name__)
 
@@ -199,8 +200,6 @@ def export_onnx(cell, inputs, path, input_names, output_names, weights, quantize
     rename_io(model, input_names, output_names)
     fuse_gelu(model)
     if quantize:
-        from framegraph.export.quantize import drop_unused_domains, quantize_int8
-
         onnx.save(model, str(stage / "float.onnx"))
         quantize_int8(stage / "float.onnx", stage / "int8.onnx")
         model = onnx.load(str(stage / "int8.onnx"), load_external_data=False)

@@ -66,3 +66,26 @@ def latent_dims(vae_config, unet_config):
         "cross_attention_dim": int(unet_config["cross_attention_dim"]),
         "unet_downsamples": len(unet_config["block_out_channels"]) - 1,
     }
+
+
+def latent_constants(vae_config, dims):
+    """The manifest constants every pipeline's runtime reads: the VAE's latent scaling and sizes."""
+    return {
+        "vae_scaling_factor": float(vae_config.get("scaling_factor", 0.18215)),
+        "latent_channels": dims["latent_channels"],
+        "vae_scale_factor": dims["vae_scale_factor"],
+        "unet_in_channels": dims["unet_in_channels"],
+    }
+
+
+def vae_decoder_spec(dims):
+    """The VAE decoder graph of every pipeline: ``chunk`` latent frames in, ``chunk`` frames out."""
+    f = dims["vae_scale_factor"]
+    latent = dims["latent_channels"]
+    return GraphSpec(
+        name="vae_decoder",
+        inputs=(TensorDef("latents", "float", lambda b: (b["chunk"], latent, b["height"] // f, b["width"] // f)),),
+        outputs=(TensorDef("sample", "float", lambda b: (b["chunk"], 3, b["height"], b["width"])),),
+        sample=lambda b, rng: [_randn(rng, (b["chunk"], latent, b["height"] // f, b["width"] // f))],
+        bucket_keys=("chunk", "height", "width"),
+    )

@@ -4,7 +4,10 @@ decode chunk."""
 import json
 import logging
 
-from framegraph.export.pipeline_export import Recipe, export_pipeline, validate_options
+from framegraph.export.driver import export_pipeline
+from framegraph.export.options import validate_options
+from framegraph.export.recipe import Recipe, whole_model
+from framegraph.export.specs import latent_constants
 from framegraph.export.svd_specs import svd_buckets, svd_dims, svd_graph_specs
 from framegraph.runtime.pipelines.stable_video_diffusion import CALL_DEFAULTS, PIPELINE_KIND
 
@@ -15,7 +18,6 @@ COPIED_FILES = ("model_index.json", "scheduler/scheduler_config.json", "feature_
 DEFAULT_HEIGHT, DEFAULT_WIDTH = 576, 1024
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
 
 
 def _vae_encoder(net, bucket):
@@ -30,11 +32,9 @@ def _vae_decoder(net, bucket):
     return VaeDecoderGraph(net, bucket["chunk"])
 
 
-def _itself(net, bucket):
-    return net
-
-
 def svd_recipe(pipeline, options):
+    """The Recipe of ``pipeline`` (a PipelineFolder); fills the ``None`` fields of ``options`` with the pipeline's
+    defaults."""
     configs = {c: pipeline.config(c) for c in ("image_encoder", "vae", "unet")}
     dims = svd_dims(configs["image_encoder"], configs["vae"], configs["unet"])
     unet_frames = int(configs["unet"].get("num_frames", 25))
@@ -49,17 +49,14 @@ def svd_recipe(pipeline, options):
     return Recipe(
         kind=PIPELINE_KIND,
         components=[
-            ("image_encoder", {"image_encoder": _itself}),
+            ("image_encoder", {"image_encoder": whole_model}),
             ("vae", {"vae_encoder": _vae_encoder, "vae_decoder": _vae_decoder}),
-            ("unet", {"unet": _itself}),
+            ("unet", {"unet": whole_model}),
         ],
         specs=svd_graph_specs(dims),
         plan=svd_buckets(options.frames, options.height, options.width, options.batch, options.decode_chunk_sizes),
         constants={
-            "vae_scaling_factor": float(configs["vae"].get("scaling_factor", 0.18215)),
-            "latent_channels": dims["latent_channels"],
-            "vae_scale_factor": dims["vae_scale_factor"],
-            "unet_in_channels": dims["unet_in_channels"],
+            **latent_constants(configs["vae"], dims),
             "clip_image_size": dims["clip_image_size"],
             "image_mean": preprocessor.get("image_mean", CLIP_MEAN),
             "image_std": preprocessor.get("image_std", CLIP_STD),
@@ -78,4 +75,4 @@ def svd_recipe(pipeline, options):
 
 def export_svd(pipeline, out, options, source_name=None, progress=None):
     """Export ``pipeline`` (a PipelineFolder of an SVD model) to the artifact folder ``out``."""
-    return export_pipeline(pipeline, out, options, svd_recipe(pipeline, options), source_name, progress)
+    return export_pipeline(pipeline, out, options, svd_recipe, source_name, progress)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from framegraph.export.specs import GraphSpec, TensorDef, _randn, latent_dims
+from framegraph.export.specs import GraphSpec, TensorDef, _randn, latent_dims, vae_decoder_spec
 
 
 def svd_graph_specs(dims):
@@ -50,13 +50,7 @@ def svd_graph_specs(dims):
         sample=unet_sample,
         bucket_keys=("num_frames", "batch", "height", "width"),
     )
-    vae_decoder = GraphSpec(
-        name="vae_decoder",
-        inputs=(TensorDef("latents", "float", lambda b: (b["chunk"], latent, b["height"] // f, b["width"] // f)),),
-        outputs=(TensorDef("sample", "float", lambda b: (b["chunk"], 3, b["height"], b["width"])),),
-        sample=lambda b, rng: [_randn(rng, (b["chunk"], latent, b["height"] // f, b["width"] // f))],
-        bucket_keys=("chunk", "height", "width"),
-    )
+    vae_decoder = vae_decoder_spec(dims)
     return {s.name: s for s in (image_encoder, vae_encoder, unet, vae_decoder)}
 
 

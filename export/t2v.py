@@ -3,17 +3,16 @@ decoder per slice size."""
 
 import logging
 
-from framegraph.export.pipeline_export import Recipe, export_pipeline, validate_options
+from framegraph.export.driver import export_pipeline
+from framegraph.export.options import validate_options
+from framegraph.export.recipe import Recipe, whole_model
+from framegraph.export.specs import latent_constants
 from framegraph.export.t2v_specs import t2v_buckets, t2v_dims, t2v_graph_specs
 from framegraph.runtime.pipelines.text_to_video_synth import CALL_DEFAULTS, PIPELINE_KIND
 
 logger = logging.getLogger(__name__)
 
 COPIED_FILES = ("model_index.json", "scheduler/scheduler_config.json", "tokenizer")
-
-
-def _itself(net, bucket):
-    return net
 
 
 def _vae_decoder(net, bucket):
@@ -23,6 +22,8 @@ def _vae_decoder(net, bucket):
 
 
 def t2v_recipe(pipeline, options):
+    """The Recipe of ``pipeline`` (a PipelineFolder); fills the ``None`` fields of ``options`` with the pipeline's
+    defaults."""
     configs = {c: pipeline.config(c) for c in ("text_encoder", "vae", "unet")}
     dims = t2v_dims(configs["text_encoder"], configs["vae"], configs["unet"])
     default_size = int(configs["unet"].get("sample_size", 32)) * dims["vae_scale_factor"]
@@ -34,17 +35,14 @@ def t2v_recipe(pipeline, options):
     return Recipe(
         kind=PIPELINE_KIND,
         components=[
-            ("text_encoder", {"text_encoder": _itself}),
+            ("text_encoder", {"text_encoder": whole_model}),
             ("vae", {"vae_decoder": _vae_decoder}),
-            ("unet", {"unet": _itself}),
+            ("unet", {"unet": whole_model}),
         ],
         specs=t2v_graph_specs(dims),
         plan=t2v_buckets(options.frames, options.height, options.width, options.batch, options.decode_chunk_sizes),
         constants={
-            "vae_scaling_factor": float(configs["vae"].get("scaling_factor", 0.18215)),
-            "latent_channels": dims["latent_channels"],
-            "vae_scale_factor": dims["vae_scale_factor"],
-            "unet_in_channels": dims["unet_in_channels"],
+            **latent_constants(configs["vae"], dims),
             "max_length": dims["max_length"],
         },
         defaults={
@@ -61,4 +59,4 @@ def t2v_recipe(pipeline, options):
 
 def export_t2v(pipeline, out, options, source_name=None, progress=None):
     """Export ``pipeline`` (a PipelineFolder of a text-to-video model) to the artifact folder ``out``."""
-    return export_pipeline(pipeline, out, options, t2v_recipe(pipeline, options), source_name, progress)
+    return export_pipeline(pipeline, out, options, t2v_recipe, source_name, progress)

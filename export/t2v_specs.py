@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from framegraph.export.specs import GraphSpec, TensorDef, _randn, latent_dims
+from framegraph.export.specs import GraphSpec, TensorDef, _randn, latent_dims, vae_decoder_spec
 
 DEFAULT_DECODE_SLICE = 8
 
@@ -10,7 +10,6 @@ DEFAULT_DECODE_SLICE = 8
 def t2v_graph_specs(dims):
     f = dims["vae_scale_factor"]
     length = dims["max_length"]
-    latent = dims["latent_channels"]
 
     text_encoder = GraphSpec(
         name="text_encoder",
@@ -38,13 +37,7 @@ def t2v_graph_specs(dims):
         ],
         bucket_keys=("num_frames", "batch", "height", "width"),
     )
-    vae_decoder = GraphSpec(
-        name="vae_decoder",
-        inputs=(TensorDef("latents", "float", lambda b: (b["chunk"], latent, b["height"] // f, b["width"] // f)),),
-        outputs=(TensorDef("sample", "float", lambda b: (b["chunk"], 3, b["height"], b["width"])),),
-        sample=lambda b, rng: [_randn(rng, (b["chunk"], latent, b["height"] // f, b["width"] // f))],
-        bucket_keys=("chunk", "height", "width"),
-    )
+    vae_decoder = vae_decoder_spec(dims)
     return {s.name: s for s in (text_encoder, unet, vae_decoder)}
 
 

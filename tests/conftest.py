@@ -86,8 +86,8 @@ SVD_EXPORT = {"frames": [2, 3], "height": 32, "width": 32, "decode_chunk_sizes":
 @pytest.fixture(scope="session")
 def svd_artifact(tmp_path_factory, ms, svd_tiny):
     """The tiny SVD exported once per session (ONNX + MindIR, frame buckets 2 and 3, decode chunks 1 and 2)."""
-    from framegraph.export.components import PipelineFolder
-    from framegraph.export.pipeline_export import ExportOptions
+    from framegraph.export.pipeline_folder import PipelineFolder
+    from framegraph.export.options import ExportOptions
     from framegraph.export.svd import export_svd
 
     options = ExportOptions(formats=("onnx", "mindir"), **SVD_EXPORT)
@@ -100,8 +100,8 @@ T2V_EXPORT = {"frames": [4], "height": 32, "width": 32, "decode_chunk_sizes": [3
 @pytest.fixture(scope="session")
 def t2v_artifact(tmp_path_factory, ms, t2v_tiny):
     """The tiny text-to-video model exported once per session (ONNX + MindIR, 4 frames, decode slices of 3)."""
-    from framegraph.export.components import PipelineFolder
-    from framegraph.export.pipeline_export import ExportOptions
+    from framegraph.export.pipeline_folder import PipelineFolder
+    from framegraph.export.options import ExportOptions
     from framegraph.export.t2v import export_t2v
 
     options = ExportOptions(formats=("onnx", "mindir"), **T2V_EXPORT)

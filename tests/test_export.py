@@ -223,12 +223,12 @@ def test_export_refuses_foreign_folder_and_non_pipeline(tmp_path):
 def test_full_disk_fails_with_a_clear_message_and_no_artifact(tmp_path, monkeypatch, caplog):
     import errno
 
-    from framegraph.export import cli, pipeline_export
+    from framegraph.export import cli, driver
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pipeline_export, "_component_graphs", no_space)
+    monkeypatch.setattr(driver, "_export_component", no_space)
     from conftest import FIXTURES
 
     out = tmp_path / "art"

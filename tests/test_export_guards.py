@@ -10,7 +10,7 @@ import pytest
 from conftest import FIXTURES
 from framegraph.export import cli
 from framegraph.export.artifact import ArtifactWriter, check_output_folder
-from framegraph.export.pipeline_export import ExportOptions, validate_options
+from framegraph.export.options import ExportOptions, validate_options
 from framegraph.runtime.manifest import Manifest
 
 MODEL = str(FIXTURES / "svd-tiny" / "pipeline")

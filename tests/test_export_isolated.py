@@ -18,8 +18,8 @@ def test_isolated_forward_chunked_export_equals_in_process_export(t2v_artifact, 
     import onnx
 
     from conftest import T2V_EXPORT
-    from framegraph.export.components import PipelineFolder
-    from framegraph.export.pipeline_export import ExportOptions
+    from framegraph.export.pipeline_folder import PipelineFolder
+    from framegraph.export.options import ExportOptions
     from framegraph.export.t2v import export_t2v
 
     options = ExportOptions(formats=("onnx",), isolate="always", forward_chunk_size=128, attention_slice_mb=10,
@@ -87,7 +87,7 @@ def _assert_same_weights(chunked, whole):
 
 
 def test_child_error_is_raised_in_the_parent():
-    from framegraph.export.isolated import run_in_child
+    from framegraph.export.child import run_in_child
     from helpers import fail_with_value_error
 
     with pytest.raises(ValueError, match="bad bucket 7"):
@@ -95,7 +95,7 @@ def test_child_error_is_raised_in_the_parent():
 
 
 def test_killed_child_is_reported_with_the_graph_and_signal():
-    from framegraph.export.isolated import ExportChildDied, run_in_child
+    from framegraph.export.child import ExportChildDied, run_in_child
     from helpers import kill_own_process
 
     with pytest.raises(ExportChildDied, match=r"unet\[f4\]\.mindir was killed by SIGKILL.*out of memory"):
@@ -103,16 +103,16 @@ def test_killed_child_is_reported_with_the_graph_and_signal():
 
 
 def test_auto_isolates_only_large_components(svd_tiny, monkeypatch):
-    from framegraph.export import isolated
-    from framegraph.export.components import PipelineFolder
+    from framegraph.export import isolation
+    from framegraph.export.pipeline_folder import PipelineFolder
 
     pipeline = PipelineFolder(svd_tiny)
-    assert not isolated.should_isolate(pipeline, "unet", "auto")
-    assert isolated.should_isolate(pipeline, "unet", "always")
-    assert not isolated.should_isolate(pipeline, "unet", "never")
-    monkeypatch.setattr(isolated, "AUTO_MIN_BYTES", pipeline.parameter_bytes("unet"))
-    assert isolated.should_isolate(pipeline, "unet", "auto")
-    assert not isolated.should_isolate(pipeline, "vae", "auto")
+    assert not isolation.should_isolate(pipeline, "unet", "auto")
+    assert isolation.should_isolate(pipeline, "unet", "always")
+    assert not isolation.should_isolate(pipeline, "unet", "never")
+    monkeypatch.setattr(isolation, "AUTO_MIN_BYTES", pipeline.parameter_bytes("unet"))
+    assert isolation.should_isolate(pipeline, "unet", "auto")
+    assert not isolation.should_isolate(pipeline, "vae", "auto")
 
 
 def test_child_exits_when_the_export_is_killed(tmp_path):
@@ -129,7 +129,7 @@ def test_child_exits_when_the_export_is_killed(tmp_path):
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from framegraph.export.isolated import run_in_child
+        from framegraph.export.child import run_in_child
         from helpers import sleep_then_write
         run_in_child("a test", sleep_then_write, {str(marker)!r}, 8)
     """)

@@ -145,8 +145,8 @@ def test_artifact_without_tokenizer_runs_from_embeddings_and_says_why_prompts_fa
 def test_export_without_tokenizer_fails_before_building_unless_random_weights(t2v_tiny, tmp_path):
     import shutil
 
-    from framegraph.export.components import PipelineFolder
-    from framegraph.export.pipeline_export import ExportOptions
+    from framegraph.export.pipeline_folder import PipelineFolder
+    from framegraph.export.options import ExportOptions
     from framegraph.export.t2v import export_t2v
 
     folder = tmp_path / "pipeline"

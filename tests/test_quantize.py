@@ -13,8 +13,8 @@ from framegraph.runtime.manifest import Manifest
 
 @pytest.fixture(scope="module")
 def int8_artifact(ms, t2v_tiny, tmp_path_factory):
-    from framegraph.export.components import PipelineFolder
-    from framegraph.export.pipeline_export import ExportOptions
+    from framegraph.export.pipeline_folder import PipelineFolder
+    from framegraph.export.options import ExportOptions
     from framegraph.export.t2v import export_t2v
 
     options = ExportOptions(formats=("onnx",), quantize="int8", isolate="never", **T2V_EXPORT)
@@ -81,8 +81,8 @@ def test_int8_frames_are_close_to_float_frames(int8_artifact, t2v_artifact):
 
 
 def test_quantize_needs_onnx(t2v_tiny, tmp_path):
-    from framegraph.export.components import PipelineFolder
-    from framegraph.export.pipeline_export import ExportOptions
+    from framegraph.export.pipeline_folder import PipelineFolder
+    from framegraph.export.options import ExportOptions
     from framegraph.export.t2v import export_t2v
 
     with pytest.raises(ValueError, match="--quantize"):

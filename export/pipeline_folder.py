@@ -1,4 +1,5 @@
-"""Build or load the MindSpore component models of a diffusers-format pipeline folder."""
+"""A diffusers-format pipeline folder (:class:`PipelineFolder`): its model index, configs and weights, and its
+components built or loaded as MindSpore models one at a time."""
 
 import hashlib
 import importlib

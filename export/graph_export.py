@@ -1,7 +1,9 @@
-"""Export one component's graphs (all its buckets, all formats), then check each against the MindSpore model.
+"""Export one graph (one GraphSpec, for each of its buckets, in each format), then check it against the MindSpore
+model it came from.
 
-Exporting and checking are two passes so that the caller can free the MindSpore model in between: at real size
-the model, an ONNX Runtime session and a loaded MindIR each hold a full copy of the weights.
+Exporting (:func:`export_graph`) and checking (:func:`check_graphs`) are two passes so that the caller can free the
+MindSpore model in between: at real size the model, an ONNX Runtime session and a loaded MindIR each hold a full
+copy of the weights. Both passes run in the exporting process or in child processes alike (see isolation.py).
 """
 
 import dataclasses
@@ -10,6 +12,7 @@ import logging
 from framegraph.export import check
 from framegraph.export.mindir_graph import export_mindir, write_converter_config
 from framegraph.export.onnx_graph import SharedWeights, export_onnx
+from framegraph.export.quantize import QUANTIZED_GRAPHS
 from framegraph.runtime.manifest import GraphEntry, graph_key
 
 logger = logging.getLogger(__name__)
@@ -18,10 +21,12 @@ BUCKET_TAGS = {"num_frames": "f", "batch": "b", "height": "h", "width": "w", "ch
 
 
 def bucket_tag(bucket):
+    """A bucket in file names and labels: ``{"num_frames": 14, "batch": 2}`` -> ``f14_b2``."""
     return "_".join(f"{BUCKET_TAGS.get(k, k)}{v}" for k, v in bucket.items())
 
 
 def planned_keys(name, buckets, formats):
+    """The manifest keys of graph ``name`` for these buckets and formats."""
     return [graph_key(name, fmt, b) for b in buckets for fmt in formats]
 
 
@@ -36,17 +41,37 @@ class ExportedGraph:
     label: str
 
 
-def export_component(writer, spec, make_cell, buckets, formats, dtype, run_check=True, progress=None, weights=None,
-                     quantize=None):
-    """Export ``make_cell(bucket)`` (a MindSpore cell) for every bucket in every format into ``writer``.
+def graph_mode_on_cpu():
+    """MindSpore as every export runs it: graph mode (what the exported graphs are traced in) on the CPU."""
+    import mindspore as ms
 
+    ms.set_device("CPU")  # MindSpore 2.10 warns that set_context(device_target=...) is deprecated
+    ms.set_context(mode=ms.GRAPH_MODE)
+
+
+def apply_graph_options(net, options):
+    """Apply the export options that change a model's graph but not its numbers (forward chunking, attention
+    slicing); returns ``net``."""
+    from framegraph.models.layers import set_attention_slicing
+
+    if options.forward_chunk_size and hasattr(net, "enable_forward_chunking"):
+        net.enable_forward_chunking(options.forward_chunk_size)
+    set_attention_slicing(net, options.attention_slice_mb)
+    return net
+
+
+def export_graph(writer, spec, make_cell, buckets, formats, dtype, run_check=True, progress=None, weights=None,
+                 quantize=None):
+    """Export ``make_cell(bucket)`` (a MindSpore cell) for every bucket in every format into ``writer``; returns the
+    ExportedGraphs, which :func:`check_graphs` checks.
+
+    ``writer``: anything with ``path(rel)`` (an ArtifactWriter, or a child process's view of its staging folder).
     ``weights``: the SharedWeights the ONNX graphs write into (default: a new ``<name>/weights.bin``).
-    ``quantize``: "int8" quantizes the ONNX graphs of the components that support it (the UNet).
+    ``quantize``: "int8" quantizes the ONNX graphs of the graphs that support it (QUANTIZED_GRAPHS: the UNet).
     """
-    from framegraph.export.quantize import QUANTIZED_GRAPHS
+    import mindspore as ms
 
     quantize = quantize if spec.name in QUANTIZED_GRAPHS else None
-    import mindspore as ms
 
     name = spec.name
     if weights is None and "onnx" in formats:
@@ -88,9 +113,9 @@ def check_graph(graph, dtype):
     return check.compare(graph.label, outputs, graph.reference, dtype, entry.tolerance)
 
 
-def check_exported(writer, exported, dtype, run_check=True, run=None):
+def check_graphs(writer, exported, dtype, run_check=True, run=None):
     """Check every exported graph (``run(check_graph, graph, dtype)`` where given, e.g. in a child process) and
-    hash its files."""
+    hash its files; returns their manifest GraphEntries."""
     entries = []
     for graph in exported:
         entry = graph.entry

@@ -1,0 +1,110 @@
+"""Export and check a component's graphs in short-lived child processes.
+
+MindSpore keeps the memory of every graph it compiles until the process ends, and exporting one graph compiles the
+model up to three times (the reference run, the ONNX export, the MindIR export). At real size (SVD-XT's UNet) that
+does not fit in 24 GiB. So each (graph, bucket, format) of an isolated component is exported by its own child
+process, which rebuilds the component (the same weights: read from the same files, or built with the same seed) and
+the recipe (the same recipe function on the same options), and each written graph is checked in a child process of
+its own. The parent never holds the model. Which components are isolated is :func:`should_isolate`'s rule.
+"""
+
+import copy
+import dataclasses
+import logging
+from pathlib import Path
+
+from framegraph.export.artifact import stage_path
+from framegraph.export.child import run_in_child
+from framegraph.export.graph_export import apply_graph_options, bucket_tag, export_graph, graph_mode_on_cpu
+from framegraph.export.onnx_graph import SharedWeights
+from framegraph.export.pipeline_folder import PipelineFolder
+
+logger = logging.getLogger(__name__)
+
+# Components whose parameters take at least this much memory are exported in child processes under "auto".
+AUTO_MIN_BYTES = 1 << 30
+SCRATCH = ".scratch"  # children's shared bookkeeping inside the staging folder; removed before the commit
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """What a child process needs to open the same pipeline folder (picklable)."""
+
+    folder: str
+    variant: str
+    dtype: str
+    random_weights: bool
+    seed: int
+
+    @classmethod
+    def of(cls, pipeline):
+        return cls(str(pipeline.folder), pipeline.variant, pipeline.dtype, pipeline.random_weights, pipeline.seed)
+
+    def open(self):
+        return PipelineFolder(self.folder, variant=self.variant, dtype=self.dtype,
+                              random_weights=self.random_weights, seed=self.seed)
+
+
+def should_isolate(pipeline, component, mode):
+    """Whether ``component`` is exported in child processes: always or never as ``mode`` (--isolate) says, and
+    under "auto" when its parameters take at least AUTO_MIN_BYTES."""
+    if mode != "auto":
+        return mode == "always"
+    size = pipeline.parameter_bytes(component)
+    isolate = size >= AUTO_MIN_BYTES
+    if isolate:
+        logger.info("%s has %.2f GB of parameters: exporting it in child processes", component, size / 1e9)
+    return isolate
+
+
+class _Stage:
+    """The part of ArtifactWriter a child process needs: paths inside the staging folder."""
+
+    def __init__(self, stage):
+        self.stage = Path(stage)
+
+    def path(self, rel):
+        return stage_path(self.stage, rel)
+
+
+def _export_in_child(source, options, recipe_function, stage, component, name, bucket, fmt, with_reference):
+    """A child process's work: one graph, one bucket, one format, written into the parent's staging folder."""
+    graph_mode_on_cpu()
+    pipeline = source.open()
+    recipe = recipe_function(pipeline, copy.deepcopy(options))
+    factory = dict(recipe.components)[component][name]
+    writer = _Stage(stage)
+    weights = None
+    if fmt == "onnx":
+        weights = SharedWeights(writer.path(f"{name}/weights.bin"), writer.path(f"{SCRATCH}/{name}.weights.json"))
+    net = apply_graph_options(pipeline.build(component), options)
+    return export_graph(writer, recipe.specs[name], lambda b: factory(net, b), [bucket], [fmt], options.dtype,
+                        with_reference, None, weights, options.quantize)
+
+
+def export_in_children(pipeline, options, recipe_function, stage, component, names, wanted, progress=None):
+    """Export graphs ``names`` of ``component`` for buckets ``wanted[name]``, one child process per graph, bucket
+    and format; returns the ExportedGraphs. The MindSpore reference outputs come from the first format's child."""
+    source = Source.of(pipeline)
+    exported = []
+    for name in names:
+        for bucket in wanted[name]:
+            first = None
+            for fmt in options.formats:
+                label = f"{name}[{bucket_tag(bucket)}].{fmt}"
+                (graph,) = run_in_child(label, _export_in_child, source, options, recipe_function, str(stage),
+                                        component, name, bucket, fmt, options.check and first is None)
+                if first is None:
+                    first = graph
+                else:
+                    graph.reference = first.reference
+                exported.append(graph)
+                if progress:
+                    progress(label)
+    return exported
+
+
+def check_in_child(function, graph, dtype):
+    """``function(graph, dtype)`` (graph_export.check_graph) in a child process: the run of a loaded graph frees
+    its memory when the child exits."""
+    return run_in_child(f"the check of {graph.label}", function, graph, dtype)
