@@ -98,6 +98,8 @@ def build_parser():
     gen.add_argument("--prompt", default=None, help="text prompt (text-to-video artifacts)")
     gen.add_argument("--out", required=True, help="output .mp4 or .gif (an existing file is replaced)")
     _generate_args(gen)
+    sub.add_parser("export", add_help=False, help="export a diffusers-format pipeline folder to an artifact (the same "
+                   "command as svd-export; needs the export extra): framegraph export MODEL --out DIR ...")
     demo = sub.add_parser("demo", help="render a video with the tiny SVD artifact that ships with framegraph")
     demo.add_argument("--out", default="out/demo", help="folder for the video (and the artifact, with --export)")
     demo.add_argument("--export", action="store_true", help="first export the source checkout's tiny diffusers "
@@ -233,7 +235,21 @@ def demo(out, export=False):
     return generate(artifact, args.out, args)
 
 
+def export(argv):
+    """``framegraph export ...``: svd-export under its documented name."""
+    try:
+        from framegraph.export.cli import main as export_main
+    except ImportError as exc:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logger.error("framegraph export needs MindSpore: pip install 'framegraph[export]' (%s)", exc)
+        return 2
+    return export_main(argv, prog="framegraph export")
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["export"]:  # every flag after it is svd-export's
+        return export(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
