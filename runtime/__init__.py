@@ -6,11 +6,9 @@ its backend, when that backend is chosen.
 
 import importlib
 
+from framegraph.runtime.pipelines import PIPELINES
+
 _EXPORTS = {
-    "StableVideoDiffusionPipeline": "framegraph.runtime.pipelines.stable_video_diffusion",
-    "StableVideoDiffusionPipelineOutput": "framegraph.runtime.pipelines.stable_video_diffusion",
-    "TextToVideoSDPipeline": "framegraph.runtime.pipelines.text_to_video_synth",
-    "TextToVideoSDPipelineOutput": "framegraph.runtime.pipelines.text_to_video_synth",
     "EulerDiscreteScheduler": "framegraph.runtime.schedulers",
     "DDIMScheduler": "framegraph.runtime.schedulers",
     "DPMSolverMultistepScheduler": "framegraph.runtime.schedulers",
@@ -20,6 +18,8 @@ _EXPORTS = {
     "Engine": "framegraph.runtime.engine",
     "ArtifactError": "framegraph.runtime.manifest",
 }
+for _module, _name in PIPELINES.values():  # each pipeline class and its output class
+    _EXPORTS.update({_name: _module, f"{_name}Output": _module})
 
 __all__ = sorted(_EXPORTS)
 

@@ -18,10 +18,10 @@ DEMO_MODEL = PACKAGE_ROOT / "tests" / "fixtures" / "svd-tiny" / "pipeline"
 
 
 def _pipelines():
-    """The runtime pipeline classes by kind: their declared call arguments are the generate flags."""
-    from framegraph.runtime import StableVideoDiffusionPipeline, TextToVideoSDPipeline
+    """The registered pipeline classes by kind: their declared call arguments are the generate flags."""
+    from framegraph.runtime.pipelines import pipeline_classes
 
-    return {cls.kind: cls for cls in (StableVideoDiffusionPipeline, TextToVideoSDPipeline)}
+    return pipeline_classes()
 
 
 def _declared(cls):
@@ -94,8 +94,9 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="render a video from an artifact folder")
     gen.add_argument("artifacts", help="artifact folder written by svd-export")
-    gen.add_argument("--image", default=None, help="conditioning image, path or URL (image-to-video artifacts)")
-    gen.add_argument("--prompt", default=None, help="text prompt (text-to-video artifacts)")
+    for param in _inputs():
+        kinds = ", ".join(kind for kind, cls in _pipelines().items() if cls.input_param.name == param.name)
+        gen.add_argument(param.flag, dest=param.name, default=None, help=f"{param.help} [{kinds}]")
     gen.add_argument("--out", required=True, help="output .mp4 or .gif (an existing file is replaced)")
     _generate_args(gen)
     sub.add_parser("export", add_help=False, help="export a diffusers-format pipeline folder to an artifact (the same "
@@ -150,25 +151,28 @@ def _check_output(out):
         raise UsageError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
 
 
-def _image(args):
+def _first_argument(cls, args):
+    """The call's first argument from its flag (``input_param``: an image loaded from a path or URL, a text)."""
     from framegraph.runtime import load_image
 
-    if args.image is None:
-        raise UsageError(f"{args.artifacts} is an image-to-video artifact: pass --image PATH")
-    if args.prompt is not None:
-        raise UsageError("--prompt is for text-to-video artifacts; this one takes --image")
+    param = cls.input_param
+    value = getattr(args, param.name)
+    if value is None:
+        raise UsageError(f"{args.artifacts} is a {cls.kind!r} artifact: pass {param.flag}")
+    others = [p.flag for p in _inputs() if p.name != param.name and getattr(args, p.name) is not None]
+    if others:
+        raise UsageError(f"{', '.join(others)} do not apply to a {cls.kind!r} artifact; it takes {param.flag}")
+    if param.kind != "image":
+        return value
     try:
-        return load_image(args.image)
+        return load_image(value)
     except (TypeError, ValueError, OSError) as exc:
-        raise UsageError(f"--image: {exc}") from None
+        raise UsageError(f"{param.flag}: {exc}") from None
 
 
-def _prompt(args):
-    if args.prompt is None:
-        raise UsageError(f"{args.artifacts} is a text-to-video artifact: pass --prompt TEXT")
-    if args.image is not None:
-        raise UsageError("--image is for image-to-video artifacts; this one takes --prompt")
-    return args.prompt
+def _inputs():
+    """The pipelines' first-argument Params, one per name."""
+    return list({cls.input_param.name: cls.input_param for cls in _pipelines().values()}.values())
 
 
 def generate(artifacts, out, args):
@@ -189,7 +193,7 @@ def generate(artifacts, out, args):
                      if p.name not in mine and getattr(args, p.name) is not None})
     if others:
         raise UsageError(f"{', '.join(others)} do not apply to a {kind!r} artifact; leave them out")
-    first = _image(args) if kind == "stable-video-diffusion" else _prompt(args)
+    first = _first_argument(cls, args)
     video = cls.video_fps_param
     call = {p.name: getattr(args, p.name) for p in declared if p is not video or video in cls.call_params}
     pipe = cls.from_artifacts(artifacts, backend=args.backend, device=args.device, num_threads=args.threads,

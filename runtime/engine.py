@@ -7,9 +7,9 @@
         engine.status(job)          # {"state": "running", "step": 3, "num_steps": 25, "decode_chunk": 0, ...}
         frames = engine.result(job)  # what the pipeline returns as .frames; or engine.cancel(job)
 
-What each artifact kind needs (its request arguments, its per-worker and per-job pipeline copies, how to count its
-steps) is an :class:`EnginePipeline` registered under the manifest's ``pipeline`` field; the engine dispatches on
-that field. Every job gets its own pipeline copy with a fresh scheduler (schedulers keep per-call state) and its own
+The engine serves the pipeline registered (``framegraph.runtime.pipelines.PIPELINES``) under the manifest's
+``pipeline`` field; what it needs of it (request arguments, per-worker copies, how to count steps) the pipeline
+class declares, read by :class:`EnginePipeline`. Every job gets its own pipeline copy with a fresh scheduler (schedulers keep per-call state) and its own
 seed (drawn and reported when the request has none), so a job's frames do not depend on what else is running. The
 compiled graphs are shared: ONNX Runtime's ``InferenceSession.run`` is thread-safe. ``sessions="per_worker"`` opens
 one set of sessions per worker instead (more memory; ``python scripts/soak.py sessions`` compares the two).
@@ -18,7 +18,6 @@ one set of sessions per worker instead (more memory; ``python scripts/soak.py se
 import collections
 import copy
 import logging
-import math
 import os
 import secrets
 import threading
@@ -42,53 +41,35 @@ from framegraph.runtime.engine_jobs import (
 )
 from framegraph.runtime.manifest import MANIFEST_NAME, ArtifactError, Manifest
 from framegraph.runtime.params import InvalidRequestError, Param, parse_arguments
-from framegraph.runtime.pipelines.stable_video_diffusion import StableVideoDiffusionPipeline
-from framegraph.runtime.pipelines.text_to_video_synth import TextToVideoSDPipeline
+from framegraph.runtime.pipelines import PIPELINES, pipeline_class
 
 logger = logging.getLogger(__name__)
 
 SESSIONS = ("shared", "per_worker")
 MAX_SEED = 2**63 - 1
-ENGINE_PIPELINES = {}
 
 __all__ = [
-    "ENGINE_PIPELINES", "Engine", "EngineClosedError", "EngineError", "EnginePipeline", "InvalidRequestError",
-    "JobCancelledError", "JobFailedError", "JobState", "QueueFullError", "UnknownJobError",
-    "register_engine_pipeline", "warm_up",
+    "Engine", "EngineClosedError", "EngineError", "EnginePipeline", "InvalidRequestError", "JobCancelledError",
+    "JobFailedError", "JobState", "QueueFullError", "UnknownJobError", "warm_up",
 ]
 
 
 SEED_PARAM = Param("seed", "int", minimum=0, maximum=MAX_SEED, cli=False, help="random seed; drawn when omitted")
 
 
-def register_engine_pipeline(cls):
-    """Class decorator: serve artifacts whose manifest says ``pipeline == cls.pipeline_class.kind`` with ``cls``."""
-    if not cls.kind:
-        raise TypeError(f"{cls.__name__} must set `pipeline_class` to a pipeline class with a `kind`")
-    ENGINE_PIPELINES[cls.kind] = cls
-    return cls
-
-
 class EnginePipeline:
-    """How the engine serves one pipeline kind: ``pipeline_class`` (an ArtifactPipeline) declares the kind and the
-    call arguments; a subclass adds its request's input (``inputs``: the image, the prompt) and implements
-    ``check``. ``for_job`` (a shallow copy with a fresh scheduler) suits pipelines that keep their per-call state
-    in ``scheduler`` only."""
+    """How the engine serves one pipeline kind, all of it read from the pipeline class (``framegraph.runtime.
+    pipelines.PIPELINES``): its request arguments are the seed, the pipeline's ``input_param``, its declared call
+    arguments and the video's frame rate; ``check`` resolves and checks a request with the pipeline's
+    ``request`` / ``check_request`` / ``work``. Every job gets its own pipeline copy with a fresh scheduler
+    (``for_job``: schedulers keep per-call state)."""
 
-    pipeline_class = None
-    inputs = ()  # the request's own input Params, before the call arguments
-    kind = None  # set from pipeline_class
-    params = ()  # set from pipeline_class: every argument a request may carry
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if cls.pipeline_class is None:
-            return
-        cls.kind = cls.pipeline_class.kind
-        # the seed, the inputs, the pipeline's call arguments and, where the model takes none, the video's rate
-        params = (SEED_PARAM, *cls.inputs, *cls.pipeline_class.call_params)
-        video = cls.pipeline_class.video_fps_param
-        cls.params = params if video in params else params + (video,)
+    def __init__(self, pipeline_class):
+        self.pipeline_class = pipeline_class
+        self.kind = pipeline_class.kind
+        params = (SEED_PARAM, pipeline_class.input_param, *pipeline_class.call_params)
+        video = pipeline_class.video_fps_param
+        self.params = params if video in params else params + (video,)
 
     def load(self, path, backend, verify, backend_options):
         """The pipeline for the artifact at ``path``."""
@@ -96,7 +77,7 @@ class EnginePipeline:
 
     def for_worker(self, pipeline):
         """The pipeline one worker thread uses for all its jobs: a copy of whatever is not thread-safe."""
-        return pipeline
+        return pipeline.for_thread()
 
     def for_job(self, pipeline):
         """A copy of ``pipeline`` that one job may use while others run: shared graphs, its own scheduler."""
@@ -107,87 +88,21 @@ class EnginePipeline:
         job_pipeline.set_progress_bar_config(disable=True)
         return job_pipeline
 
-    def resolve(self, pipeline, arguments):
-        """The parsed arguments with the artifact's defaults filled in (``ArtifactPipeline.call_arguments``) and
-        the video's frame rate set."""
-        call = dict(arguments)
-        call.update(pipeline.call_arguments(**{name: call.get(name) for name in pipeline.defaulted()}))
-        video = self.pipeline_class.video_fps_param
-        if call.get(video.name) is None:
-            call[video.name] = video.default
-        call.setdefault("output_type", "np")
-        return call
-
     def check(self, pipeline, arguments):
-        """``(call keyword arguments, number of denoising steps, number of decode chunks)`` for parsed arguments;
-        raises InvalidRequestError when the artifact cannot serve them."""
-        raise NotImplementedError
+        """``(resolved request, number of denoising steps, number of decode chunks)`` for parsed arguments; raises
+        InvalidRequestError when the artifact cannot serve them."""
+        request = pipeline.request(arguments)
+        refuse_unless(pipeline.check_request, request)
+        steps, chunks = pipeline.work(request)
+        return request, steps, chunks
 
-    def run(self, pipeline, arguments, seed, progress):
-        """Run one job: the pipeline output's frames (the video's frame rate, where the model takes none, is left
-        out of the call)."""
-        video = self.pipeline_class.video_fps_param
-        call = arguments if video in self.pipeline_class.call_params else {
-            name: value for name, value in arguments.items() if name != video.name}
-        return pipeline(**call, generator=seed, progress=progress).frames
+    def run(self, pipeline, request, seed, progress):
+        """Run one job: the pipeline output's frames."""
+        return pipeline(**pipeline.call_of(request), generator=seed, progress=progress).frames
 
-    def video_fps(self, arguments):
-        """Playback frames per second of the job's video (for MP4 writing), from the arguments ``check`` returned."""
-        return arguments[self.pipeline_class.video_fps_param.name]
-
-
-@register_engine_pipeline
-class StableVideoDiffusionEngine(EnginePipeline):
-    """Image-to-video: ``image`` plus the arguments of ``StableVideoDiffusionPipeline.__call__``."""
-
-    pipeline_class = StableVideoDiffusionPipeline
-    inputs = (Param("image", "image", required=True, cli=False,
-                    help="conditioning image (an uploaded file over HTTP)"),)
-
-    def check(self, pipeline, arguments):
-        from framegraph.runtime.image import as_image_list
-
-        call = self.resolve(pipeline, arguments)
-        call.setdefault("num_videos_per_prompt", 1)
-        if call.get("decode_chunk_size") is None:
-            call["decode_chunk_size"] = pipeline.default_decode_chunk(call["num_frames"])
-        images, problem = None, None
-        try:
-            images = as_image_list(call["image"])
-        except (TypeError, ValueError) as exc:
-            problem = f"image: {exc}"
-        if problem is not None:  # raised outside the except block, see refuse_unless
-            raise InvalidRequestError(problem, field="image")
-        refuse_unless(pipeline.check_inputs, images, **{name: call[name] for name in pipeline.defaulted()}, sigmas=None,
-                      decode_chunk_size=call["decode_chunk_size"], num_videos_per_prompt=call["num_videos_per_prompt"],
-                      output_type=call["output_type"])
-        videos = len(images) * call["num_videos_per_prompt"]
-        chunks = 0 if call["output_type"] == "latent" else videos * math.ceil(
-            call["num_frames"] / call["decode_chunk_size"])
-        return call, call["num_inference_steps"], chunks
-
-
-@register_engine_pipeline
-class TextToVideoSDEngine(EnginePipeline):
-    """Text-to-video (ModelScope): ``prompt`` plus the arguments of ``TextToVideoSDPipeline.__call__``."""
-
-    pipeline_class = TextToVideoSDPipeline
-    inputs = (Param("prompt", "text", required=True, maximum=4000, cli=False, help="what the video shows"),)
-
-    def for_worker(self, pipeline):
-        # A Hugging Face tokenizer keeps its padding / truncation settings on the object, and the pipeline tokenizes
-        # twice with different ones: shared between threads, one job's "longest" padding leaks into another's call.
-        worker_pipeline = copy.copy(pipeline)
-        worker_pipeline.tokenizer = copy.deepcopy(pipeline.tokenizer)
-        return worker_pipeline
-
-    def check(self, pipeline, arguments):
-        call = self.resolve(pipeline, arguments)
-        refuse_unless(pipeline.check_inputs, call["prompt"], **{name: call[name] for name in pipeline.defaulted()},
-                      output_type=call["output_type"], decode_chunk_size=call.get("decode_chunk_size"))
-        chunk = call.get("decode_chunk_size") or max(pipeline.artifact.buckets("vae_decoder", "chunk"))
-        chunks = 0 if call["output_type"] == "latent" else math.ceil(call["num_frames"] / chunk)
-        return call, call["num_inference_steps"], chunks
+    def video_fps(self, request):
+        """Playback frames per second of the job's video (for MP4 writing)."""
+        return request[self.pipeline_class.video_fps_param.name]
 
 
 def refuse_unless(check, *args, **kwargs):
@@ -292,12 +207,12 @@ class Engine:
                 f"{manifest_path} holds a {kind!r} artifact, not {expected!r}; serve it without kind= or pass an "
                 f"artifact exported for {expected!r}"
             )
-        if kind not in ENGINE_PIPELINES:
+        if kind not in PIPELINES:
             raise ArtifactError(
                 f"{manifest_path} holds a {kind!r} artifact, which this framegraph cannot serve (it serves "
-                f"{', '.join(sorted(ENGINE_PIPELINES))}); install the framegraph version that exported it"
+                f"{', '.join(sorted(PIPELINES))}); install the framegraph version that exported it"
             )
-        return ENGINE_PIPELINES[kind]()
+        return EnginePipeline(pipeline_class(kind))
 
     @property
     def kind(self):

@@ -118,6 +118,39 @@ class ArtifactPipeline:
     call_params = ()
     # the Param of the written video's frames per second (a call argument, or only the video's)
     video_fps_param = None
+    # the Param of the call's first argument (the conditioning image, the prompt)
+    input_param = None
+
+    def for_thread(self):
+        """The pipeline one thread uses for all its calls: a copy of whatever is not thread-safe (the graphs are
+        shared: ONNX Runtime's runs are thread-safe)."""
+        return self
+
+    def request(self, arguments):
+        """Parsed request arguments (``input_param``'s, the call's, the video's fps) as a resolved call: the
+        artifact's defaults filled in (``call_arguments``), the video's frame rate set. ``check_request`` checks
+        it, ``work`` counts it, ``__call__`` runs it once the video-only arguments are left out (``call_of``)."""
+        call = dict(arguments)
+        call.update(self.call_arguments(**{name: call.get(name) for name in self.defaulted()}))
+        if call.get(self.video_fps_param.name) is None:
+            call[self.video_fps_param.name] = self.video_fps_param.default
+        call.setdefault("output_type", "np")
+        return call
+
+    def call_of(self, request):
+        """The keyword arguments of ``__call__`` in a resolved request (the video-only frame rate left out)."""
+        video = self.video_fps_param
+        if video in self.call_params:
+            return dict(request)
+        return {name: value for name, value in request.items() if name != video.name}
+
+    def check_request(self, request):
+        """``check_inputs`` on a resolved request."""
+        raise NotImplementedError
+
+    def work(self, request):
+        """(denoising steps, decode chunks) of a checked request, for progress reports."""
+        raise NotImplementedError
 
     # diffusers' defaults of ``call_params`` (those declared with one), as the export writes them into the manifest
     call_defaults = {}

@@ -2,6 +2,7 @@
 
 import dataclasses
 import logging
+import math
 
 import numpy as np
 
@@ -52,6 +53,8 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
     call_params = CALL_PARAMS
     call_defaults = CALL_DEFAULTS
     video_fps_param = next(p for p in CALL_PARAMS if p.name == "fps")  # the conditioning fps is the video's too
+    input_param = Param("image", "image", required=True, cli=False, flag="--image",
+                        help="conditioning image: a path or URL on the command line, an uploaded file over HTTP")
 
     def __init__(self, artifact, scheduler):
         self.artifact = artifact
@@ -71,18 +74,36 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
         fits = [c for c in sorted(have, reverse=True) if c <= num_frames and (num_frames % c in have | {0})]
         return fits[0] if fits else num_frames
 
+    def check_request(self, request):
+        if request.get("decode_chunk_size") is None:
+            request["decode_chunk_size"] = self.default_decode_chunk(request["num_frames"])
+        request.setdefault("num_videos_per_prompt", 1)
+        self.check_inputs(request["image"], **{name: request[name] for name in self.defaulted()},
+                          decode_chunk_size=request["decode_chunk_size"],
+                          num_videos_per_prompt=request["num_videos_per_prompt"], output_type=request["output_type"])
+
+    def work(self, request):
+        from framegraph.runtime.image import as_image_list
+
+        videos = len(as_image_list(request["image"])) * request["num_videos_per_prompt"]
+        chunks = 0 if request["output_type"] == "latent" else videos * math.ceil(
+            request["num_frames"] / request["decode_chunk_size"])
+        return request["num_inference_steps"], chunks
+
     def check_inputs(self, image, height, width, num_frames, num_inference_steps=25, fps=7, motion_bucket_id=127,
                      noise_aug_strength=0.02, decode_chunk_size=None, num_videos_per_prompt=1, output_type="pil",
                      sigmas=None, min_guidance_scale=1.0, max_guidance_scale=3.0):
         """Raise :class:`InvalidRequestError` (a ValueError naming the argument in ``field``) unless this artifact
         can serve a call with these (resolved, see ``call_arguments``) arguments. Runs no graph."""
-        import PIL.Image
+        from framegraph.runtime.image import as_image_list
 
-        kinds = (PIL.Image.Image, np.ndarray)
-        if not (isinstance(image, kinds) or (isinstance(image, (list, tuple)) and image
-                                             and all(isinstance(i, kinds) for i in image))):
-            raise InvalidRequestError("image must be a PIL image, a numpy array or a non-empty list of them, got "
-                                      f"{type(image).__name__}; open files with load_image(path)", field="image")
+        problem = None
+        try:
+            as_image_list(image)
+        except (TypeError, ValueError) as exc:
+            problem = f"image: {exc}"
+        if problem is not None:  # raised outside the except block: no frame holding the image is kept
+            raise InvalidRequestError(problem, field="image")
         declared_call(CALL_PARAMS, dict(
             height=height, width=width, num_frames=num_frames, fps=fps, motion_bucket_id=motion_bucket_id,
             noise_aug_strength=noise_aug_strength, min_guidance_scale=min_guidance_scale,

@@ -2,6 +2,7 @@
 
 import dataclasses
 import logging
+import math
 import threading
 
 import numpy as np
@@ -53,6 +54,8 @@ class TextToVideoSDPipeline(ArtifactPipeline):
     call_params = CALL_PARAMS
     call_defaults = CALL_DEFAULTS
     video_fps_param = VIDEO_FPS_PARAM
+    input_param = Param("prompt", "text", required=True, maximum=4000, cli=False, flag="--prompt",
+                        help="what the video shows")
 
     def __init__(self, artifact, scheduler, tokenizer):
         self.artifact = artifact
@@ -123,6 +126,24 @@ class TextToVideoSDPipeline(ArtifactPipeline):
         return prompt_embeds, negative_prompt_embeds
 
     # -- checks ------------------------------------------------------------------------------------------------
+    def for_thread(self):
+        # A Hugging Face tokenizer keeps its padding / truncation settings on the object, and the pipeline tokenizes
+        # twice with different ones: shared between threads, one call's "longest" padding leaks into another's.
+        import copy
+
+        pipeline = copy.copy(self)
+        pipeline.tokenizer = copy.deepcopy(self.tokenizer)
+        return pipeline
+
+    def check_request(self, request):
+        self.check_inputs(request["prompt"], **{name: request[name] for name in self.defaulted()},
+                          output_type=request["output_type"], decode_chunk_size=request.get("decode_chunk_size"))
+
+    def work(self, request):
+        chunk = request.get("decode_chunk_size") or max(self.artifact.buckets("vae_decoder", "chunk"))
+        chunks = 0 if request["output_type"] == "latent" else math.ceil(request["num_frames"] / chunk)
+        return request["num_inference_steps"], chunks
+
     def check_inputs(self, prompt, height, width, num_frames, num_inference_steps=50, guidance_scale=9.0, eta=0.0,
                      output_type="np", decode_chunk_size=None, prompt_embeds=None):
         """Raise :class:`InvalidRequestError` (a ValueError naming the argument in ``field``) unless this artifact
