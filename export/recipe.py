@@ -1,8 +1,9 @@
 """What one pipeline kind exports (:class:`Recipe`), written by that kind's recipe function.
 
-A recipe function (``svd.svd_recipe``, ``t2v.t2v_recipe``) takes a PipelineFolder and ExportOptions, fills the
-options' ``None`` fields with the pipeline's defaults, and returns a Recipe. It must be a module-level function: the
-driver hands it to child processes, which call it again to rebuild the same recipe.
+A recipe function (``stable_video_diffusion_recipe``, ``text_to_video_sd_recipe``, each in its kind's module) takes a
+PipelineFolder and ExportOptions, fills the options' ``None`` fields with the pipeline's defaults, and returns a Recipe.
+It must be a module-level function: the driver hands it to child processes, which call it again to rebuild the same
+recipe.
 
 A leaf: it imports no other ``framegraph.export`` module, so every one of them may import it.
 """

@@ -2,12 +2,12 @@
 recipe function. Adding a pipeline kind adds one line here (docs/export.md); nothing dispatches on class names
 elsewhere."""
 
-from framegraph.export.svd import svd_recipe
-from framegraph.export.t2v import t2v_recipe
+from framegraph.export.stable_video_diffusion import stable_video_diffusion_recipe
+from framegraph.export.text_to_video_sd import text_to_video_sd_recipe
 
 RECIPES = {
-    "StableVideoDiffusionPipeline": svd_recipe,
-    "TextToVideoSDPipeline": t2v_recipe,
+    "StableVideoDiffusionPipeline": stable_video_diffusion_recipe,
+    "TextToVideoSDPipeline": text_to_video_sd_recipe,
 }
 
 

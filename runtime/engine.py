@@ -7,12 +7,13 @@
         engine.status(job)          # {"state": "running", "step": 3, "num_steps": 25, "decode_chunk": 0, ...}
         frames = engine.result(job)  # what the pipeline returns as .frames; or engine.cancel(job)
 
-The engine serves the pipeline registered (``framegraph.runtime.pipelines.PIPELINES``) under the manifest's
-``pipeline`` field; what it needs of it (request arguments, per-worker copies, how to count steps) the pipeline
-class declares, read by :class:`EnginePipeline`. Every job gets its own pipeline copy with a fresh scheduler (schedulers keep per-call state) and its own
-seed (drawn and reported when the request has none), so a job's frames do not depend on what else is running. The
-compiled graphs are shared: ONNX Runtime's ``InferenceSession.run`` is thread-safe. ``sessions="per_worker"`` opens
-one set of sessions per worker instead (more memory; ``python scripts/soak.py sessions`` compares the two).
+The engine serves the pipeline registered (``framegraph.runtime.pipelines.PIPELINES``) under the manifest's ``pipeline``
+field; what it needs of it (request arguments, per-worker copies, how to count steps) the pipeline class declares, read
+by :class:`EnginePipeline`. Every job gets its own pipeline copy with a fresh scheduler (schedulers keep per-call state)
+and its own seed (drawn and reported when the request has none), so a job's frames do not depend on what else is
+running. The compiled graphs are shared: ONNX Runtime's ``InferenceSession.run`` is thread-safe.
+``sessions="per_worker"`` opens one set of sessions per worker instead (more memory; ``python scripts/soak.py sessions``
+compares the two).
 """
 
 import collections

@@ -88,10 +88,11 @@ def svd_artifact(tmp_path_factory, ms, svd_tiny):
     """The tiny SVD exported once per session (ONNX + MindIR, frame buckets 2 and 3, decode chunks 1 and 2)."""
     from framegraph.export.pipeline_folder import PipelineFolder
     from framegraph.export.options import ExportOptions
-    from framegraph.export.svd import export_svd
+    from framegraph.export.stable_video_diffusion import export_stable_video_diffusion
 
     options = ExportOptions(formats=("onnx", "mindir"), **SVD_EXPORT)
-    return shared_export(tmp_path_factory, "svd-tiny", lambda out: export_svd(PipelineFolder(svd_tiny), out, options))
+    return shared_export(tmp_path_factory, "svd-tiny",
+                         lambda out: export_stable_video_diffusion(PipelineFolder(svd_tiny), out, options))
 
 
 T2V_EXPORT = {"frames": [4], "height": 32, "width": 32, "decode_chunk_sizes": [3]}
@@ -102,7 +103,8 @@ def t2v_artifact(tmp_path_factory, ms, t2v_tiny):
     """The tiny text-to-video model exported once per session (ONNX + MindIR, 4 frames, decode slices of 3)."""
     from framegraph.export.pipeline_folder import PipelineFolder
     from framegraph.export.options import ExportOptions
-    from framegraph.export.t2v import export_t2v
+    from framegraph.export.text_to_video_sd import export_text_to_video_sd
 
     options = ExportOptions(formats=("onnx", "mindir"), **T2V_EXPORT)
-    return shared_export(tmp_path_factory, "t2v-tiny", lambda out: export_t2v(PipelineFolder(t2v_tiny), out, options))
+    return shared_export(tmp_path_factory, "t2v-tiny",
+                         lambda out: export_text_to_video_sd(PipelineFolder(t2v_tiny), out, options))

@@ -20,11 +20,11 @@ def test_isolated_forward_chunked_export_equals_in_process_export(t2v_artifact, 
     from conftest import T2V_EXPORT
     from framegraph.export.pipeline_folder import PipelineFolder
     from framegraph.export.options import ExportOptions
-    from framegraph.export.t2v import export_t2v
+    from framegraph.export.text_to_video_sd import export_text_to_video_sd
 
     options = ExportOptions(formats=("onnx",), isolate="always", forward_chunk_size=128, attention_slice_mb=10,
                             **T2V_EXPORT)
-    out = export_t2v(PipelineFolder(t2v_tiny), tmp_path / "isolated", options)
+    out = export_text_to_video_sd(PipelineFolder(t2v_tiny), tmp_path / "isolated", options)
     isolated, in_process = Manifest.load(out), Manifest.load(t2v_artifact)
     assert not (out / ".scratch").exists()
     assert isolated.options["forward_chunk_size"] == 128

@@ -147,14 +147,14 @@ def test_export_without_tokenizer_fails_before_building_unless_random_weights(t2
 
     from framegraph.export.pipeline_folder import PipelineFolder
     from framegraph.export.options import ExportOptions
-    from framegraph.export.t2v import export_t2v
+    from framegraph.export.text_to_video_sd import export_text_to_video_sd
 
     folder = tmp_path / "pipeline"
     shutil.copytree(t2v_tiny, folder)
     shutil.rmtree(folder / "tokenizer")
     options = ExportOptions(formats=("onnx",), frames=[4], height=32, width=32)
     with pytest.raises(FileNotFoundError, match="tokenizer"):
-        export_t2v(PipelineFolder(folder), tmp_path / "art", options)
+        export_text_to_video_sd(PipelineFolder(folder), tmp_path / "art", options)
     assert not (tmp_path / "art").exists() and not list(tmp_path.glob(".art.partial-*"))
 
 

@@ -15,10 +15,10 @@ from framegraph.runtime.manifest import Manifest
 def int8_artifact(ms, t2v_tiny, tmp_path_factory):
     from framegraph.export.pipeline_folder import PipelineFolder
     from framegraph.export.options import ExportOptions
-    from framegraph.export.t2v import export_t2v
+    from framegraph.export.text_to_video_sd import export_text_to_video_sd
 
     options = ExportOptions(formats=("onnx",), quantize="int8", isolate="never", **T2V_EXPORT)
-    return export_t2v(PipelineFolder(t2v_tiny), tmp_path_factory.mktemp("int8") / "t2v-int8", options)
+    return export_text_to_video_sd(PipelineFolder(t2v_tiny), tmp_path_factory.mktemp("int8") / "t2v-int8", options)
 
 
 def test_int8_unet_uses_standard_integer_ops_and_smaller_weights(int8_artifact, t2v_artifact):
@@ -83,9 +83,9 @@ def test_int8_frames_are_close_to_float_frames(int8_artifact, t2v_artifact):
 def test_quantize_needs_onnx(t2v_tiny, tmp_path):
     from framegraph.export.pipeline_folder import PipelineFolder
     from framegraph.export.options import ExportOptions
-    from framegraph.export.t2v import export_t2v
+    from framegraph.export.text_to_video_sd import export_text_to_video_sd
 
     with pytest.raises(ValueError, match="--quantize"):
-        export_t2v(PipelineFolder(t2v_tiny), tmp_path / "x", ExportOptions(formats=("mindir",), quantize="int8",
-                                                                            **T2V_EXPORT))
+        export_text_to_video_sd(PipelineFolder(t2v_tiny), tmp_path / "x",
+                                ExportOptions(formats=("mindir",), quantize="int8", **T2V_EXPORT))
     assert not (tmp_path / "x").exists()

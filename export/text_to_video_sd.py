@@ -7,8 +7,8 @@ from framegraph.export.driver import export_pipeline
 from framegraph.export.options import validate_options
 from framegraph.export.recipe import Recipe, whole_model
 from framegraph.export.specs import latent_constants
-from framegraph.export.t2v_specs import t2v_buckets, t2v_dims, t2v_graph_specs
-from framegraph.runtime.pipelines.text_to_video_synth import CALL_DEFAULTS, PIPELINE_KIND
+from framegraph.export import text_to_video_sd_specs as specs
+from framegraph.runtime.pipelines.text_to_video_sd import CALL_DEFAULTS, PIPELINE_KIND
 
 logger = logging.getLogger(__name__)
 
@@ -21,11 +21,11 @@ def _vae_decoder(net, bucket):
     return VaeDecoderGraph(net)
 
 
-def t2v_recipe(pipeline, options):
+def text_to_video_sd_recipe(pipeline, options):
     """The Recipe of ``pipeline`` (a PipelineFolder); fills the ``None`` fields of ``options`` with the pipeline's
     defaults."""
     configs = {c: pipeline.config(c) for c in ("text_encoder", "vae", "unet")}
-    dims = t2v_dims(configs["text_encoder"], configs["vae"], configs["unet"])
+    dims = specs.dims(configs["text_encoder"], configs["vae"], configs["unet"])
     default_size = int(configs["unet"].get("sample_size", 32)) * dims["vae_scale_factor"]
     options.frames = [CALL_DEFAULTS["num_frames"]] if options.frames is None else options.frames
     options.height = default_size if options.height is None else options.height
@@ -39,8 +39,8 @@ def t2v_recipe(pipeline, options):
             ("vae", {"vae_decoder": _vae_decoder}),
             ("unet", {"unet": whole_model}),
         ],
-        specs=t2v_graph_specs(dims),
-        plan=t2v_buckets(options.frames, options.height, options.width, options.batch, options.decode_chunk_sizes),
+        specs=specs.graph_specs(dims),
+        plan=specs.buckets(options.frames, options.height, options.width, options.batch, options.decode_chunk_sizes),
         constants={
             **latent_constants(configs["vae"], dims),
             "max_length": dims["max_length"],
@@ -57,6 +57,6 @@ def t2v_recipe(pipeline, options):
     )
 
 
-def export_t2v(pipeline, out, options, source_name=None, progress=None):
+def export_text_to_video_sd(pipeline, out, options, source_name=None, progress=None):
     """Export ``pipeline`` (a PipelineFolder of a text-to-video model) to the artifact folder ``out``."""
-    return export_pipeline(pipeline, out, options, t2v_recipe, source_name, progress)
+    return export_pipeline(pipeline, out, options, text_to_video_sd_recipe, source_name, progress)

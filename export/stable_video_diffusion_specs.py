@@ -5,8 +5,8 @@ import numpy as np
 from framegraph.export.specs import GraphSpec, TensorDef, _randn, latent_dims, vae_decoder_spec
 
 
-def svd_graph_specs(dims):
-    """Specs for an SVD model with dimensions ``dims`` (see ``svd_dims``)."""
+def graph_specs(dims):
+    """Specs for an SVD model with dimensions ``dims`` (see ``dims``)."""
     f = dims["vae_scale_factor"]
     size = dims["clip_image_size"]
     latent = dims["latent_channels"]
@@ -54,7 +54,7 @@ def svd_graph_specs(dims):
     return {s.name: s for s in (image_encoder, vae_encoder, unet, vae_decoder)}
 
 
-def svd_dims(image_encoder_config, vae_config, unet_config):
+def dims(image_encoder_config, vae_config, unet_config):
     return {
         "clip_image_size": int(image_encoder_config["image_size"]),
         "projection_dim": int(image_encoder_config["projection_dim"]),
@@ -62,7 +62,7 @@ def svd_dims(image_encoder_config, vae_config, unet_config):
     }
 
 
-def svd_buckets(frames, height, width, batch, decode_chunk_sizes, guidance_batches=(2, 1)):
+def buckets(frames, height, width, batch, decode_chunk_sizes, guidance_batches=(2, 1)):
     """The (graph name, bucket) pairs an SVD export compiles.
 
     UNet: one graph per frame count, for the classifier-free-guidance batch (2B) and the guidance-off batch (B).

@@ -8,7 +8,7 @@ from framegraph.export.driver import export_pipeline
 from framegraph.export.options import validate_options
 from framegraph.export.recipe import Recipe, whole_model
 from framegraph.export.specs import latent_constants
-from framegraph.export.svd_specs import svd_buckets, svd_dims, svd_graph_specs
+from framegraph.export import stable_video_diffusion_specs as specs
 from framegraph.runtime.pipelines.stable_video_diffusion import CALL_DEFAULTS, PIPELINE_KIND
 
 logger = logging.getLogger(__name__)
@@ -32,11 +32,11 @@ def _vae_decoder(net, bucket):
     return VaeDecoderGraph(net, bucket["chunk"])
 
 
-def svd_recipe(pipeline, options):
+def stable_video_diffusion_recipe(pipeline, options):
     """The Recipe of ``pipeline`` (a PipelineFolder); fills the ``None`` fields of ``options`` with the pipeline's
     defaults."""
     configs = {c: pipeline.config(c) for c in ("image_encoder", "vae", "unet")}
-    dims = svd_dims(configs["image_encoder"], configs["vae"], configs["unet"])
+    dims = specs.dims(configs["image_encoder"], configs["vae"], configs["unet"])
     unet_frames = int(configs["unet"].get("num_frames", 25))
     options.frames = [unet_frames] if options.frames is None else options.frames
     options.height = DEFAULT_HEIGHT if options.height is None else options.height
@@ -53,8 +53,8 @@ def svd_recipe(pipeline, options):
             ("vae", {"vae_encoder": _vae_encoder, "vae_decoder": _vae_decoder}),
             ("unet", {"unet": whole_model}),
         ],
-        specs=svd_graph_specs(dims),
-        plan=svd_buckets(options.frames, options.height, options.width, options.batch, options.decode_chunk_sizes),
+        specs=specs.graph_specs(dims),
+        plan=specs.buckets(options.frames, options.height, options.width, options.batch, options.decode_chunk_sizes),
         constants={
             **latent_constants(configs["vae"], dims),
             "clip_image_size": dims["clip_image_size"],
@@ -73,6 +73,6 @@ def svd_recipe(pipeline, options):
     )
 
 
-def export_svd(pipeline, out, options, source_name=None, progress=None):
+def export_stable_video_diffusion(pipeline, out, options, source_name=None, progress=None):
     """Export ``pipeline`` (a PipelineFolder of an SVD model) to the artifact folder ``out``."""
-    return export_pipeline(pipeline, out, options, svd_recipe, source_name, progress)
+    return export_pipeline(pipeline, out, options, stable_video_diffusion_recipe, source_name, progress)

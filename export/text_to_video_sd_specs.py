@@ -7,7 +7,7 @@ from framegraph.export.specs import GraphSpec, TensorDef, _randn, latent_dims, v
 DEFAULT_DECODE_SLICE = 8
 
 
-def t2v_graph_specs(dims):
+def graph_specs(dims):
     f = dims["vae_scale_factor"]
     length = dims["max_length"]
 
@@ -41,7 +41,7 @@ def t2v_graph_specs(dims):
     return {s.name: s for s in (text_encoder, unet, vae_decoder)}
 
 
-def t2v_dims(text_config, vae_config, unet_config):
+def dims(text_config, vae_config, unet_config):
     return {
         "max_length": int(text_config.get("max_position_embeddings", 77)),
         "vocab_size": int(text_config["vocab_size"]),
@@ -50,7 +50,7 @@ def t2v_dims(text_config, vae_config, unet_config):
     }
 
 
-def t2v_buckets(frames, height, width, batch, decode_chunk_sizes, guidance_batches=(2, 1)):
+def buckets(frames, height, width, batch, decode_chunk_sizes, guidance_batches=(2, 1)):
     """Text encoder per batch; UNet per frame count for the guidance (2B) and no-guidance (B) batches; the
     per-frame VAE decoder for each slice size (default: min(8, longest bucket)); the runtime loops slices."""
     plan = [("text_encoder", {"batch": batch})]
