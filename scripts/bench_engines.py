@@ -311,7 +311,7 @@ def import_engine(engine):
 
         return _diffusers
     import framegraph.runtime.pipelines.stable_video_diffusion  # noqa: F401
-    import framegraph.runtime.pipelines.text_to_video_synth  # noqa: F401
+    import framegraph.runtime.pipelines.text_to_video_sd  # noqa: F401
     import onnxruntime  # noqa: F401
 
     if engine.backend == "mindspore":
