@@ -198,6 +198,28 @@ class ArtifactPipeline:
         return self.artifact.graph("unet", num_frames=num_frames, batch=self.batch * (2 if cfg else 1),
                                    height=height, width=width)
 
+    def _unet(self, batched, t, cfg, num_frames, height, width, graph=None, last=False):
+        """Run the UNet (``graph``, or the artifact's bucket) at timestep ``t`` on ``batched`` (its other inputs by
+        name, each [2N or N, ...]: with guidance the unconditional half first), graph batch by graph batch;
+        ``last``: the denoising loop's last step, whose last run gives the UNet's working memory back
+        (``Graph.run(shrink=True)``)."""
+        n = len(batched["sample"]) // (2 if cfg else 1)
+        if graph is None:
+            graph = self._unet_graph(num_frames, cfg, height, width)
+        timestep = np.asarray(t, dtype=np.float32).reshape(())
+        outputs = []
+        for start in range(0, n, self.batch):
+            idx = np.arange(start, start + self.batch)
+            if cfg:  # a guidance graph batch holds both halves of its videos
+                idx = np.concatenate([idx, idx + n])
+            feeds = {name: value[idx] for name, value in batched.items()}
+            feeds["timestep"] = timestep
+            outputs.append(graph.run(feeds, shrink=last and start + self.batch >= n)["noise_pred"])
+        if not cfg:
+            return np.concatenate(outputs)
+        half = self.batch
+        return np.concatenate([o[:half] for o in outputs] + [o[half:] for o in outputs])
+
     def _unet_for_call(self, num_frames, cfg, height, width):
         """The UNet bucket a call holds from its start to its end (None in low-memory mode, where each step asks
         for it again after the other graphs closed it).

@@ -147,29 +147,6 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
             latents = np.concatenate([np.zeros_like(latents), latents])
         return latents
 
-    def _unet(self, latent_model_input, t, embeds, added_time_ids, cfg, num_frames, height, width, graph=None,
-              last=False):
-        """Run the UNet (``graph``, or the artifact's bucket) on a [2N or N, F, C, h, w] batch, graph batch by graph
-        batch; ``last``: the denoising loop's last step, whose last run gives the UNet's working memory back
-        (``Graph.run(shrink=True)``)."""
-        n = latent_model_input.shape[0] // (2 if cfg else 1)
-        if graph is None:
-            graph = self._unet_graph(num_frames, cfg, height, width)
-        timestep = np.asarray(t, dtype=np.float32).reshape(())
-        outputs = []
-        for start in range(0, n, self.batch):
-            idx = np.arange(start, start + self.batch)
-            if cfg:
-                idx = np.concatenate([idx, idx + n])
-            feeds = {"sample": latent_model_input[idx], "timestep": timestep, "encoder_hidden_states": embeds[idx],
-                     "added_time_ids": added_time_ids[idx]}
-            out = graph.run(feeds, shrink=last and start + self.batch >= n)["noise_pred"]
-            outputs.append(out)
-        if not cfg:
-            return np.concatenate(outputs)
-        half = self.batch
-        return np.concatenate([o[:half] for o in outputs] + [o[half:] for o in outputs])
-
     def decode_latents(self, latents, num_frames, decode_chunk_size, height, width, progress=None):
         """Decode [N, F, C, h, w] latents video by video in chunks of ``decode_chunk_size`` frames."""
         latents = latents / self.artifact.constants["vae_scaling_factor"]
@@ -251,7 +228,8 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
             model_input = np.concatenate([latents] * 2) if cfg else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
             model_input = np.concatenate([model_input, image_latents], axis=2).astype(np.float32)
-            noise_pred = self._unet(model_input, t, embeds, added_time_ids, cfg, num_frames, height, width, unet,
+            noise_pred = self._unet({"sample": model_input, "encoder_hidden_states": embeds,
+                                     "added_time_ids": added_time_ids}, t, cfg, num_frames, height, width, unet,
                                     last=i == len(timesteps) - 1)
             if cfg:
                 uncond, cond = noise_pred[:n], noise_pred[n:]

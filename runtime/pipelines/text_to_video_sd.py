@@ -168,25 +168,6 @@ class TextToVideoSDPipeline(ArtifactPipeline):
                 field="decode_chunk_size")
 
     # -- stages ------------------------------------------------------------------------------------------------
-    def _unet(self, model_input, t, embeds, cfg, num_frames, height, width, graph=None, last=False):
-        """Run the UNet graph batch by graph batch; ``last``: the denoising loop's last step, whose last run gives
-        the UNet's working memory back (``Graph.run(shrink=True)``)."""
-        n = model_input.shape[0] // (2 if cfg else 1)
-        if graph is None:
-            graph = self._unet_graph(num_frames, cfg, height, width)
-        timestep = np.asarray(t, dtype=np.float32).reshape(())
-        outputs = []
-        for start in range(0, n, self.batch):
-            idx = np.arange(start, start + self.batch)
-            if cfg:
-                idx = np.concatenate([idx, idx + n])
-            feeds = {"sample": model_input[idx], "timestep": timestep, "encoder_hidden_states": embeds[idx]}
-            outputs.append(graph.run(feeds, shrink=last and start + self.batch >= n)["noise_pred"])
-        if not cfg:
-            return np.concatenate(outputs)
-        half = self.batch
-        return np.concatenate([o[:half] for o in outputs] + [o[half:] for o in outputs])
-
     def decode_latents(self, latents, height, width, decode_chunk_size=None, progress=None):
         """[B, C, F, h, w] latents -> [B, 3, F, H, W] video, decoding ``decode_chunk_size`` frames at a time (VAE
         slicing; frames are independent, so the result does not depend on the slice)."""
@@ -246,8 +227,8 @@ class TextToVideoSDPipeline(ArtifactPipeline):
         for i, t in enumerate(timesteps):
             model_input = np.concatenate([latents] * 2) if cfg else latents
             model_input = self.scheduler.scale_model_input(model_input, t).astype(np.float32)
-            noise_pred = self._unet(model_input, t, embeds, cfg, num_frames, height, width, unet,
-                                    last=i == len(timesteps) - 1)
+            noise_pred = self._unet({"sample": model_input, "encoder_hidden_states": embeds}, t, cfg, num_frames,
+                                    height, width, unet, last=i == len(timesteps) - 1)
             if cfg:
                 uncond, text = noise_pred[:n], noise_pred[n:]
                 noise_pred = uncond + guidance_scale * (text - uncond)
