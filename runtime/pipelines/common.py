@@ -220,6 +220,14 @@ class ArtifactPipeline:
         half = self.batch
         return np.concatenate([o[:half] for o in outputs] + [o[half:] for o in outputs])
 
+    def _step_callback(self, callback_on_step_end, i, t, latents):
+        """diffusers' ``callback_on_step_end(pipe, step, timestep, {"latents": ...})``, which may replace the
+        latents; the latents to go on with."""
+        if callback_on_step_end is None:
+            return latents
+        outputs = callback_on_step_end(self, i, t, {"latents": latents}) or {}
+        return outputs.pop("latents", latents)
+
     def _unet_for_call(self, num_frames, cfg, height, width):
         """The UNet bucket a call holds from its start to its end (None in low-memory mode, where each step asks
         for it again after the other graphs closed it).

@@ -235,9 +235,7 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
                 uncond, cond = noise_pred[:n], noise_pred[n:]
                 noise_pred = uncond + guidance * (cond - uncond)
             latents = self.scheduler.step(noise_pred, t, latents).prev_sample.astype(np.float32)
-            if callback_on_step_end is not None:
-                outputs = callback_on_step_end(self, i, t, {"latents": latents}) or {}
-                latents = outputs.pop("latents", latents)
+            latents = self._step_callback(callback_on_step_end, i, t, latents)
             bar.step("denoise")
 
         if output_type == "latent":

@@ -233,9 +233,7 @@ class TextToVideoSDPipeline(ArtifactPipeline):
                 uncond, text = noise_pred[:n], noise_pred[n:]
                 noise_pred = uncond + guidance_scale * (text - uncond)
             latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample.astype(np.float32)
-            if callback_on_step_end is not None:
-                outputs = callback_on_step_end(self, i, t, {"latents": latents}) or {}
-                latents = outputs.pop("latents", latents)
+            latents = self._step_callback(callback_on_step_end, i, t, latents)
             bar.step("denoise")
 
         if output_type == "latent":
