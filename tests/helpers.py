@@ -66,3 +66,51 @@ def sleep_then_write(path, seconds):
 
     time.sleep(seconds)
     Path(path).write_text("the child outlived its parent")
+
+
+def find_cycle(graph):
+    """One cycle of ``graph`` ({node: nodes it points to}) as a list of nodes (first == last), or None."""
+    state = {}
+
+    def visit(node, trail):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return trail[trail.index(nxt):] + [nxt]
+            if nxt not in state:
+                cycle = visit(nxt, trail + [nxt])
+                if cycle:
+                    return cycle
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            cycle = visit(start, [start])
+            if cycle:
+                return cycle
+    return None
+
+
+def tiny_onnx_model(sample_shape=(1, 2, 3), out_shape=(1, 2, 3)):
+    """out = sample * timestep + 1, doubled = sample * 2: a tiny graph written with the onnx helper API (a dimension
+    may be symbolic, e.g. "batch"; a shape of None declares none)."""
+    from onnx import TensorProto, helper
+
+    sample_shape = None if sample_shape is None else list(sample_shape)
+    out_shape = None if out_shape is None else list(out_shape)
+    nodes = [
+        helper.make_node("Mul", ["sample", "timestep"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "one"], ["out"]),
+        helper.make_node("Mul", ["sample", "two"], ["doubled"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, sample_shape),
+         helper.make_tensor_value_info("timestep", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape),
+         helper.make_tensor_value_info("doubled", TensorProto.FLOAT, sample_shape)],
+        initializer=[helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
+                     helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)

@@ -17,6 +17,7 @@ from framegraph.runtime.backends import (
     load_backend,
 )
 from framegraph.runtime.manifest import ArtifactError, GraphEntry, Manifest, TensorSpec, file_entry
+from helpers import tiny_onnx_model
 
 SHAPE = [1, 2, 3]
 INPUTS = [TensorSpec("sample", "float32", SHAPE), TensorSpec("timestep", "float32", [])]
@@ -34,26 +35,9 @@ def feeds(seed=0):
 
 
 def build_onnx(path):
-    """out = sample * timestep + 1, doubled = sample * 2 (tiny graph written with the onnx helper API)."""
+    """The tiny graph of ``helpers.tiny_onnx_model`` at ``path``."""
     onnx = pytest.importorskip("onnx")
-    from onnx import TensorProto, helper
-
-    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
-    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
-    nodes = [
-        helper.make_node("Mul", ["sample", "timestep"], ["scaled"]),
-        helper.make_node("Add", ["scaled", "one"], ["out"]),
-        helper.make_node("Mul", ["sample", "two"], ["doubled"]),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny",
-        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, SHAPE),
-         helper.make_tensor_value_info("timestep", TensorProto.FLOAT, [])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, SHAPE),
-         helper.make_tensor_value_info("doubled", TensorProto.FLOAT, SHAPE)],
-        initializer=[one, two],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    model = tiny_onnx_model(SHAPE, SHAPE)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import find_cycle
+
 EXPORT = Path(__file__).resolve().parent.parent / "export"
 PACKAGE = "framegraph.export"
 LEAVES = ("options", "recipe")  # the types every other export module may import
@@ -41,30 +43,6 @@ def imported_modules(path):
 
 def import_graph(folder=EXPORT):
     return {path.stem: imported_modules(path) for path in sorted(Path(folder).glob("*.py"))}
-
-
-def find_cycle(graph):
-    """One import cycle of ``graph`` as a list of modules (first == last), or None."""
-    state = {}
-
-    def visit(node, trail):
-        state[node] = "open"
-        for nxt in sorted(graph.get(node, ())):
-            if state.get(nxt) == "open":
-                return trail[trail.index(nxt):] + [nxt]
-            if nxt not in state:
-                cycle = visit(nxt, trail + [nxt])
-                if cycle:
-                    return cycle
-        state[node] = "done"
-        return None
-
-    for start in sorted(graph):
-        if start not in state:
-            cycle = visit(start, [start])
-            if cycle:
-                return cycle
-    return None
 
 
 def test_export_modules_have_no_import_cycle():

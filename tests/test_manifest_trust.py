@@ -26,6 +26,8 @@ from framegraph.runtime.manifest import (
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from helpers import tiny_onnx_model  # noqa: E402
+
 SHAPE = [1, 2, 3]
 INPUTS = [TensorSpec("sample", "float32", SHAPE), TensorSpec("timestep", "float32", [])]
 OUTPUTS = [TensorSpec("out", "float32", SHAPE), TensorSpec("doubled", "float32", SHAPE)]
@@ -33,22 +35,8 @@ KEY = "unet/onnx/num_frames=2"
 
 
 def build_onnx(path, sample_shape=SHAPE, out_shape=SHAPE):
-    """out = sample * timestep + 1, doubled = sample * 2 (a dimension may be symbolic, e.g. "batch")."""
-    nodes = [
-        helper.make_node("Mul", ["sample", "timestep"], ["scaled"]),
-        helper.make_node("Add", ["scaled", "one"], ["out"]),
-        helper.make_node("Mul", ["sample", "two"], ["doubled"]),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny",
-        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, sample_shape),
-         helper.make_tensor_value_info("timestep", TensorProto.FLOAT, [])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape),
-         helper.make_tensor_value_info("doubled", TensorProto.FLOAT, sample_shape)],
-        initializer=[helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
-                     helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
+    """The tiny graph of ``helpers.tiny_onnx_model`` at ``path``."""
+    onnx.save(tiny_onnx_model(sample_shape, out_shape), str(path))
 
 
 def write_manifest(folder, files, inputs=INPUTS, outputs=OUTPUTS, fmt="onnx", extra_files=()):

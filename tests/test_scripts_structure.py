@@ -9,6 +9,8 @@ from pathlib import Path
 
 import bench_variants
 
+from helpers import find_cycle
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,30 +45,6 @@ def import_graph(folder):
     return {path.stem: script_imports(path.read_text(), names - {path.stem}) for path in sorted(folder.glob("*.py"))}
 
 
-def import_cycle(graph):
-    """A list of scripts, each importing the next and the last the first; None when the imports have no cycle."""
-    state = {}
-
-    def visit(module, path):
-        state[module] = "open"
-        for imported in sorted(graph.get(module, {})):
-            if state.get(imported) == "open":
-                return path[path.index(imported):]
-            if imported not in state:
-                cycle = visit(imported, path + [imported])
-                if cycle:
-                    return cycle
-        state[module] = "done"
-        return None
-
-    for module in sorted(graph):
-        if module not in state:
-            cycle = visit(module, [module])
-            if cycle:
-                return cycle
-    return None
-
-
 def _is_sys_path(node):
     return (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
             and node.value.id == "sys")
@@ -85,7 +63,7 @@ def edits_sys_path(source):
 
 
 def test_no_two_scripts_import_each_other():
-    cycle = import_cycle({module: set(taken) for module, taken in import_graph(ROOT / "scripts").items()})
+    cycle = find_cycle({module: set(taken) for module, taken in import_graph(ROOT / "scripts").items()})
     assert cycle is None, f"scripts import each other: {' -> '.join(cycle + cycle[:1])}"
 
 
@@ -106,8 +84,8 @@ def test_the_checks_find_a_mutual_import_a_private_name_and_a_sys_path_edit():
     graph = {"a": script_imports("def f():\n    from b import _helper\n", {"b"}),
              "b": script_imports("import a\nx = a.y\n", {"a"})}
     assert graph == {"a": {"b": {"_helper"}}, "b": {"a": {"y"}}}
-    assert import_cycle(graph) == ["a", "b"]
-    assert import_cycle({"a": {"b": set()}, "b": {}}) is None
+    assert find_cycle(graph) == ["a", "b", "a"]
+    assert find_cycle({"a": {"b": set()}, "b": {}}) is None
     assert edits_sys_path("import sys\nsys.path.insert(0, 'scripts')\n")
     assert edits_sys_path("import sys\nsys.path[:0] = ['scripts']\n")
     assert not edits_sys_path("import sys\nprint(sys.path)\n")
