@@ -1,6 +1,6 @@
 """What one pipeline kind exports (:class:`Recipe`), written by that kind's recipe function.
 
-A recipe function (``stable_video_diffusion_recipe``, ``text_to_video_sd_recipe``, each in its kind's module) takes a
+A recipe function (``recipe`` in each kind's module) takes a
 PipelineFolder and ExportOptions, fills the options' ``None`` fields with the pipeline's defaults, and returns a Recipe.
 It must be a module-level function: the driver hands it to child processes, which call it again to rebuild the same
 recipe.

@@ -32,7 +32,7 @@ def _vae_decoder(net, bucket):
     return VaeDecoderGraph(net, bucket["chunk"])
 
 
-def stable_video_diffusion_recipe(pipeline, options):
+def recipe(pipeline, options):
     """The Recipe of ``pipeline`` (a PipelineFolder); fills the ``None`` fields of ``options`` with the pipeline's
     defaults."""
     configs = {c: pipeline.config(c) for c in ("image_encoder", "vae", "unet")}
@@ -75,4 +75,4 @@ def stable_video_diffusion_recipe(pipeline, options):
 
 def export_stable_video_diffusion(pipeline, out, options, source_name=None, progress=None):
     """Export ``pipeline`` (a PipelineFolder of an SVD model) to the artifact folder ``out``."""
-    return export_pipeline(pipeline, out, options, stable_video_diffusion_recipe, source_name, progress)
+    return export_pipeline(pipeline, out, options, recipe, source_name, progress)

@@ -21,7 +21,7 @@ def _vae_decoder(net, bucket):
     return VaeDecoderGraph(net)
 
 
-def text_to_video_sd_recipe(pipeline, options):
+def recipe(pipeline, options):
     """The Recipe of ``pipeline`` (a PipelineFolder); fills the ``None`` fields of ``options`` with the pipeline's
     defaults."""
     configs = {c: pipeline.config(c) for c in ("text_encoder", "vae", "unet")}
@@ -59,4 +59,4 @@ def text_to_video_sd_recipe(pipeline, options):
 
 def export_text_to_video_sd(pipeline, out, options, source_name=None, progress=None):
     """Export ``pipeline`` (a PipelineFolder of a text-to-video model) to the artifact folder ``out``."""
-    return export_pipeline(pipeline, out, options, text_to_video_sd_recipe, source_name, progress)
+    return export_pipeline(pipeline, out, options, recipe, source_name, progress)

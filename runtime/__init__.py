@@ -18,8 +18,8 @@ _EXPORTS = {
     "Engine": "framegraph.runtime.engine",
     "ArtifactError": "framegraph.runtime.manifest",
 }
-for _module, _name in PIPELINES.values():  # each pipeline class and its output class
-    _EXPORTS.update({_name: _module, f"{_name}Output": _module})
+for _entry in PIPELINES.values():  # each pipeline class and its output class
+    _EXPORTS.update({_entry.class_name: _entry.module, f"{_entry.class_name}Output": _entry.module})
 
 __all__ = sorted(_EXPORTS)
 

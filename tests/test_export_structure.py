@@ -1,7 +1,8 @@
 """The shape of the export package (docs/export.md): no import cycle among its modules, counting the imports inside
 functions too; the options and recipe types import no other export module; no module is over the size limit.
 
-These tests read the source with ``ast`` and import nothing from the package.
+These tests read the source with ``ast`` and import nothing from the package (the pipeline registry comes from the
+runtime).
 """
 
 import ast
@@ -42,7 +43,18 @@ def imported_modules(path):
 
 
 def import_graph(folder=EXPORT):
-    return {path.stem: imported_modules(path) for path in sorted(Path(folder).glob("*.py"))}
+    """{module: the export modules it imports}; the registry also imports, by name, the recipe module of every
+    pipeline kind registered in ``framegraph.runtime.pipelines.PIPELINES``."""
+    graph = {path.stem: imported_modules(path) for path in sorted(Path(folder).glob("*.py"))}
+    if "registry" in graph and folder == EXPORT:
+        graph["registry"] |= registered_recipe_modules()
+    return graph
+
+
+def registered_recipe_modules():
+    from framegraph.runtime.pipelines import PIPELINES
+
+    return {_submodule(entry.export_module) for entry in PIPELINES.values()}
 
 
 def test_export_modules_have_no_import_cycle():
@@ -66,13 +78,18 @@ def test_options_and_recipe_types_are_leaves(leaf):
     assert import_graph()[leaf] == set(), f"export/{leaf}.py must import no other framegraph.export module"
 
 
-def test_no_export_module_is_imported_by_a_computed_name():
-    """The import graph above is the whole graph: no ``importlib.import_module(f"framegraph.export.{name}")``."""
+def test_only_the_registry_imports_by_a_computed_name_and_only_registered_recipes():
+    """The import graph above is the whole graph: the one ``importlib.import_module`` of an export module is the
+    registry's, of the recipe modules registered for the pipeline kinds, each of which exists and has a ``recipe``."""
     for path in sorted(EXPORT.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module":
                 text = ast.unparse(node.args[0]) if node.args else ""
-                assert "framegraph.export" not in text, f"{path.name}: import {text} directly instead"
+                assert path.stem == "registry" or "framegraph.export" not in text, \
+                    f"{path.name}: import {text} directly instead"
+    for module in registered_recipe_modules():
+        tree = ast.parse((EXPORT / f"{module}.py").read_text(encoding="utf-8"))
+        assert "recipe" in {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}, module
 
 
 def test_export_modules_stay_small():

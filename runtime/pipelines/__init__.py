@@ -1,12 +1,24 @@
 """Pipelines over compiled graphs, one file per diffusers pipeline, registered here by their kind (the manifest's
-``pipeline`` field). The engine, the HTTP server, the CLI and ``framegraph.runtime`` find them in ``PIPELINES``."""
+``pipeline`` field): the one registration of a pipeline kind. The engine, the HTTP server, the CLI and
+``framegraph.runtime`` find the runtime class here; the export finds the kind's recipe module here (by name: the
+runtime never imports the export).
+"""
 
 import importlib
+from typing import NamedTuple
 
-# kind -> (module, class)
+
+class PipelineKind(NamedTuple):
+    module: str  # the runtime pipeline's module
+    class_name: str  # its class: diffusers' pipeline class name, as model_index.json's _class_name says
+    export_module: str  # the export recipe's module (its ``recipe(pipeline_folder, options)``)
+
+
 PIPELINES = {
-    "stable-video-diffusion": ("framegraph.runtime.pipelines.stable_video_diffusion", "StableVideoDiffusionPipeline"),
-    "text-to-video-sd": ("framegraph.runtime.pipelines.text_to_video_sd", "TextToVideoSDPipeline"),
+    "stable-video-diffusion": PipelineKind("framegraph.runtime.pipelines.stable_video_diffusion",
+                                           "StableVideoDiffusionPipeline", "framegraph.export.stable_video_diffusion"),
+    "text-to-video-sd": PipelineKind("framegraph.runtime.pipelines.text_to_video_sd", "TextToVideoSDPipeline",
+                                     "framegraph.export.text_to_video_sd"),
 }
 
 
@@ -15,8 +27,8 @@ def pipeline_class(kind):
     if kind not in PIPELINES:
         raise ValueError(f"no pipeline of kind {kind!r} in this framegraph (it has {', '.join(sorted(PIPELINES))}); "
                          "install the framegraph version that exported the artifact")
-    module, name = PIPELINES[kind]
-    return getattr(importlib.import_module(module), name)
+    entry = PIPELINES[kind]
+    return getattr(importlib.import_module(entry.module), entry.class_name)
 
 
 def pipeline_classes():
