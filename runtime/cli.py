@@ -125,9 +125,22 @@ def _serve_parser(sub):
     serve.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "mindspore", "mindspore_lite"))
     serve.add_argument("--device", default=None, help="cpu, cuda (onnxruntime); CPU, GPU, Ascend (MindSpore)")
     serve.add_argument("--threads", type=_count(1), default=None, help="intra-op threads per session")
+    ray = serve.add_argument_group("Ray Serve (needs the ray extra; docs/scale-out.md)")
+    ray.add_argument("--ray", action="store_true", help="serve on Ray Serve: model replicas behind the same HTTP API "
+                     "(--workers and --max-queue then apply per replica and to the whole cluster)")
+    ray.add_argument("--address", default=None, help="the Ray cluster to join: 'auto' (this node's) or HOST:PORT; "
+                     "default: start a local Ray instance")
+    ray.add_argument("--replicas", type=_count(1), default=None, help="model replicas, each opening the artifact "
+                     "once (default 2)")
+    ray.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs each replica reserves (default 1)")
 
 
 def serve(args):
+    if args.ray:
+        return serve_ray(args)
+    for flag, value in (("--address", args.address), ("--replicas", args.replicas)):
+        if value is not None:
+            raise UsageError(f"{flag} applies to Ray Serve only; add --ray, or leave it out")
     try:
         from framegraph.runtime.server import serve as run_server
     except ImportError as exc:
@@ -135,6 +148,19 @@ def serve(args):
     options = {k: v for k, v in (("device", args.device), ("num_threads", args.threads)) if v is not None}
     run_server(args.artifacts, host=args.host, port=args.port, workers=args.workers, max_queue=args.max_queue,
                sessions=args.sessions, verify=args.verify, warmup=args.warmup, backend=args.backend, **options)
+    return 0
+
+
+def serve_ray(args):
+    """``serve --ray``: the artifact on Ray Serve (runtime/ray_serve.py) until interrupted."""
+    try:
+        from framegraph.runtime.ray_serve import serve_on_ray
+    except ImportError as exc:
+        raise SystemExit(str(exc))
+    options = {k: v for k, v in (("device", args.device), ("num_threads", args.threads)) if v is not None}
+    serve_on_ray(args.artifacts, address=args.address, host=args.host, port=args.port, replicas=args.replicas or 2,
+                 replica_cpus=args.replica_cpus, workers=args.workers, max_queue=args.max_queue,
+                 sessions=args.sessions, verify=args.verify, warmup=args.warmup, backend=args.backend, **options)
     return 0
 
 

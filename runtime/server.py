@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import tempfile
 
 try:
@@ -46,6 +47,8 @@ MAX_FIELD_BYTES = 16 * 1024  # a 4000-character prompt in UTF-8
 RETRY_AFTER_S = 2
 EVENTS_POLL_S = 0.02
 SHUTDOWN_GRACE_S = 5
+# what GET /jobs/{id} names as the job's "replica": this process (a Ray Serve cluster names its model replicas)
+PROCESS_NAME = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _detached(exc):
@@ -88,12 +91,47 @@ def encode_mp4(frames, fps):
         os.unlink(path)
 
 
-class JobsApi:
-    """The endpoints; one instance per app, holding the engine and the request limits."""
+def video_ready(job_id, status):
+    """Raise the ApiError (410 cancelled, 409 failed or not done yet) unless the job's video can be fetched."""
+    state = JobState(status["state"])
+    if state is JobState.CANCELLED:
+        raise ApiError(410, f"job {job_id} was cancelled; it has no video")
+    if state is JobState.FAILED:
+        raise ApiError(409, f"job {job_id} failed: {status['error']}")
+    if state is not JobState.DONE:
+        raise ApiError(409, f"job {job_id} is {state.value} (step {status['step']}/{status['num_steps']}); poll "
+                            f"GET /jobs/{job_id} until its state is 'done'")
 
-    def __init__(self, engine, max_body_bytes=MAX_BODY_BYTES):
+
+async def progress_events(job_id, fetch_status, poll_s=EVENTS_POLL_S):
+    """The server-sent events of one job from successive ``await fetch_status(job_id)`` polls: one "denoise" event
+    per step and one "decode" event per chunk (counters, so none is lost or repeated between polls), then "end".
+    ``fetch_status`` raises UnknownJobError once the job is discarded."""
+    sent = {"step": 0, "decode_chunk": 0}
+    while True:
+        try:
+            status = await fetch_status(job_id)
+        except UnknownJobError:
+            yield _sse("end", {"id": job_id, "state": "discarded"})
+            return
+        for kind, key, total in (("denoise", "step", "num_steps"), ("decode", "decode_chunk", "num_decode_chunks")):
+            while sent[key] < status[key]:
+                sent[key] += 1
+                yield _sse(kind, {"id": job_id, key: sent[key], total: status[total]})
+        if JobState(status["state"]).finished:
+            yield _sse("end", status)
+            return
+        await asyncio.sleep(poll_s)
+
+
+class JobsApi:
+    """The endpoints; one instance per app, holding the engine and the request limits. ``replica`` is the name
+    GET /jobs/{id} reports as the job's replica (default: this host and process id)."""
+
+    def __init__(self, engine, max_body_bytes=MAX_BODY_BYTES, replica=PROCESS_NAME):
         self.engine = engine
         self.max_body_bytes = max_body_bytes
+        self.replica = replica
         self.http_params = {p.name: p for p in engine.spec.params if p.http}
 
     async def _body(self, request):
@@ -183,7 +221,7 @@ class JobsApi:
         return JSONResponse(self.engine.jobs())
 
     async def get(self, request):
-        return JSONResponse(self.engine.status(request.path_params["job_id"]))
+        return JSONResponse(self.engine.status(request.path_params["job_id"]) | {"replica": self.replica})
 
     async def delete(self, request):
         job_id = request.path_params["job_id"]
@@ -199,37 +237,15 @@ class JobsApi:
         job_id = request.path_params["job_id"]
         self.engine.status(job_id)  # 404 before the stream starts
 
-        async def stream():
-            sent = {"step": 0, "decode_chunk": 0}
-            while True:
-                try:
-                    status = self.engine.status(job_id)
-                except UnknownJobError:
-                    yield _sse("end", {"id": job_id, "state": "discarded"})
-                    return
-                for kind, key, total in (("denoise", "step", "num_steps"),
-                                         ("decode", "decode_chunk", "num_decode_chunks")):
-                    while sent[key] < status[key]:  # counters, so no step is lost or repeated between polls
-                        sent[key] += 1
-                        yield _sse(kind, {"id": job_id, key: sent[key], total: status[total]})
-                if JobState(status["state"]).finished:
-                    yield _sse("end", status)
-                    return
-                await asyncio.sleep(EVENTS_POLL_S)
+        async def fetch(job_id):
+            return self.engine.status(job_id)
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(progress_events(job_id, fetch), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
 
     async def video(self, request):
         job_id = request.path_params["job_id"]
-        status = self.engine.status(job_id)
-        state = JobState(status["state"])
-        if state is JobState.CANCELLED:
-            raise ApiError(410, f"job {job_id} was cancelled; it has no video")
-        if state is JobState.FAILED:
-            raise ApiError(409, f"job {job_id} failed: {status['error']}")
-        if state is not JobState.DONE:
-            raise ApiError(409, f"job {job_id} is {state.value} (step {status['step']}/{status['num_steps']}); poll "
-                                f"GET /jobs/{job_id} until its state is 'done'")
+        video_ready(job_id, self.engine.status(job_id))
         data = self.engine.result(job_id)
         return Response(data, media_type="video/mp4",
                         headers={"Content-Disposition": f'attachment; filename="{job_id}.mp4"'})
@@ -283,9 +299,15 @@ async def _internal(request, exc):
     return _error(500, f"internal error ({type(exc).__name__}); see the server log")
 
 
-def create_app(engine, max_body_bytes=MAX_BODY_BYTES):
+def create_app(engine, max_body_bytes=MAX_BODY_BYTES, replica=PROCESS_NAME):
     """The Starlette app serving ``engine``."""
-    api = JobsApi(engine, max_body_bytes)
+    app = api_app(JobsApi(engine, max_body_bytes, replica))
+    app.state.engine = engine
+    return app
+
+
+def api_app(api):
+    """The Starlette app of the HTTP API over ``api`` (a JobsApi, or the Ray Serve ingress's cluster version)."""
     routes = [
         Route("/jobs", api.create, methods=["POST"]),
         Route("/jobs", api.index, methods=["GET"]),
@@ -300,9 +322,7 @@ def create_app(engine, max_body_bytes=MAX_BODY_BYTES):
         ApiError: _api_error, InvalidRequestError: _invalid, QueueFullError: _queue_full,
         EngineClosedError: _closed, UnknownJobError: _unknown, HTTPException: _http, Exception: _internal,
     }
-    app = Starlette(routes=routes, exception_handlers=handlers)
-    app.state.engine = engine
-    return app
+    return Starlette(routes=routes, exception_handlers=handlers)
 
 
 def serve(artifacts, host="127.0.0.1", port=8000, log_level="info", **engine_options):

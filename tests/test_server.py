@@ -170,6 +170,7 @@ def test_status_reports_progress_and_the_seed(client):
     assert body["state"] == "done"
     assert (body["step"], body["num_steps"], body["decode_chunk"], body["num_decode_chunks"]) == (3, 3, 3, 3)
     assert isinstance(body["seed"], int) and body["arguments"]["num_frames"] == 3
+    assert body["replica"] == f"{socket.gethostname()}:{os.getpid()}"  # the process that ran it
     assert all(step <= 3 and (chunk == 0 or step == 3) for step, chunk in seen)  # decoding follows denoising
 
 
