@@ -7,11 +7,7 @@ import json
 import os
 import signal
 import socket
-import threading
 import time
-import urllib.error
-import urllib.request
-import uuid
 
 import numpy as np
 import pytest
@@ -24,7 +20,7 @@ pytest.importorskip("starlette", reason="needs the serve extra: pip install -e '
 uvicorn = pytest.importorskip("uvicorn", reason="needs the serve extra: pip install -e '.[serve]'")
 
 from framegraph.runtime.demo import DEMO_ARTIFACT, DEMO_IMAGE  # noqa: E402
-from framegraph.runtime.video import read_video_frames  # noqa: E402
+from http_client import Client, serving  # noqa: E402
 
 IMAGE = DEMO_IMAGE.read_bytes()
 TIMEOUT = 60
@@ -32,49 +28,6 @@ LONG = "1000"  # steps of a job that is only ever cancelled or killed
 MAX_QUEUE = 2
 REPLICA_TIMEOUT_S = 6.0  # short for the test; long enough for a replica starved of CPU by other tests
 ENGINE = {"verify": False, "num_threads": 1}  # tiny graphs: intra-op threads only cost
-
-
-class Client:
-    def __init__(self, base):
-        self.base = base
-
-    def request(self, method, path, body=None, headers=None):
-        req = urllib.request.Request(self.base + path, data=body, method=method, headers=headers or {})
-        try:
-            with urllib.request.urlopen(req, timeout=TIMEOUT) as response:
-                return response.status, dict(response.headers), response.read()
-        except urllib.error.HTTPError as exc:
-            with exc:
-                return exc.code, dict(exc.headers), exc.read()
-
-    def json(self, method, path, body=None, headers=None):
-        status, headers, data = self.request(method, path, body, headers)
-        return status, headers, json.loads(data)
-
-    def post_job(self, fields=()):
-        boundary = uuid.uuid4().hex
-        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-                 for name, value in fields]
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
-                     "Content-Type: image/png\r\n\r\n".encode() + IMAGE + b"\r\n")
-        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-        return self.json("POST", "/jobs", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
-
-    def wait(self, job_id, until=("done", "failed", "cancelled"), timeout=TIMEOUT, check=None):
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.json("GET", f"/jobs/{job_id}")[2]
-            if status["state"] in until and (check is None or check(status)):
-                return status
-            assert time.monotonic() < deadline, f"job {job_id} stuck in {status}"
-            time.sleep(0.05)
-
-    def video_frames(self, job_id, tmp_path):
-        status, headers, data = self.request("GET", f"/jobs/{job_id}/video")
-        assert status == 200 and headers["content-type"] == "video/mp4", data[:200]
-        path = tmp_path / f"{uuid.uuid4().hex}.mp4"
-        path.write_bytes(data)
-        return read_video_frames(path)
 
 
 def _free_port():
@@ -105,7 +58,7 @@ def cluster():
         serve.run(build_app(DEMO_ARTIFACT, replicas=2, max_queue=MAX_QUEUE, replica_timeout_s=REPLICA_TIMEOUT_S,
                             **ENGINE), name=APP_NAME, route_prefix="/")
         print(f"cluster up and application deployed in {time.perf_counter() - start:.1f} s")
-        yield Client(f"http://127.0.0.1:{port}")
+        yield Client(f"http://127.0.0.1:{port}", IMAGE, timeout=TIMEOUT, poll=0.05)
     finally:
         with contextlib.suppress(Exception):
             serve.shutdown()
@@ -129,23 +82,9 @@ def clean(cluster):
 def single_process_server():
     """The single-process server (runtime/server.py) over the same artifact, on 127.0.0.1."""
     from framegraph.runtime.engine import Engine
-    from framegraph.runtime.server import create_app
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    with Engine(DEMO_ARTIFACT, workers=1, **ENGINE) as engine:
-        server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        while not server.started:
-            assert thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.02)
-        try:
-            yield Client(f"http://127.0.0.1:{sock.getsockname()[1]}")
-        finally:
-            server.should_exit = True
-            thread.join(30)
-            sock.close()
+    with Engine(DEMO_ARTIFACT, workers=1, **ENGINE) as engine, serving(engine, IMAGE) as client:
+        yield client
 
 
 REQUESTS = [[("num_frames", 2), ("num_inference_steps", 2), ("seed", seed)] for seed in (11, 12, 13)] + [

@@ -13,7 +13,6 @@ import io
 import logging
 import time
 import tracemalloc
-import uuid
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from PIL import Image
 
 from framegraph.runtime import params as params_module
 from framegraph.runtime.params import InvalidRequestError, Param, decode_image, parse_arguments
+from http_client import multipart
 
 NUM_FRAMES = Param("num_frames", "int", minimum=1, maximum=1024)
 SEED = Param("seed", "int", minimum=0, maximum=2**63 - 1)
@@ -162,21 +162,11 @@ def test_engine_submit_refuses_huge_numbers_naming_the_field(engine, demo_image,
 
 
 # -- HTTP -----------------------------------------------------------------------------------------------------------
-def _multipart(fields, image):
-    boundary = uuid.uuid4().hex
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-             for name, value in fields]
-    if image is not None:
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
-                     "Content-Type: image/png\r\n\r\n".encode() + image + b"\r\n")
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
 async def _post(app, fields, image, on_response=None):
     """POST /jobs to the ASGI ``app``: (status, response body, name of an exception that escaped the app or None).
     The request body is built here and handed over once, so that only the server can keep it alive;
     ``on_response()`` is awaited when the response starts (the server waits for it there)."""
-    pending = [_multipart(fields, image)]
+    pending = [multipart(fields, () if image is None else [("image", "x.png", image)])]
     content_type = pending[0][1]
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
              "path": "/jobs", "raw_path": b"/jobs", "root_path": "", "query_string": b"",

@@ -1,18 +1,13 @@
 """The HTTP API with real requests on loopback: jobs, progress, cancel, full queue, errors, fuzzed payloads, the CLI."""
 
 import concurrent.futures
-import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
-import uuid
 
 import numpy as np
 import pytest
@@ -24,9 +19,9 @@ from conftest import FIXTURES
 pytest.importorskip("starlette", reason="needs the serve extra: pip install -e '.[serve]'")
 uvicorn = pytest.importorskip("uvicorn", reason="needs the serve extra: pip install -e '.[serve]'")
 
+import http_client  # noqa: E402
 from framegraph.runtime.engine import Engine  # noqa: E402
-from framegraph.runtime.server import create_app  # noqa: E402
-from framegraph.runtime.video import read_video_frames  # noqa: E402
+from http_client import Client, frames_of  # noqa: E402
 
 IMAGE = (FIXTURES / "svd-tiny" / "input.png").read_bytes()
 MAX_BODY = 64 * 1024
@@ -35,74 +30,15 @@ LONG = "1000"  # steps of a job that is only ever cancelled
 
 
 # -- a real server on 127.0.0.1 ----------------------------------------------------------------------------------------
-class Client:
-    def __init__(self, base):
-        self.base = base
-
-    def request(self, method, path, body=None, headers=None):
-        req = urllib.request.Request(self.base + path, data=body, method=method, headers=headers or {})
-        try:
-            with urllib.request.urlopen(req, timeout=TIMEOUT) as response:
-                return response.status, dict(response.headers), response.read()
-        except urllib.error.HTTPError as exc:
-            with exc:
-                return exc.code, dict(exc.headers), exc.read()
-
-    def json(self, method, path, body=None, headers=None):
-        status, headers, data = self.request(method, path, body, headers)
-        return status, headers, json.loads(data)
-
-    def post_job(self, fields=(), files=(("image", "input.png", IMAGE),)):
-        body, content_type = multipart(fields, files)
-        return self.json("POST", "/jobs", body, {"Content-Type": content_type})
-
-    def wait(self, job_id, until=("done", "failed", "cancelled"), timeout=60):
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.json("GET", f"/jobs/{job_id}")[2]
-            if status["state"] in until:
-                return status
-            assert time.monotonic() < deadline, f"job {job_id} stuck in {status}"
-            time.sleep(0.02)
-
-
-def multipart(fields, files):
-    """A multipart/form-data body: ``fields`` (name, text) and ``files`` (name, filename, bytes)."""
-    boundary = uuid.uuid4().hex
-    parts = []
-    for name, value in fields:
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
-                     + str(value).encode() + b"\r\n")
-    for name, filename, data in files:
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
-                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
 @pytest.fixture(scope="module")
 def engine(svd_artifact):
     with Engine(svd_artifact, workers=2, max_queue=4, num_threads=1) as e:  # tiny graphs: threads only cost
         yield e
 
 
-@contextlib.contextmanager
 def serving(engine):
-    """uvicorn serving ``engine`` on 127.0.0.1 (a free port) in a thread; yields a Client."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, max_body_bytes=MAX_BODY), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield Client(f"http://127.0.0.1:{sock.getsockname()[1]}")
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
+    """uvicorn serving ``engine`` on 127.0.0.1 with a small body limit; yields a Client uploading the fixture image."""
+    return http_client.serving(engine, IMAGE, max_body_bytes=MAX_BODY)
 
 
 @pytest.fixture(scope="module")
@@ -131,32 +67,20 @@ REQUESTS = [
 ]
 
 
-def _video(client, job_id):
-    status, headers, data = client.request("GET", f"/jobs/{job_id}/video")
-    assert status == 200 and headers["content-type"] == "video/mp4", data[:200]
-    return data
-
-
-def _frames(data, tmp_path):
-    path = tmp_path / f"{uuid.uuid4().hex}.mp4"
-    path.write_bytes(data)
-    return read_video_frames(path)
-
-
 def test_concurrent_http_jobs_equal_sequential_ones(client, engine, tmp_path):
     def run(fields):
         status, headers, body = client.post_job(fields)
         assert status == 202, body
         assert headers["location"] == f"/jobs/{body['id']}"
         assert client.wait(body["id"])["state"] == "done"
-        return _video(client, body["id"])
+        return client.video(body["id"])
 
     sequential = [run(fields) for fields in REQUESTS]
     with concurrent.futures.ThreadPoolExecutor(len(REQUESTS)) as pool:
         concurrent_ = list(pool.map(run, REQUESTS))
     for i, (a, b) in enumerate(zip(sequential, concurrent_)):
-        assert np.array_equal(_frames(a, tmp_path), _frames(b, tmp_path)), f"request {i} differs when concurrent"
-    frames = _frames(sequential[1], tmp_path)
+        assert np.array_equal(frames_of(a, tmp_path), frames_of(b, tmp_path)), f"request {i} differs when concurrent"
+    frames = frames_of(sequential[1], tmp_path)
     assert frames.shape == (3, 32, 32, 3)
 
 
@@ -196,7 +120,7 @@ def test_delete_cancels_within_one_step_and_others_finish(client, engine):
     assert final["state"] == "cancelled" and final["step"] <= cancelled["step"] + 1
     assert client.json("GET", f"/jobs/{long_job['id']}/video")[0] == 410
     assert client.wait(other["id"])["state"] == "done"
-    assert _video(client, other["id"])[4:8] == b"ftyp"
+    assert client.video(other["id"])[4:8] == b"ftyp"
     status, _, gone = client.json("DELETE", f"/jobs/{other['id']}")  # a finished job is forgotten
     assert status == 200 and gone["discarded"]
     assert client.json("GET", f"/jobs/{other['id']}")[0] == 404
@@ -325,7 +249,7 @@ def test_cli_serve_starts_answers_and_stops(svd_artifact, tmp_path):
          str(port), "--no-verify", "--no-warmup"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        client = Client(f"http://127.0.0.1:{port}")
+        client = Client(f"http://127.0.0.1:{port}", IMAGE)
         deadline = time.monotonic() + 60
         while True:
             try:
