@@ -219,23 +219,19 @@ def generate(artifacts, out, args):
                      if p.name not in mine and getattr(args, p.name) is not None})
     if others:
         raise UsageError(f"{', '.join(others)} do not apply to a {kind!r} artifact; leave them out")
-    first = _first_argument(cls, args)
-    video = cls.video_fps_param
-    call = {p.name: getattr(args, p.name) for p in declared if p is not video or video in cls.call_params}
+    arguments = {p.name: getattr(args, p.name) for p in declared}
+    arguments.update({cls.input_param.name: _first_argument(cls, args), "output_type": args.output_type})
     pipe = cls.from_artifacts(artifacts, backend=args.backend, device=args.device, num_threads=args.threads,
                               low_memory=args.low_memory, resident_buckets=args.resident_buckets or None)
-    call.update(pipe.call_arguments(**{name: call.get(name) for name in pipe.defaulted()}))
-    checked = {name: call[name] for name in pipe.defaulted()}
+    request = pipe.request(arguments)  # resolved and checked as the engine does, before any graph is opened
     try:
-        pipe.check_inputs(first, **checked, decode_chunk_size=call.get("decode_chunk_size"),
-                          output_type=args.output_type)
+        pipe.check_request(request)
     except InvalidRequestError as exc:
         flag = next((p.flag for p in declared if p.name == exc.field), exc.field)
         raise UsageError(f"{flag}: {exc}") from None
-    fps = call.get(video.name) or getattr(args, video.name) or video.default
     pipe.set_progress_bar_config(desc="generate", unit="step")
-    frames = pipe(first, **call, generator=args.seed, output_type=args.output_type).frames[0]
-    return export_to_video(frames, out, fps=fps)
+    frames = pipe(**pipe.call_of(request), generator=args.seed).frames[0]
+    return export_to_video(frames, out, fps=request[cls.video_fps_param.name])
 
 
 def demo(out, export=False):

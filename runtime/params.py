@@ -47,7 +47,7 @@ def decode_image(data, max_pixels=MAX_IMAGE_PIXELS):
         problem = "not an image in a format read here"
         image = None
     except Exception as exc:  # untrusted bytes: any decoder error is the sender's problem, not the server's
-        problem = f"{type(exc).__name__}: {_brief(exc, 200)}"
+        problem = f"{type(exc).__name__}: {brief(exc, 200)}"
         image = None  # a half-decoded image, which the traceback of the error raised below would keep
     # raised out here, not in the except block: the decoder's exception (its traceback holds the frames that hold the
     # bytes and the half-decoded image) is not kept as __context__, so a refused upload is freed at once
@@ -58,7 +58,7 @@ def decode_image(data, max_pixels=MAX_IMAGE_PIXELS):
 MAX_NUMBER_TEXT = 64  # characters of a number given as text (an HTTP form field); longer text is refused unparsed
 
 
-def _brief(value, limit=40):
+def brief(value, limit=40):
     """``value`` for an error message: short, and computable for anything a client sends (``str`` of an int over
     4300 digits raises, and a 400-digit one is no help to read)."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
@@ -82,14 +82,14 @@ def _number(value, name, kind):
         if len(text) > MAX_NUMBER_TEXT:  # before int(): parsing thousands of digits costs, and int() refuses 4300+
             raise InvalidRequestError(
                 f"{name} must be {kind} of at most {MAX_NUMBER_TEXT} characters, got {len(text)} characters "
-                f"({_brief(text)!r})", field=name)
+                f"({brief(text)!r})", field=name)
         if not text.isascii() or "_" in text:  # int() and float() also take "1_000" and non-ASCII digits
-            raise InvalidRequestError(f"{name} must be {kind} in plain ASCII decimal digits, got {_brief(value)!r}",
+            raise InvalidRequestError(f"{name} must be {kind} in plain ASCII decimal digits, got {brief(value)!r}",
                                       field=name)
         try:
             return int(text) if kind == "an integer" else float(text)
         except ValueError:
-            raise InvalidRequestError(f"{name} must be {kind}, got {_brief(value)!r}", field=name) from None
+            raise InvalidRequestError(f"{name} must be {kind}, got {brief(value)!r}", field=name) from None
     if isinstance(value, (int, np.integer)):
         return int(value)  # exact, also for "a number": float(10**400) would overflow before the range check
     if isinstance(value, (float, np.floating)):
@@ -98,7 +98,7 @@ def _number(value, name, kind):
             return number
         if number.is_integer():
             return int(number)
-    raise InvalidRequestError(f"{name} must be {kind}, got {type(value).__name__} {_brief(value)}", field=name)
+    raise InvalidRequestError(f"{name} must be {kind}, got {type(value).__name__} {brief(value)}", field=name)
 
 
 class Param:
@@ -124,7 +124,7 @@ class Param:
         if self.kind in ("int", "float") and (isinstance(value, (str, bytes)) or (
                 self.kind == "int" and isinstance(value, (float, np.floating)))):
             kind = "an integer" if self.kind == "int" else "a number"
-            raise InvalidRequestError(f"{name} must be {kind}, got {type(value).__name__} {_brief(value)!r}",
+            raise InvalidRequestError(f"{name} must be {kind}, got {type(value).__name__} {brief(value)!r}",
                                       field=name)
         self.parse(value)
 
@@ -140,17 +140,17 @@ class Param:
             low = self.minimum is not None and value < self.minimum
             if low or (self.maximum is not None and value > self.maximum):
                 raise InvalidRequestError(
-                    f"{name}={_brief(value)} is out of range; it must be in [{self.minimum}, {self.maximum}]",
+                    f"{name}={brief(value)} is out of range; it must be in [{self.minimum}, {self.maximum}]",
                     field=name)
             if self.kind == "float" and not isinstance(value, float):
                 try:
                     value = float(value)
                 except OverflowError:  # only without a maximum: ints in range are exact
-                    raise InvalidRequestError(f"{name}={_brief(value)} is beyond the float range", field=name) from None
+                    raise InvalidRequestError(f"{name}={brief(value)} is beyond the float range", field=name) from None
             return value
         if self.kind == "choice":
             if not isinstance(value, str) or value not in self.choices:
-                raise InvalidRequestError(f"{name} must be one of {list(self.choices)}, got {_brief(value)!r}",
+                raise InvalidRequestError(f"{name} must be one of {list(self.choices)}, got {brief(value)!r}",
                                           field=name)
             return value
         if self.kind == "text":
@@ -167,7 +167,7 @@ class Param:
                 with np.errstate(over="ignore"):  # float64 beyond the float32 range: inf, refused below
                     array = np.asarray(value, dtype=np.float32)
             except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: an int beyond the float range
-                problem = _brief(exc, 200)
+                problem = brief(exc, 200)
             if problem is not None:
                 raise InvalidRequestError(f"{name} must be an array of finite float32 numbers ({problem})", field=name)
             if not np.all(np.isfinite(array)):

@@ -4,7 +4,7 @@ import logging
 
 import numpy as np
 
-from framegraph.runtime.params import InvalidRequestError, Param
+from framegraph.runtime.params import InvalidRequestError, Param, brief
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +40,6 @@ def chunks(array, size):
     return [array[i:i + size] for i in range(0, len(array), size)]
 
 
-def shown_value(value):
-    """``value`` for an error message, short and always printable (``repr`` of an int over 4300 digits raises)."""
-    if isinstance(value, (int, np.integer)) and abs(int(value)).bit_length() > 64:
-        return f"an integer of {abs(int(value)).bit_length()} bits"
-    text = repr(value)
-    return text if len(text) <= 40 else text[:40] + "..."
-
-
 # The size and length of a video, declared once for both pipelines (their defaults are the artifact's).
 VIDEO_PARAMS = (
     Param("height", "int", minimum=8, maximum=4096, help="video height (default: the artifact's)"),
@@ -71,7 +63,7 @@ def check_size(artifact, height, width):
                     if g.name == "unet" and g.format == artifact.format})
     if (height, width) not in sizes:
         raise InvalidRequestError(
-            f"height={shown_value(height)}, width={shown_value(width)} has no exported bucket; available: "
+            f"height={brief(height)}, width={brief(width)} has no exported bucket; available: "
             f"{', '.join(f'{h}x{w}' for h, w in sizes)} — pass one of them, or export an artifact for that size "
             "with svd-export --height/--width (it tells which sizes the model accepts)", field="height")
 
@@ -81,8 +73,8 @@ def check_frames(artifact, num_frames):
     frames = artifact.buckets("unet", "num_frames")
     if num_frames not in frames:
         raise InvalidRequestError(
-            f"num_frames={shown_value(num_frames)} has no exported bucket; available: "
-            f"{', '.join(map(str, frames))} — pass one of them or re-export with --frames {shown_value(num_frames)}",
+            f"num_frames={brief(num_frames)} has no exported bucket; available: "
+            f"{', '.join(map(str, frames))} — pass one of them or re-export with --frames {brief(num_frames)}",
             field="num_frames")
 
 

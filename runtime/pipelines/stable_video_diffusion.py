@@ -6,10 +6,9 @@ import math
 
 import numpy as np
 
-from framegraph.runtime.params import InvalidRequestError, Param
+from framegraph.runtime.params import InvalidRequestError, Param, brief
 from framegraph.runtime.pipelines.common import (VIDEO_PARAMS, ArtifactPipeline, ProgressBar, check_frames,
-                                                 check_latents, check_size, chunks, declared_call, make_rng, randn,
-                                                 shown_value)
+                                                 check_latents, check_size, chunks, declared_call, make_rng, randn)
 from framegraph.runtime.schedulers import load_scheduler
 
 logger = logging.getLogger(__name__)
@@ -120,7 +119,7 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
             have = self.artifact.buckets("vae_decoder", "chunk")
             if not needed <= set(have):
                 raise InvalidRequestError(
-                    f"decode_chunk_size={shown_value(decode_chunk_size)} needs decoder graphs for chunks "
+                    f"decode_chunk_size={brief(decode_chunk_size)} needs decoder graphs for chunks "
                     f"{sorted(needed)}; this artifact has chunks {have} — pass one of them or re-export with "
                     f"--decode-chunk-sizes {','.join(map(str, sorted(needed)))}", field="decode_chunk_size")
 

@@ -7,10 +7,9 @@ import threading
 
 import numpy as np
 
-from framegraph.runtime.params import InvalidRequestError, Param
+from framegraph.runtime.params import InvalidRequestError, Param, brief
 from framegraph.runtime.pipelines.common import (VIDEO_PARAMS, ArtifactPipeline, ProgressBar, check_frames,
-                                                 check_latents, check_size, chunks, declared_call, make_rng, randn,
-                                                 shown_value)
+                                                 check_latents, check_size, chunks, declared_call, make_rng, randn)
 from framegraph.runtime.schedulers import load_scheduler
 
 logger = logging.getLogger(__name__)
@@ -163,7 +162,7 @@ class TextToVideoSDPipeline(ArtifactPipeline):
         have = self.artifact.buckets("vae_decoder", "chunk")
         if decode_chunk_size is not None and decode_chunk_size not in have:
             raise InvalidRequestError(
-                f"decode_chunk_size={shown_value(decode_chunk_size)} has no decoder graph; this artifact has {have} "
+                f"decode_chunk_size={brief(decode_chunk_size)} has no decoder graph; this artifact has {have} "
                 f"— pass one of them or re-export with --decode-chunk-sizes {decode_chunk_size}",
                 field="decode_chunk_size")
 
