@@ -47,6 +47,16 @@ def _count(minimum):
     return parse
 
 
+def _count_or_auto(minimum):
+    count = _count(minimum)
+
+    def parse(text):
+        return "auto" if text == "auto" else count(text)
+
+    parse.__name__ = "integer or auto"
+    return parse
+
+
 def _typed(param):
     """An argparse type that checks a flag's text against its declaration (kind and range)."""
     from framegraph.runtime.params import InvalidRequestError
@@ -130,15 +140,21 @@ def _serve_parser(sub):
                      "(--workers and --max-queue then apply per replica and to the whole cluster)")
     ray.add_argument("--address", default=None, help="the Ray cluster to join: 'auto' (this node's) or HOST:PORT; "
                      "default: start a local Ray instance")
-    ray.add_argument("--replicas", type=_count(1), default=None, help="model replicas, each opening the artifact "
-                     "once (default 2)")
-    ray.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs each replica reserves (default 1)")
+    ray.add_argument("--replicas", type=_count_or_auto(1), default=None, help="model replicas, each opening the "
+                     "artifact once (default 2); 'auto': one per --replica-cpus CPUs of the cluster")
+    ray.add_argument("--max-replicas", type=_count(1), default=None, help="autoscale between --replicas and this "
+                     "many replicas on the queue length (Serve's autoscaler)")
+    ray.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs each replica reserves, and its "
+                     "intra-op threads unless --threads is given (default 1)")
+    ray.add_argument("--serve-config", metavar="FILE", default=None, help="write the Serve config file of these "
+                     "options for `serve deploy FILE` on a running cluster, and exit")
 
 
 def serve(args):
     if args.ray:
         return serve_ray(args)
-    for flag, value in (("--address", args.address), ("--replicas", args.replicas)):
+    for flag, value in (("--address", args.address), ("--replicas", args.replicas),
+                        ("--max-replicas", args.max_replicas), ("--serve-config", args.serve_config)):
         if value is not None:
             raise UsageError(f"{flag} applies to Ray Serve only; add --ray, or leave it out")
     try:
@@ -154,13 +170,25 @@ def serve(args):
 def serve_ray(args):
     """``serve --ray``: the artifact on Ray Serve (runtime/ray_serve.py) until interrupted."""
     try:
-        from framegraph.runtime.ray_serve import serve_on_ray
+        from framegraph.runtime.ray_serve import check_app_options, serve_on_ray, write_serve_config
     except ImportError as exc:
         raise SystemExit(str(exc))
-    options = {k: v for k, v in (("device", args.device), ("num_threads", args.threads)) if v is not None}
-    serve_on_ray(args.artifacts, address=args.address, host=args.host, port=args.port, replicas=args.replicas or 2,
-                 replica_cpus=args.replica_cpus, workers=args.workers, max_queue=args.max_queue,
-                 sessions=args.sessions, verify=args.verify, warmup=args.warmup, backend=args.backend, **options)
+    options = {k: v for k, v in (("device", args.device), ("num_threads", args.threads),
+                                 ("max_replicas", args.max_replicas)) if v is not None}
+    options.update(replicas=args.replicas or 2, replica_cpus=args.replica_cpus, workers=args.workers,
+                   max_queue=args.max_queue, sessions=args.sessions, verify=args.verify, warmup=args.warmup,
+                   backend=args.backend)
+    if args.serve_config and args.address is not None:
+        raise UsageError("--address does not go with --serve-config: pass the cluster to `serve deploy --address`")
+    try:
+        check_app_options(args.artifacts, **options)
+        if args.serve_config:
+            path = write_serve_config(args.serve_config, args.artifacts, host=args.host, port=args.port, **options)
+            logger.info("wrote %s; deploy it with: serve deploy %s", path, path)
+            return 0
+    except (ValueError, FileExistsError) as exc:
+        raise UsageError(str(exc)) from None
+    serve_on_ray(args.artifacts, address=args.address, host=args.host, port=args.port, **options)
     return 0
 
 

@@ -107,7 +107,8 @@ class JobBoard:
     def sync(self, replica, statuses, free):
         """One model replica's report and its orders. ``statuses``: the replica's jobs by board id (a finished one
         carries its MP4 bytes under ``video``, reported once). ``free``: how many jobs it can start now. Returns
-        ``{"take": [(id, arguments, seed)], "cancel": [ids]}``: the jobs it now runs, the ones it must stop."""
+        ``{"take": [(id, arguments, seed)], "cancel": [ids], "queued": n}``: the jobs it now runs, the ones it must
+        stop, and how many jobs still wait in the queue (what the autoscaler reads, through the replicas)."""
         self._seen[replica] = time.monotonic()
         self._reap()
         cancel = []
@@ -132,7 +133,7 @@ class JobBoard:
             arguments, seed = self._arguments.pop(job_id)
             self._jobs[job_id].update(replica=replica)
             take.append((job_id, arguments, seed))
-        return {"take": take, "cancel": cancel}
+        return {"take": take, "cancel": cancel, "queued": len(self._queue)}
 
     def leave(self, replica):
         """A replica shutting down cleanly: its unfinished jobs fail now rather than after the timeout."""

@@ -3,13 +3,16 @@
 
     framegraph serve out/svd --ray --replicas 2 --port 8000             # a local Ray instance
     framegraph serve out/svd --ray --address auto --replicas 4          # the cluster this node belongs to
-    serve deploy framegraph/runtime/ray_serve.yaml                      # the same app from a Serve config file
+    framegraph serve out/svd --ray --serve-config app.yaml; serve deploy app.yaml  # the same app, declaratively
 
 One Serve application, three deployments (docs/scale-out.md has the design):
 
-* ``ModelReplica`` (``replicas`` of them, one CPU each by default): opens the artifact once, warms it up, and runs
-  jobs on an :class:`~framegraph.runtime.engine.Engine`. It checks requests for the ingress (``check``: the 422s)
-  and pulls queued jobs from the board whenever one of its engine workers is free.
+* ``ModelReplica`` (``replicas`` of them, or between ``replicas`` and ``max_replicas`` as Serve's autoscaler decides
+  from the queue length: :class:`QueueLengthPolicy`): opens the artifact once, warms it up, and runs jobs on an
+  :class:`~framegraph.runtime.engine.Engine` whose threads are the CPUs Ray granted the replica (``replica_cpus``).
+  It checks requests for the ingress (``check``: the 422s) and pulls queued jobs from the board whenever one of its
+  engine workers is free. Stopped (scale-down, redeploy, shutdown), it takes no new job and finishes its running
+  ones for up to ``drain_timeout_s`` before it leaves.
 * ``Board`` (one replica): the :class:`~framegraph.runtime.ray_jobs.JobBoard`, where every job's state lives: the
   bounded queue (429), each job's progress and replica, the videos of finished jobs, the replicas' heartbeats.
 * ``Ingress``: the Starlette app of :mod:`framegraph.runtime.server` over the board, so every path, JSON body and
@@ -19,6 +22,7 @@ The artifact path must name the same artifact on every node that runs a model re
 """
 
 import logging
+import math
 import os
 import secrets
 import signal
@@ -48,6 +52,7 @@ logger = logging.getLogger(__name__)
 APP_NAME = "framegraph"
 SYNC_S = 0.05  # a model replica's heartbeat / progress report period (it also reports after every step)
 SYNC_TIMEOUT_S = 30
+DRAIN_TIMEOUT_S = 120
 EVENTS_POLL_S = 0.05
 ERRORS = {cls.__name__: cls for cls in (InvalidRequestError, QueueFullError, EngineClosedError, UnknownJobError)}
 
@@ -90,19 +95,25 @@ class Board:
 class ModelReplica:
     """One Engine over the artifact, opened and warmed up once; runs the jobs it pulls from the board."""
 
-    def __init__(self, board, artifact, workers=1, engine_options=None):
+    def __init__(self, board, artifact, workers=1, engine_options=None, drain_timeout_s=DRAIN_TIMEOUT_S):
         start = time.perf_counter()
         replica_id = serve.get_replica_context().replica_id.unique_id
         self.name = f"{replica_id}@{socket.gethostname()}:{os.getpid()}"
-        self.engine = Engine(artifact, workers=workers, max_queue=workers, **(engine_options or {}))
+        options = dict(engine_options or {})
+        options.setdefault("num_threads", granted_threads(workers))
+        self.threads = options["num_threads"]
+        self.engine = Engine(artifact, workers=workers, max_queue=workers, **options)
         self.startup_s = time.perf_counter() - start
-        self.board = board
+        self.board, self.drain_timeout_s = board, drain_timeout_s
         self._ids = {}  # board job id -> engine job id
         self._refused = {}  # board job id -> status of a job the engine refused to start
+        self._queued = 0  # jobs waiting on the board at the last sync (the autoscaler's metric)
+        self._draining = False
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._pump, name="framegraph-board-sync", daemon=True)
         self._thread.start()
-        logger.info("replica %s ready in %.2f s (artifact opened and warmed up)", self.name, self.startup_s)
+        logger.info("replica %s ready in %.2f s (artifact opened and warmed up; %s thread(s) per session)", self.name,
+                    self.startup_s, self.threads)
 
     # -- called by the ingress -----------------------------------------------------------------------------------------
     def describe(self):
@@ -113,7 +124,8 @@ class ModelReplica:
             "info": {"pipeline": self.engine.kind, "defaults": artifact.defaults,
                      "buckets": [g.bucket | {"graph": g.name} for g in artifact.manifest.graphs
                                  if g.format == artifact.format],
-                     "workers": self.engine.workers, "sessions": self.engine.sessions},
+                     "workers": self.engine.workers, "sessions": self.engine.sessions,
+                     "threads": self.threads},
             "replica": self.name, "startup_s": self.startup_s,
         }
 
@@ -130,6 +142,11 @@ class ModelReplica:
             seed = secrets.randbits(32)
         call, steps, chunks = spec.check(self.engine.pipeline, parsed)
         return {"seed": seed, "status": Job("", spec.kind, call, seed, steps, chunks).snapshot()}
+
+    def record_autoscaling_stats(self):
+        """Serve's custom autoscaling metrics (read by :class:`QueueLengthPolicy`): the board's queue length at the
+        last sync and the jobs this replica runs."""
+        return {"queued": self._queued, "running": len(self._ids)}
 
     def check_health(self):
         if not self._thread.is_alive():
@@ -157,8 +174,9 @@ class ModelReplica:
                     status["video"] = self.engine.result(engine_id)
                 done.append(job_id)
             statuses[job_id] = status
-        free = max(0, self.engine.workers - (len(self._ids) + len(self._refused) - len(done)))
+        free = 0 if self._draining else max(0, self.engine.workers - (len(self._ids) + len(self._refused) - len(done)))
         reply = _unwrap(self.board.call.remote("sync", self.name, statuses, free).result(timeout_s=SYNC_TIMEOUT_S))
+        self._queued = reply["queued"]
         for job_id in done:  # reported: the board holds them now
             self._refused.pop(job_id, None)
             engine_id = self._ids.pop(job_id, None)
@@ -183,7 +201,17 @@ class ModelReplica:
                                      "cancel_requested": False, "finished_at": time.time()}
 
     def __del__(self):
-        """Serve's graceful shutdown: stop syncing, fail this replica's jobs on the board now, close the engine."""
+        """Serve's graceful shutdown (scale-down, redeploy, shutdown): take no new job, let the running ones finish and
+        be reported for up to ``drain_timeout_s``, then stop syncing, fail what is left on the board now (rather than
+        after the replica timeout) and close the engine."""
+        self._draining = True
+        deadline = time.monotonic() + self.drain_timeout_s
+        while (self._ids or self._refused) and self._thread.is_alive() and time.monotonic() < deadline:
+            self._wake.set()
+            time.sleep(SYNC_S)
+        if self._ids:
+            logger.warning("replica %s stops with %d job(s) still running after %g s; they fail", self.name,
+                           len(self._ids), self.drain_timeout_s)
         self._stop.set()
         self._wake.set()
         try:
@@ -191,6 +219,32 @@ class ModelReplica:
         except Exception:  # the board may be going down with the application
             logger.info("replica %s: could not tell the board it leaves", self.name)
         self.engine.close()
+
+
+def granted_threads(workers):
+    """Intra-op threads per engine session: the CPUs Ray granted this replica, shared by its ``workers`` (at least
+    one each)."""
+    granted = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+    return max(1, int(granted // workers))
+
+
+class QueueLengthPolicy:
+    """Serve's autoscaling policy for the model replicas: one replica per ``jobs_per_replica`` jobs running or waiting
+    (a replica runs as many jobs as its engine has workers). It reads the replicas' custom metrics
+    (``ModelReplica.record_autoscaling_stats``): the board's queue length, which every replica reports alike (the
+    largest report counts), and each replica's running jobs (summed). Serve applies ``min_replicas`` /
+    ``max_replicas`` and the up- and downscale delays around it."""
+
+    def __init__(self, jobs_per_replica=1):
+        self.jobs_per_replica = jobs_per_replica
+
+    def __call__(self, ctx):
+        metrics = ctx.aggregated_metrics or {}
+        queued, running = metrics.get("queued"), metrics.get("running")
+        if not queued or not running:  # no report yet: keep the current target
+            return ctx.target_num_replicas, {}
+        work = max(queued.values()) + sum(running.values())
+        return math.ceil(work / self.jobs_per_replica), {}
 
 
 class ClusterJobsApi(http.JobsApi):
@@ -269,21 +323,56 @@ class Ingress:
         return http.api_app(self.api)
 
 
-def build_app(artifact, replicas=2, workers=1, max_queue=16, replica_cpus=1, replica_timeout_s=REPLICA_TIMEOUT_S,
-              max_body_bytes=http.MAX_BODY_BYTES, **engine_options):
-    """The Serve application: ``replicas`` model replicas of ``artifact`` (``workers`` engine threads and
-    ``replica_cpus`` Ray CPUs each), one board with a queue of ``max_queue``, one ingress. ``engine_options`` go to
-    each replica's Engine (``verify``, ``warmup``, ``backend``, ``device``, ``num_threads``, ...)."""
-    for name, value in (("replicas", replicas), ("workers", workers), ("max_queue", max_queue)):
-        if not isinstance(value, int) or value < 1:
+def check_app_options(artifact, replicas=2, max_replicas=None, workers=1, max_queue=16, replica_cpus=1, **_):
+    """Refuse bad application options before any Ray process starts; returns the artifact's absolute path."""
+    for name, value in (("workers", workers), ("max_queue", max_queue)) + (
+            () if replicas == "auto" else (("replicas", replicas),)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if max_replicas is not None and (not isinstance(max_replicas, int) or isinstance(max_replicas, bool) or (
+            replicas != "auto" and max_replicas < replicas)):
+        raise ValueError(f"max_replicas (--max-replicas) must be an integer >= replicas ({replicas}), got "
+                         f"{max_replicas!r}")
+    if not isinstance(replica_cpus, (int, float)) or not replica_cpus > 0:
+        raise ValueError(f"replica_cpus (--replica-cpus) must be a number > 0, got {replica_cpus!r}")
     path = Path(artifact).expanduser().resolve()
     if not path.is_dir():
         raise ValueError(f"artifact {artifact} is not a folder here; pass the artifact folder written by svd-export "
                          "(every node that runs a replica needs it at the same path)")
+    return path
+
+
+def cluster_replicas(replica_cpus):
+    """``replicas="auto"``: as many replicas as the cluster's CPUs hold at ``replica_cpus`` each (at least one)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 0) // replica_cpus))
+
+
+def build_app(artifact, replicas=2, max_replicas=None, workers=1, max_queue=16, replica_cpus=1,
+              replica_timeout_s=REPLICA_TIMEOUT_S, drain_timeout_s=DRAIN_TIMEOUT_S, upscale_delay_s=10.0,
+              downscale_delay_s=60.0, max_body_bytes=http.MAX_BODY_BYTES, **engine_options):
+    """The Serve application: model replicas of ``artifact`` (``workers`` engine workers and ``replica_cpus`` Ray CPUs
+    each, so a node of C CPUs holds C // replica_cpus of them), one board with a queue of ``max_queue``, one ingress.
+
+    ``replicas``: how many, or "auto" for one per ``replica_cpus`` CPUs of the cluster (needs Ray initialized). With
+    ``max_replicas`` above it, Serve autoscales between the two on the queue length (:class:`QueueLengthPolicy`,
+    reacting after ``upscale_delay_s`` / ``downscale_delay_s``). ``engine_options`` go to each replica's Engine
+    (``verify``, ``warmup``, ``backend``, ``device``, ``num_threads`` -- by default the replica's granted CPUs)."""
+    path = check_app_options(artifact, replicas, max_replicas, workers, max_queue, replica_cpus)
+    if replicas == "auto":
+        replicas = cluster_replicas(replica_cpus)
+        max_replicas = None if max_replicas is None else max(max_replicas, replicas)
+    if max_replicas is None or max_replicas == replicas:
+        scaling = {"num_replicas": replicas}
+    else:
+        scaling = {"autoscaling_config": {
+            "min_replicas": replicas, "max_replicas": max_replicas, "initial_replicas": replicas,
+            "upscale_delay_s": upscale_delay_s, "downscale_delay_s": downscale_delay_s, "look_back_period_s": 2.0,
+            "policy": {"policy_function": f"{__name__}:QueueLengthPolicy",
+                       "policy_kwargs": {"jobs_per_replica": workers}}}}
     board = Board.bind(max_queue, replica_timeout_s)
-    model = ModelReplica.options(num_replicas=replicas, ray_actor_options={"num_cpus": replica_cpus}).bind(
-        board, str(path), workers, engine_options)
+    model = ModelReplica.options(**scaling, ray_actor_options={"num_cpus": replica_cpus},
+                                 graceful_shutdown_timeout_s=drain_timeout_s + 10).bind(
+        board, str(path), workers, engine_options, drain_timeout_s)
     return Ingress.bind(board, model, max_body_bytes)
 
 
@@ -292,20 +381,46 @@ def app_builder(args):
     return build_app(**args)
 
 
+def serve_config(artifact, host="127.0.0.1", port=8000, **app_options):
+    """The Serve config (a dict; write it as YAML) that deploys this application with ``serve deploy`` on a running
+    cluster: ``app_options`` are build_app's keywords, the artifact path is made absolute."""
+    path = check_app_options(artifact, **app_options)
+    return {"proxy_location": "HeadOnly", "http_options": {"host": host, "port": port},
+            "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": f"{__name__}:app_builder",
+                              "args": {"artifact": str(path), **app_options}}]}
+
+
+def write_serve_config(out, artifact, **options):
+    """Write :func:`serve_config` to ``out`` as YAML (refusing to replace an existing file); returns its path."""
+    import yaml
+
+    config = serve_config(artifact, **options)
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; pass a new path to --serve-config (an existing file is never replaced)")
+    with open(out, "x") as f:
+        f.write("# Serve config for `serve deploy` on a running Ray cluster, written by framegraph serve --ray "
+                "--serve-config.\n# `artifact` must name the same artifact folder on every node that can run a "
+                "model replica.\n")
+        yaml.safe_dump(config, f, sort_keys=False)
+    return out
+
+
 def serve_on_ray(artifact, address=None, host="127.0.0.1", port=8000, **app_options):
     """Deploy the application on Ray (a local instance when ``address`` is None, else ``auto`` or HOST:PORT of a
     cluster) with its HTTP proxy on ``host``:``port``, and keep it up until interrupted."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s: the API has no authentication; put it behind a proxy that has", host)
-    app = build_app(artifact, **app_options)  # argument errors before any Ray process starts
+    check_app_options(artifact, **app_options)  # argument errors before any Ray process starts
     local = address is None
     ray.init(address=address, namespace=APP_NAME, **({"include_dashboard": False} if local else {}))
     try:
+        app = build_app(artifact, **app_options)
         serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
         start = time.perf_counter()
         serve.run(app, name=APP_NAME, route_prefix="/")
-        logger.info("%s served on http://%s:%d by %d replica(s), deployed in %.1f s; Ctrl-C stops it", artifact,
+        logger.info("%s served on http://%s:%d by %s replica(s), deployed in %.1f s; Ctrl-C stops it", artifact,
                     host, port, app_options.get("replicas", 2), time.perf_counter() - start)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own handlers

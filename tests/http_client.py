@@ -80,6 +80,13 @@ def frames_of(data, tmp_path):
     return read_video_frames(path)
 
 
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextlib.contextmanager
 def serving(engine, image, **app_options):
     """uvicorn serving ``engine`` (``create_app(engine, **app_options)``) on 127.0.0.1, a free port, in a thread;

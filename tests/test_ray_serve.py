@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import time
 
 import numpy as np
@@ -20,7 +19,7 @@ pytest.importorskip("starlette", reason="needs the serve extra: pip install -e '
 uvicorn = pytest.importorskip("uvicorn", reason="needs the serve extra: pip install -e '.[serve]'")
 
 from framegraph.runtime.demo import DEMO_ARTIFACT, DEMO_IMAGE  # noqa: E402
-from http_client import Client, serving  # noqa: E402
+from http_client import Client, free_port, serving  # noqa: E402
 
 IMAGE = DEMO_IMAGE.read_bytes()
 TIMEOUT = 60
@@ -28,12 +27,6 @@ LONG = "1000"  # steps of a job that is only ever cancelled or killed
 MAX_QUEUE = 2
 REPLICA_TIMEOUT_S = 6.0  # short for the test; long enough for a replica starved of CPU by other tests
 ENGINE = {"verify": False, "num_threads": 1}  # tiny graphs: intra-op threads only cost
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +46,7 @@ def cluster():
         nodes.add_node(**node)
         assert nodes.address.startswith("127.0.0.1:"), nodes.address
         ray.init(address=nodes.address, log_to_driver=False)
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         serve.run(build_app(DEMO_ARTIFACT, replicas=2, max_queue=MAX_QUEUE, replica_timeout_s=REPLICA_TIMEOUT_S,
                             **ENGINE), name=APP_NAME, route_prefix="/")
