@@ -479,7 +479,8 @@ def test_config_is_read_only_with_attribute_access():
 
 
 def test_load_scheduler_picks_class_by_name():
-    assert set(SCHEDULERS) == {"EulerDiscreteScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"}
+    assert set(SCHEDULERS) == {"EulerDiscreteScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler",
+                               "AnimateLCMSVDStochasticIterativeScheduler"}
     assert isinstance(load_scheduler(read_config(SVD_CONFIG)), EulerDiscreteScheduler)
     assert isinstance(load_scheduler(read_config(T2V_CONFIG)), DDIMScheduler)
     assert isinstance(load_scheduler(T2V_CONFIG.parent), DDIMScheduler)  # a folder works too

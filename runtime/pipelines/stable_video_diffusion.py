@@ -233,7 +233,7 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
             if cfg:
                 uncond, cond = noise_pred[:n], noise_pred[n:]
                 noise_pred = uncond + guidance * (cond - uncond)
-            latents = self.scheduler.step(noise_pred, t, latents).prev_sample.astype(np.float32)
+            latents = self.scheduler.step(noise_pred, t, latents, generator=rng).prev_sample.astype(np.float32)
             latents = self._step_callback(callback_on_step_end, i, t, latents)
             bar.step("denoise")
 

@@ -1,4 +1,4 @@
-"""numpy ports of the diffusers (0.42.1) schedulers the framegraph pipelines use.
+"""numpy ports of the diffusers (0.42.1) schedulers the framegraph pipelines use, and of AnimateLCM-SVD's.
 
 >>> from framegraph.runtime.schedulers import load_scheduler
 >>> scheduler = load_scheduler({"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear"})
@@ -13,6 +13,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from .scheduling_animatelcm_svd import (
+    AnimateLCMSVDStochasticIterativeScheduler,
+    AnimateLCMSVDStochasticIterativeSchedulerOutput,
+)
 from .scheduling_ddim import DDIMScheduler, DDIMSchedulerOutput
 from .scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 from .scheduling_euler_discrete import EulerDiscreteScheduler, EulerDiscreteSchedulerOutput
@@ -22,6 +26,7 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "EulerDiscreteScheduler": EulerDiscreteScheduler,
     "DDIMScheduler": DDIMScheduler,
     "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler,
+    "AnimateLCMSVDStochasticIterativeScheduler": AnimateLCMSVDStochasticIterativeScheduler,
 }
 
 
@@ -42,6 +47,8 @@ def load_scheduler(config: Mapping | str | os.PathLike, **overrides) -> Schedule
 
 
 __all__ = [
+    "AnimateLCMSVDStochasticIterativeScheduler",
+    "AnimateLCMSVDStochasticIterativeSchedulerOutput",
     "DDIMScheduler",
     "DDIMSchedulerOutput",
     "DPMSolverMultistepScheduler",
