@@ -15,6 +15,7 @@ from framegraph.export.options import DEFAULT_ATTENTION_SLICE_MB, ISOLATE_MODES,
 from framegraph.export.pipeline_folder import PipelineFolder
 from framegraph.export.registry import recipe_function
 from framegraph.models.loading import resolve_model_path
+from framegraph.runtime.manifest import DEFAULT_FORMATS
 
 logger = logging.getLogger("framegraph.export")
 
@@ -68,7 +69,8 @@ def build_parser(prog=PROG):
     p.add_argument("--width", type=_positive_int, default=None,
                    help="video width (default: the pipeline's, 1024 for SVD)")
     p.add_argument("--batch", type=_positive_int, default=1, help="videos per graph call (default 1)")
-    p.add_argument("--formats", type=_formats, default=("onnx", "mindir"), help="onnx,mindir (default both)")
+    p.add_argument("--formats", type=_formats, default=DEFAULT_FORMATS, help="any of onnx,mindir,mslite (default "
+                   "onnx,mindir); mslite (MindSpore Lite, converted from the ONNX graphs) needs `framegraph setup-lite`")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="compute dtype of the graphs")
     p.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16 (*.fp16.safetensors)")
     p.add_argument("--decode-chunk-sizes", type=_positive_ints, default=None,

@@ -18,6 +18,7 @@ from framegraph.export.artifact import ArtifactWriter
 from framegraph.export.graph_export import (apply_graph_options, check_graphs, export_graph, graph_mode_on_cpu,
                                             planned_keys)
 from framegraph.export.isolation import SCRATCH, check_in_child, export_in_children, should_isolate
+from framegraph.export.lite_graphs import LITE, convert_graphs, drop_onnx, require_lite, traced_formats
 from framegraph.export.onnx_graph import opset_version
 from framegraph.export.options import validate_options
 from framegraph.runtime.manifest import Manifest
@@ -37,7 +38,8 @@ def export_pipeline(pipeline, out, options, recipe_function, source_name=None, p
     written or reused; ``show_progress`` draws a progress bar (one tick per graph and format).
     """
     recipe = recipe_function(pipeline, options)
-    with tqdm(total=recipe.graph_count(options.formats), desc=PROGRESS_LABEL, unit="graph",
+    ticks = recipe.graph_count(traced_formats(options.formats) + ((LITE,) if LITE in options.formats else ()))
+    with tqdm(total=ticks, desc=PROGRESS_LABEL, unit="graph",
               disable=not show_progress) as bar:
         def tick(label):
             bar.set_postfix_str(label)
@@ -51,6 +53,7 @@ def export_pipeline(pipeline, out, options, recipe_function, source_name=None, p
 def _export_recipe(pipeline, out, options, recipe, recipe_function, source_name, progress):
     graph_mode_on_cpu()
     validate_options(options, recipe.size_multiple, pipeline.folder)
+    require_lite(options.formats)
     _check_required_files(pipeline, recipe)
     source_hash = pipeline.weights_hash([c for c, _ in recipe.components])
     writer = ArtifactWriter(out, options.fingerprint(source_hash), overwrite=options.overwrite)
@@ -94,25 +97,30 @@ def _export_component(writer, pipeline, component, factories, recipe, recipe_fun
                 progress(f"{name} (reused)")
     exported = []
     todo = [name for name in factories if name not in reused]
+    formats = traced_formats(options.formats)
     in_child = bool(todo) and should_isolate(pipeline, component, options.isolate)
     if in_child:
         exported = export_in_children(pipeline, options, recipe_function, writer.stage, component, todo, wanted,
-                                      progress)
+                                      formats, progress)
     elif todo:
         net = apply_graph_options(pipeline.build(component), options)
-        exported = _export_in_process(writer, net, factories, todo, recipe, wanted, options, progress)
+        exported = _export_in_process(writer, net, factories, todo, recipe, wanted, formats, options, progress)
         del net
         gc.collect()  # the MindSpore model is freed before its graphs are loaded for the check
     checked = check_graphs(writer, exported, options.dtype, options.check, check_in_child if in_child else None)
+    if LITE in options.formats:
+        checked += convert_graphs(writer, exported, options.dtype, options.check, progress)
+        if "onnx" not in options.formats:
+            checked = drop_onnx(writer, checked)
     return [e for name in factories for e in reused.get(name, [])] + checked
 
 
-def _export_in_process(writer, net, factories, names, recipe, wanted, options, progress):
+def _export_in_process(writer, net, factories, names, recipe, wanted, formats, options, progress):
     exported = []
     for name in names:
         factory = factories[name]
         exported += export_graph(writer, recipe.specs[name], lambda bucket, f=factory: f(net, bucket), wanted[name],
-                                 options.formats, options.dtype, options.check, progress, quantize=options.quantize)
+                                 formats, options.dtype, options.check, progress, quantize=options.quantize)
     return exported
 
 

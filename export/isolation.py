@@ -82,15 +82,17 @@ def _export_in_child(source, options, recipe_function, stage, component, name, b
                         with_reference, None, weights, options.quantize)
 
 
-def export_in_children(pipeline, options, recipe_function, stage, component, names, wanted, progress=None):
-    """Export graphs ``names`` of ``component`` for buckets ``wanted[name]``, one child process per graph, bucket
-    and format; returns the ExportedGraphs. The MindSpore reference outputs come from the first format's child."""
+def export_in_children(pipeline, options, recipe_function, stage, component, names, wanted, formats,
+                       progress=None):
+    """Export graphs ``names`` of ``component`` for buckets ``wanted[name]`` in ``formats``, one child process per
+    graph, bucket and format; returns the ExportedGraphs. The MindSpore reference outputs come from the first
+    format's child."""
     source = Source.of(pipeline)
     exported = []
     for name in names:
         for bucket in wanted[name]:
             first = None
-            for fmt in options.formats:
+            for fmt in formats:
                 label = f"{name}[{bucket_tag(bucket)}].{fmt}"
                 (graph,) = run_in_child(label, _export_in_child, source, options, recipe_function, str(stage),
                                         component, name, bucket, fmt, options.check and first is None)

@@ -9,7 +9,7 @@ import json
 import numbers
 
 from framegraph import __version__
-from framegraph.runtime.manifest import FORMATS
+from framegraph.runtime.manifest import DEFAULT_FORMATS, FORMATS
 
 # The largest float32 attention scores one slice of queries may hold (see models.layers.attention): it leaves every
 # attention of the sizes measured here whole (SVD-XT's largest at 256x256, 8 frames: 335 MB) and slices those
@@ -32,7 +32,7 @@ class ExportOptions:
     height: int = None
     width: int = None
     batch: int = 1
-    formats: tuple = FORMATS
+    formats: tuple = DEFAULT_FORMATS  # any of FORMATS; mslite is converted from the (checked) ONNX graphs
     dtype: str = "float32"
     decode_chunk_sizes: list = None
     check: bool = True
@@ -102,6 +102,9 @@ def validate_options(options, size_multiple, folder):
     if options.attention_slice_mb is not None and not options.attention_slice_mb > 0:
         raise ValueError(f"--attention-slice-mb must be a positive number of MB, got {options.attention_slice_mb}; "
                          "0 on the command line (None in ExportOptions) computes each attention whole")
+    if options.quantize is not None and "mslite" in options.formats:
+        raise ValueError("--quantize does not go with --formats mslite (MindSpore Lite runs the float graphs); export "
+                         "the int8 ONNX artifact and the Lite artifact separately")
     if options.quantize is not None and (options.quantize not in QUANTIZE_MODES or "onnx" not in options.formats):
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)} and needs --formats with onnx "
                          f"(it applies to the ONNX graphs); got {options.quantize!r} with {','.join(options.formats)}")

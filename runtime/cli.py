@@ -116,7 +116,28 @@ def build_parser():
     demo.add_argument("--export", action="store_true", help="first export the source checkout's tiny diffusers "
                       "pipeline with svd-export (needs the export extra), then render from that artifact")
     _serve_parser(sub)
+    lite = sub.add_parser("setup-lite", help="set up the MindSpore Lite runtime and converter for backend "
+                          "mindspore_lite and export --formats mslite: an existing Lite package, or the PyPI wheel's "
+                          "libraries fetched into a cache; builds framegraph's shim (needs g++)")
+    lite.add_argument("--mslite-home", default=None, help="a MindSpore Lite package folder to use (default: the "
+                      "MSLITE_HOME environment variable, else fetch mindspore-lite from the package index)")
+    lite.add_argument("--cache", default=None, help="where the fetched libraries and the built shim go (default: "
+                      "$FRAMEGRAPH_CACHE or ~/.cache/framegraph)")
     return parser
+
+
+def setup_lite(args):
+    """``setup-lite``: the Lite runtime ready for the mindspore_lite backend; logs where it is."""
+    from framegraph.runtime.lite.install import LiteSetupError, setup_lite as install
+
+    try:
+        found = install(mslite_home=args.mslite_home, cache_dir=args.cache)
+    except LiteSetupError as exc:
+        logger.error("%s", exc)
+        return 2
+    logger.info("MindSpore Lite is set up: libraries in %s, shim %s, converter %s", found.lib_dir, found.shim,
+                found.converter)
+    return 0
 
 
 def _serve_parser(sub):
@@ -309,6 +330,8 @@ def main(argv=None):
     try:
         if args.command == "serve":
             return serve(args)
+        if args.command == "setup-lite":
+            return setup_lite(args)
         if args.command == "demo":
             path = demo(args.out, export=args.export)
         else:

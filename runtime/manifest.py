@@ -12,7 +12,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-FORMATS = ("onnx", "mindir")
+FORMATS = ("onnx", "mindir", "mslite")  # ONNX, MindSpore MindIR, MindSpore Lite (.ms, converted from the ONNX)
+DEFAULT_FORMATS = ("onnx", "mindir")
 
 
 class ArtifactError(ValueError):

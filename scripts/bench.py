@@ -25,7 +25,9 @@ One run, same random weights for every engine:
      against ``onnxruntime``'s. ``onnxruntime-ffchunk`` runs an artifact exported with the compiled forward
      chunking (``--forward-chunk-size``, the analogue of ``unet.enable_forward_chunking()``) and a one-frame
      decoder graph, ``onnxruntime-decode1`` the same artifact with ``decode_chunk_size=1``; ``onnxruntime-sliced``
-     runs an artifact exported with ``--attention-slice-mb`` (attention over slices of queries).
+     runs an artifact exported with ``--attention-slice-mb`` (attention over slices of queries);
+     ``mindspore_lite`` runs the Lite graphs of an artifact exported with ``--formats mslite`` (after
+     ``framegraph setup-lite``).
 
 Columns: load_s (from_pretrained / from_artifacts + opening the graphs the call uses), first_step_s (call start to
 the end of step 1: includes image / prompt encoding), step_s_median (median of steps 2..N), total_s (pipeline call,

@@ -45,6 +45,7 @@ EXPORTS = {
     "onnx-int8": Export(("onnx",), quantize="int8"),
     "onnx-memory": Export(("onnx",), memory="chunks"),
     "onnx-sliced": Export(("onnx",), memory="slices"),
+    "mslite": Export(("mslite",)),
 }
 
 ENGINES = {engine.name: engine for engine in (
@@ -65,4 +66,5 @@ ENGINES = {engine.name: engine for engine in (
     Engine("onnxruntime-sliced", backend="onnxruntime", export="onnx-sliced"),
     Engine("mindspore", backend="mindspore", export="mindir"),
     Engine("mindspore-lowmem", backend="mindspore", export="mindir", low_memory=True),
+    Engine("mindspore_lite", backend="mindspore_lite", export="mslite"),
 )}

@@ -80,17 +80,28 @@ def shared_export(tmp_path_factory, name, export):
     return folder
 
 
+@pytest.fixture(scope="session")
+def lite_install():
+    """MindSpore Lite set up as `framegraph setup-lite` does (the first run fetches the PyPI wheel's libraries into
+    the cache and builds the shim; later runs reuse them)."""
+    from framegraph.runtime.lite.install import setup_lite
+
+    return setup_lite()
+
+
+ARTIFACT_FORMATS = ("onnx", "mindir", "mslite")
 SVD_EXPORT = {"frames": [2, 3], "height": 32, "width": 32, "decode_chunk_sizes": [1, 2]}
 
 
 @pytest.fixture(scope="session")
-def svd_artifact(tmp_path_factory, ms, svd_tiny):
-    """The tiny SVD exported once per session (ONNX + MindIR, frame buckets 2 and 3, decode chunks 1 and 2)."""
+def svd_artifact(tmp_path_factory, ms, svd_tiny, lite_install):
+    """The tiny SVD exported once per session (ONNX + MindIR + MindSpore Lite, frame buckets 2 and 3, decode chunks
+    1 and 2)."""
     from framegraph.export.pipeline_folder import PipelineFolder
     from framegraph.export.options import ExportOptions
     from framegraph.export.stable_video_diffusion import export_stable_video_diffusion
 
-    options = ExportOptions(formats=("onnx", "mindir"), **SVD_EXPORT)
+    options = ExportOptions(formats=ARTIFACT_FORMATS, **SVD_EXPORT)
     return shared_export(tmp_path_factory, "svd-tiny",
                          lambda out: export_stable_video_diffusion(PipelineFolder(svd_tiny), out, options))
 
@@ -99,12 +110,13 @@ T2V_EXPORT = {"frames": [4], "height": 32, "width": 32, "decode_chunk_sizes": [3
 
 
 @pytest.fixture(scope="session")
-def t2v_artifact(tmp_path_factory, ms, t2v_tiny):
-    """The tiny text-to-video model exported once per session (ONNX + MindIR, 4 frames, decode slices of 3)."""
+def t2v_artifact(tmp_path_factory, ms, t2v_tiny, lite_install):
+    """The tiny text-to-video model exported once per session (ONNX + MindIR + MindSpore Lite, 4 frames, decode
+    slices of 3)."""
     from framegraph.export.pipeline_folder import PipelineFolder
     from framegraph.export.options import ExportOptions
     from framegraph.export.text_to_video_sd import export_text_to_video_sd
 
-    options = ExportOptions(formats=("onnx", "mindir"), **T2V_EXPORT)
+    options = ExportOptions(formats=ARTIFACT_FORMATS, **T2V_EXPORT)
     return shared_export(tmp_path_factory, "t2v-tiny",
                          lambda out: export_text_to_video_sd(PipelineFolder(t2v_tiny), out, options))

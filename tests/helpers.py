@@ -1,6 +1,8 @@
 """Test helpers: tolerance checks and a MindSpore -> ONNX -> onnxruntime round trip."""
 
+import json
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
@@ -14,6 +16,18 @@ def assert_close_scaled(out, ref, rel=1e-4, name="output"):
     bound = rel * max(1.0, float(np.abs(ref).max()))
     assert err <= bound, f"{name}: max abs error {err:.3e} > {bound:.3e}"
     return err
+
+
+def read_config(path: Path) -> dict:
+    """A JSON config file (a scheduler's, a model's) as a dict."""
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def assert_close(actual, reference, what: str = "", rtol: float = 1e-5) -> None:
+    """Scheduler goldens: within ``rtol`` relative, and ``rtol`` times max(1, max|reference|) absolute."""
+    reference = np.asarray(reference)
+    atol = rtol * max(1.0, float(np.max(np.abs(reference)))) if reference.size else 0.0
+    np.testing.assert_allclose(np.asarray(actual), reference, rtol=rtol, atol=atol, err_msg=what)
 
 
 @contextmanager

@@ -3,7 +3,6 @@
 import subprocess
 import sys
 import textwrap
-import types
 
 import numpy as np
 import pytest
@@ -69,7 +68,8 @@ def onnx_graph(onnx_artifact):
 def test_registry_lists_the_backends_by_format():
     assert available_backends() == ["mindspore", "mindspore_lite", "onnxruntime"]
     assert backends_for_format("onnx") == ["onnxruntime"]
-    assert backends_for_format("mindir") == ["mindspore", "mindspore_lite"]
+    assert backends_for_format("mindir") == ["mindspore"]
+    assert backends_for_format("mslite") == ["mindspore_lite"]
 
 
 def test_unknown_backend_names_the_available_ones():
@@ -290,87 +290,6 @@ def test_mindspore_backend_runs_a_split_mindir(ms, tmp_path, monkeypatch):
 def test_mindspore_backend_rejects_unknown_device():
     with pytest.raises(ValueError, match="device 'tpu' is not supported by the mindspore backend"):
         load_backend("mindspore", device="tpu")
-
-
-# -- MindSpore Lite ---------------------------------------------------------------------------------------------
-def _mindspore_lite_importable():
-    try:
-        import mindspore_lite  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(_mindspore_lite_importable(), reason="mindspore_lite is installed here")
-def test_mindspore_lite_missing_is_a_clear_import_error():
-    with pytest.raises(ImportError, match="PyPI only has mindspore-lite 2.0.0 for CPython 3.7") as info:
-        load_backend("mindspore_lite")
-    assert isinstance(info.value, BackendUnavailableError)
-
-
-@pytest.mark.skipif(not _mindspore_lite_importable(),
-                    reason="mindspore_lite does not import (no wheel for this Python on PyPI)")
-def test_mindspore_lite_backend_runs_an_exported_mindir(ms, tmp_path):
-    class Tiny(ms.nn.Cell):
-        def construct(self, sample, timestep):
-            return sample * timestep + 1.0, sample * 2.0
-
-    inputs = feeds(2)
-    ms.export(Tiny(), *(ms.Tensor(inputs[s.name]) for s in INPUTS), file_name=str(tmp_path / "unet"),
-              file_format="MINDIR")
-    out = load_backend("mindspore_lite").open(tmp_path, write_artifact(tmp_path, "unet.mindir", "mindir"))(**inputs)
-    for name, ref in expected(**inputs).items():
-        np.testing.assert_allclose(out[name], ref, rtol=1e-6, atol=1e-6)
-
-
-def _fake_mindspore_lite(calls):
-    """A stand-in with mindspore_lite's Python API (Context, Model, ModelType), computing the tiny graph in numpy."""
-
-    class Tensor:
-        def __init__(self, name):
-            self.name, self.data = name, None
-
-        def set_data_from_numpy(self, array):
-            self.data = array
-
-        def get_data_to_numpy(self):
-            return self.data
-
-    class Model:
-        def build_from_file(self, path, model_type, context):
-            calls.append((path, model_type, context.target, context.cpu.thread_num))
-            self.inputs = [Tensor("timestep"), Tensor("sample")]  # deliberately not in manifest order
-
-        def get_inputs(self):
-            return self.inputs
-
-        def predict(self, inputs):
-            values = {t.name: t.data for t in inputs}
-            ref = expected(values["sample"], values["timestep"])
-            outputs = [Tensor("out"), Tensor("doubled")]
-            for t in outputs:
-                t.set_data_from_numpy(ref[t.name])
-            return outputs
-
-    class Context:
-        def __init__(self):
-            self.target = None
-            self.cpu = types.SimpleNamespace(thread_num=None)
-
-    return types.SimpleNamespace(Context=Context, Model=Model, ModelType=types.SimpleNamespace(MINDIR="MINDIR"))
-
-
-def test_mindspore_lite_wiring_with_a_stand_in_module(monkeypatch, tmp_path):
-    calls = []
-    monkeypatch.setitem(sys.modules, "mindspore_lite", _fake_mindspore_lite(calls))
-    (tmp_path / "unet.mindir").write_bytes(b"not a real graph")
-    entry = write_artifact(tmp_path, "unet.mindir", "mindir")
-    graph = load_backend("mindspore_lite", device="cpu", num_threads=2).open(tmp_path, entry)
-    assert calls == [(str(tmp_path / "unet.mindir"), "MINDIR", ["cpu"], 2)]
-    inputs = feeds(3)
-    out = graph(**inputs)
-    for name, ref in expected(**inputs).items():
-        np.testing.assert_array_equal(out[name], ref)
 
 
 def test_onnxruntime_optimization_level_is_selectable():

@@ -4,8 +4,6 @@ symlinks leading out are refused), every graph lists its graph file, and each gr
 
 import dataclasses
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -280,41 +278,7 @@ def test_check_signature_rule():
         check_signature(bad, "g.onnx", same)
 
 
-# -- MindSpore Lite (a stand-in module with its Python API) and MindSpore -----------------------------------------
-def _lite_module(shape):
-    class Tensor:
-        def __init__(self, name, dims):
-            self.name, self.shape, self.dtype = name, dims, types.SimpleNamespace(name="FLOAT32")
-
-    class Model:
-        def build_from_file(self, path, model_type, context):
-            pass
-
-        def get_inputs(self):
-            return [Tensor("x", []), Tensor("x1", shape)]  # positional names, in the order they are fed
-
-        def get_outputs(self):
-            return [Tensor("o", SHAPE), Tensor("o1", SHAPE)]
-
-    class Context:
-        def __init__(self):
-            self.target, self.cpu = None, types.SimpleNamespace(thread_num=None)
-
-    return types.SimpleNamespace(Context=Context, Model=Model, ModelType=types.SimpleNamespace(MINDIR="MINDIR"))
-
-
-def test_mindspore_lite_checks_what_its_model_reports(monkeypatch, tmp_path):
-    (tmp_path / "unet.mindir").write_bytes(b"not a real graph")
-    inputs = [INPUTS[1], INPUTS[0]]  # fed by position: the manifest's order is the model's
-    entry = write_manifest(tmp_path, [file_entry(tmp_path, "unet.mindir")], inputs=inputs, fmt="mindir")
-    monkeypatch.setitem(sys.modules, "mindspore_lite", _lite_module(SHAPE))
-    load_backend("mindspore_lite").open(tmp_path, entry)
-    monkeypatch.setitem(sys.modules, "mindspore_lite", _lite_module([1, 2, 4]))
-    with pytest.raises(ArtifactError, match=r"input 'sample': the manifest says dtype float32, shape \[1, 2, 3\], "
-                                            r"the graph file has dtype float32, shape \[1, 2, 4\]"):
-        load_backend("mindspore_lite").open(tmp_path, entry)
-
-
+# -- MindSpore (MindSpore Lite's check on a real .ms graph: test_lite_backend.py) ---------------------------
 @pytest.mark.mindspore
 def test_mindspore_refuses_an_edited_signature_when_the_graph_is_opened(ms, tmp_path):
     class Tiny(ms.nn.Cell):

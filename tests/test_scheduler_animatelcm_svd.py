@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import assert_close, read_config
 from framegraph.runtime.schedulers import (
     SCHEDULERS,
     AnimateLCMSVDStochasticIterativeScheduler,
@@ -28,17 +29,6 @@ CONFIG = FOLDER / "scheduler" / "scheduler_config.json"
 SVD_CONFIG = FIXTURES / "configs" / "svd-xt" / "scheduler" / "scheduler_config.json"
 INFO = json.loads((FOLDER / "golden.json").read_text(encoding="utf-8"))
 RUNS = [(case, run["key"], run["schedule"]) for case, info in INFO["cases"].items() for run in info["runs"]]
-RTOL = 1e-5
-
-
-def read_config(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def assert_close(actual, reference, what: str = "") -> None:
-    reference = np.asarray(reference)
-    atol = RTOL * max(1.0, float(np.max(np.abs(reference)))) if reference.size else 0.0
-    np.testing.assert_allclose(np.asarray(actual), reference, rtol=RTOL, atol=atol, err_msg=what)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import assert_close, read_config
 from framegraph.runtime.schedulers import (
     SCHEDULERS,
     DDIMScheduler,
@@ -32,18 +33,7 @@ SVD_CONFIG = FIXTURES / "configs" / "svd-xt" / "scheduler" / "scheduler_config.j
 T2V_CONFIG = FIXTURES / "configs" / "text-to-video-ms-1.7b" / "scheduler" / "scheduler_config.json"
 GOLDEN_INFO = json.loads((FIXTURES / "schedulers" / "golden.json").read_text(encoding="utf-8"))
 GOLDEN_CASES = [(case, n) for case, info in GOLDEN_INFO["cases"].items() for n in info["steps"]]
-RTOL = 1e-5
 ALL_CLASSES = [EulerDiscreteScheduler, DDIMScheduler, DPMSolverMultistepScheduler]
-
-
-def read_config(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def assert_close(actual, reference, what: str = "") -> None:
-    reference = np.asarray(reference)
-    atol = RTOL * max(1.0, float(np.max(np.abs(reference)))) if reference.size else 0.0
-    np.testing.assert_allclose(np.asarray(actual), reference, rtol=RTOL, atol=atol, err_msg=what)
 
 
 @pytest.fixture(scope="module")

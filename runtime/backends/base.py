@@ -257,7 +257,7 @@ class Graph:
         memory it kept from its runs (ONNX Runtime: its arena's free chunks), for the last run of a series (the
         denoising loop's last step: the UNet's activations need not stay through the decode)."""
         self.check_feeds(feeds)
-        arrays = [np.ascontiguousarray(np.asarray(feeds[spec.name])) for spec in self.entry.inputs]
+        arrays = [np.asarray(feeds[spec.name], order="C") for spec in self.entry.inputs]  # 0-d stays 0-d
         outputs = list(self._loaded.run(arrays, shrink=bool(shrink)))
         if len(outputs) != len(self.entry.outputs):
             raise ArtifactError(
