@@ -8,10 +8,11 @@ into this process and skip in a worker that has MindSpore loaded (the two cannot
 """
 
 import os
+import subprocess
 import sys
 import threading
-import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -34,21 +35,28 @@ HANG_S = 20  # a run of a graph left as it is that takes this long (tiny graphs 
 
 
 @pytest.fixture(scope="session")
-def lite():
-    """The real Lite install (downloaded and built on first use, then found in the cache)."""
-    if not sys.platform.startswith("linux"):
-        pytest.skip("MindSpore Lite's PyPI wheel is for Linux only")
-    try:
-        return lite_install.setup_lite()
-    except lite_install.LiteSetupError as exc:
-        pytest.skip(f"MindSpore Lite cannot be set up on this machine: {exc}")
+def lite(lite_install):
+    """The real Lite install (conftest: downloaded and built on first use, then found in the cache)."""
+    return lite_install
 
 
 @pytest.fixture
 def in_process(lite):
+    """Lite loaded into this process: skipped in a worker that imported MindSpore (they cannot share a process);
+    ``test_native_tests_run_in_a_fresh_process`` then runs these tests in a process of their own."""
     if "mindspore" in sys.modules:
         pytest.skip("MindSpore is loaded in this worker; Lite cannot share its process")
     return lite
+
+
+def test_native_tests_run_in_a_fresh_process(lite):
+    """The in-process tests (``test_native_*``) in a fresh pytest process, where MindSpore is not loaded: they must
+    all run and pass there, whatever this worker imported before."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
+                             __file__, "-k", "test_native_ and not fresh_process"], capture_output=True, text=True,
+                            timeout=600, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-3000:]
 
 
 def make_model(nodes, inputs, outputs, initializers=None, opset=17):
