@@ -10,6 +10,11 @@ import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
+# Set before any test module imports Ray (Ray reads them at import, and the processes it starts inherit them): every
+# Ray process of the tests binds and advertises 127.0.0.1 only, whatever routes the machine has, and reports nothing.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
 
 @pytest.fixture(scope="session")
 def fixtures_dir():

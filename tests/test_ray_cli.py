@@ -14,7 +14,6 @@ import time
 
 import pytest
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 pytest.importorskip("ray", reason="needs Ray Serve: pip install -e '.[ray]'")
 pytest.importorskip("starlette", reason="needs the serve extra: pip install -e '.[serve]'")
 yaml = pytest.importorskip("yaml", reason="needs PyYAML, which Ray installs")
@@ -44,6 +43,7 @@ def existing_cluster():
                                                               "dashboard_host": "127.0.0.1",
                                                               "dashboard_port": dashboard})
         nodes.add_node(**node)
+        assert nodes.address.startswith("127.0.0.1:"), nodes.address  # loopback only, whatever routes exist
         yield {"address": nodes.address, "dashboard": f"http://127.0.0.1:{dashboard}", "port": free_port()}
     finally:
         if nodes is not None:

@@ -11,9 +11,6 @@ import time
 import numpy as np
 import pytest
 
-# before Ray is imported: every Ray process of the test binds and advertises 127.0.0.1 only, and reports nothing
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 pytest.importorskip("ray", reason="needs Ray Serve: pip install -e '.[ray]'")
 pytest.importorskip("starlette", reason="needs the serve extra: pip install -e '.[serve]'")
 uvicorn = pytest.importorskip("uvicorn", reason="needs the serve extra: pip install -e '.[serve]'")
@@ -21,6 +18,7 @@ uvicorn = pytest.importorskip("uvicorn", reason="needs the serve extra: pip inst
 from framegraph.runtime.demo import DEMO_ARTIFACT, DEMO_IMAGE  # noqa: E402
 from http_client import Client, free_port, serving  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("ray")  # one Ray cluster at a time on the CI machine's two cores
 IMAGE = DEMO_IMAGE.read_bytes()
 TIMEOUT = 60
 LONG = "1000"  # steps of a job that is only ever cancelled or killed
