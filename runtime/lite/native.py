@@ -7,8 +7,10 @@ model (a lock); separate models may run in parallel. The shim must have been bui
 (``install.setup_lite``); this module never downloads or compiles.
 """
 
+import contextlib
 import ctypes
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -77,6 +79,23 @@ def _declare(lib):
         function.restype, function.argtypes = restype, argtypes
 
 
+_cwd_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _in_folder(folder):
+    """The process's working directory set to ``folder`` while a model is built: Lite 2.0 opens a model's weight
+    file (``NAME.msw``, written when the weights pass 2 GB) by the bare name the ``.ms`` records, relative to the
+    working directory. One build at a time; the previous directory is restored."""
+    with _cwd_lock:
+        previous = os.getcwd()
+        os.chdir(folder)
+        try:
+            yield
+        finally:
+            os.chdir(previous)
+
+
 class LiteModel:
     """A Lite model built from ``path`` on the CPU with ``num_threads`` threads (None: Lite's default)."""
 
@@ -87,7 +106,8 @@ class LiteModel:
                                     "(framegraph.export.lite_convert.convert_to_lite)")
         self._lib = load_library(install)
         self._lock = threading.Lock()
-        self._handle = self._lib.fg_lite_create(str(self.path).encode(), int(num_threads or 0))
+        with _in_folder(self.path.parent):
+            self._handle = self._lib.fg_lite_create(str(self.path.resolve()).encode(), int(num_threads or 0))
         if not self._handle:
             raise LiteError(self._error())
         self._inputs = [self._describe(0, i) for i in range(self._count(0))]
