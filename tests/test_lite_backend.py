@@ -61,6 +61,14 @@ def run_on_lite(tmp_path, kind, artifact, calls):
     return outputs, list(outputs.pop("heavy"))
 
 
+def assert_equal_goldens(outputs, golden):
+    """Each output equals diffusers' golden of the same key within TOLERANCE (max abs error)."""
+    for key, out in outputs.items():
+        assert out.shape == golden[key].shape, key
+        err = float(np.abs(out - golden[key]).max())
+        assert err <= TOLERANCE, f"{key} on MindSpore Lite: max abs error {err:.2e}"
+
+
 def test_svd_equals_diffusers_on_lite_with_neither_mindspore_nor_onnxruntime(svd_artifact, svd_golden,
                                                                              svd_golden_call, tmp_path):
     image = Image.open(FIXTURES / "svd-tiny" / "input.png").convert("RGB")
@@ -70,11 +78,7 @@ def test_svd_equals_diffusers_on_lite_with_neither_mindspore_nor_onnxruntime(svd
              "pipeline.frames_chunk1": ((image,), dict(base, decode_chunk_size=1), None),
              "pipeline.final_latents": ((image,), dict(base, output_type="latent"), None)}
     outputs, heavy = run_on_lite(tmp_path, "svd", svd_artifact, calls)
-    for key, out in outputs.items():
-        ref = svd_golden[key]
-        assert out.shape == ref.shape, key
-        err = float(np.abs(out - ref).max())
-        assert err <= TOLERANCE, f"{key} on MindSpore Lite: max abs error {err:.2e}"
+    assert_equal_goldens(outputs, svd_golden)
     assert heavy == []
 
 
@@ -86,11 +90,7 @@ def test_text_to_video_equals_diffusers_on_lite(t2v_artifact, t2v_golden, tmp_pa
              "pipeline.frames_dpmsolver": (prompt, dict(base, num_inference_steps=T2V["dpmsolver_steps"]),
                                            "DPMSolverMultistepScheduler")}
     outputs, _ = run_on_lite(tmp_path, "t2v", t2v_artifact, calls)
-    for key, out in outputs.items():
-        ref = t2v_golden[key]
-        assert out.shape == ref.shape, key
-        err = float(np.abs(out - ref).max())
-        assert err <= TOLERANCE, f"{key} on MindSpore Lite: max abs error {err:.2e}"
+    assert_equal_goldens(outputs, t2v_golden)
 
 
 def test_every_lite_graph_was_converted_and_checked_at_export(svd_artifact, t2v_artifact):
