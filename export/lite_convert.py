@@ -70,8 +70,9 @@ def convert_to_lite(onnx_path, ms_path, install=None, timeout=None, rewrite=True
         if SUCCESS_MARK not in result.stdout or Path(f"{prefix}.ms") not in produced:
             raise LiteConvertError(
                 f"MindSpore Lite could not convert {onnx_path} (exit {result.returncode}):\n"
-                f"{_tail(result.stdout + result.stderr)}\nThe graph may use an operator Lite 2.0 does not support; "
-                "the log above names the node (set GLOG_v=1 for more)")
+                f"{lite_install.output_tail(result.stdout + result.stderr, 40)}\n"
+                "The graph may use an operator Lite 2.0 does not support; the log above names the node (set GLOG_v=1 "
+                "for more)")
         written = []
         for stale in (ms_path, ms_path.with_suffix(".msw")):
             if stale.exists():
@@ -141,7 +142,7 @@ def run_lite(ms_path, inputs, num_threads=None, install=None, timeout=None):
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_child_env())
         if result.returncode != 0 or not outputs.is_file():
             raise LiteConvertError(f"running {ms_path} in MindSpore Lite failed (exit {result.returncode}):\n"
-                                   f"{_tail(result.stdout + result.stderr)}")
+                                   f"{lite_install.output_tail(result.stdout + result.stderr, 40)}")
         with np.load(outputs) as data:
             return [data[key] for key in sorted(data.files)]
 
@@ -170,7 +171,3 @@ def _child_env():
     env = dict(os.environ)
     env.setdefault("GLOG_v", "3")  # Lite logs errors only, unless the caller asked for more
     return env
-
-
-def _tail(text, lines=40):
-    return "\n".join(text.strip().splitlines()[-lines:])

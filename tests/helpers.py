@@ -1,6 +1,8 @@
 """Test helpers: tolerance checks and a MindSpore -> ONNX -> onnxruntime round trip."""
 
 import json
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,6 +18,12 @@ def assert_close_scaled(out, ref, rel=1e-4, name="output"):
     bound = rel * max(1.0, float(np.abs(ref).max()))
     assert err <= bound, f"{name}: max abs error {err:.3e} > {bound:.3e}"
     return err
+
+
+def run_cli(*args, module="framegraph.runtime.cli", env=None, timeout=300):
+    """``python -m MODULE ARGS`` (the framegraph CLI by default) in a subprocess, its output captured as text."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 def read_config(path: Path) -> dict:

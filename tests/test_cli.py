@@ -1,14 +1,7 @@
 """The framegraph CLI: generate from each kind of artifact, and clear errors for a missing input."""
 
-import subprocess
-import sys
-
 from conftest import FIXTURES
-
-
-def _framegraph(*args):
-    return subprocess.run([sys.executable, "-m", "framegraph.runtime.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
+from helpers import run_cli as _framegraph
 
 
 def test_generate_image_to_video_writes_mp4(svd_artifact, tmp_path):

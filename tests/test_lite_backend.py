@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import FIXTURES
+from helpers import run_cli
 from framegraph.runtime.manifest import Manifest
 
 TOLERANCE = 2e-3  # the frames' max abs error allowed on every backend (test_pipeline_svd / _t2v)
@@ -138,15 +139,10 @@ def test_without_lite_set_up_the_backend_says_to_run_setup_lite(tmp_path):
     assert "MSLITE_HOME" in result.stderr
 
 
-def _cli(module, *args, env=None):
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=env)
-
-
 def test_setup_lite_command_reports_the_install_and_refuses_a_bad_home(lite_install, tmp_path):
-    done = _cli("framegraph.runtime.cli", "setup-lite")
+    done = run_cli("setup-lite")
     assert done.returncode == 0 and "MindSpore Lite is set up" in done.stderr and str(lite_install.shim) in done.stderr
-    refused = _cli("framegraph.runtime.cli", "setup-lite", "--mslite-home", tmp_path / "nothing-here")
+    refused = run_cli("setup-lite", "--mslite-home", tmp_path / "nothing-here")
     assert refused.returncode == 2 and "nothing-here" in refused.stderr, refused.stderr[-2000:]
 
 
@@ -157,7 +153,7 @@ def test_setup_lite_command_reports_the_install_and_refuses_a_bad_home(lite_inst
 def test_export_refuses_mslite_it_cannot_do_before_loading_the_model(svd_tiny, tmp_path, flags, message):
     env = {k: v for k, v in os.environ.items() if k != "MSLITE_HOME"}
     env["FRAMEGRAPH_CACHE"] = str(tmp_path / "empty-cache")
-    result = _cli("framegraph.export.cli", svd_tiny, "--out", tmp_path / "art", "--frames", 2, "--height", 32,
-                  "--width", 32, *flags, env=env)
+    result = run_cli(svd_tiny, "--out", tmp_path / "art", "--frames", 2, "--height", 32, "--width", 32, *flags,
+                     module="framegraph.export.cli", env=env)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "art").exists()

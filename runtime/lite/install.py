@@ -195,7 +195,7 @@ def _download_wheel(cache):
         shutil.rmtree(target, ignore_errors=True)
         raise LiteSetupError(
             f"`pip download mindspore-lite=={LITE_VERSION}` failed (exit {result.returncode}):\n"
-            f"{_tail(result.stdout + result.stderr)}\nCheck the network and pip's index settings (PIP_INDEX_URL, "
+            f"{output_tail(result.stdout + result.stderr)}\nCheck the network and pip's index settings (PIP_INDEX_URL, "
             "proxies), or fetch the wheel elsewhere and pass its path as MSLITE_HOME")
     return wheels[0]
 
@@ -348,7 +348,7 @@ def _compile(command):
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise LiteSetupError(f"compiling the MindSpore Lite shim failed:\n{' '.join(command)}\n"
-                             f"{_tail(result.stderr)}\nCheck that the compiler supports C++17 and that MSLITE_HOME is "
+                             f"{output_tail(result.stderr)}\nCheck that the compiler supports C++17 and that MSLITE_HOME is "
                              f"a MindSpore Lite {LITE_VERSION} package")
 
 
@@ -370,5 +370,6 @@ class _locked:
         self.file.close()
 
 
-def _tail(text, lines=30):
+def output_tail(text, lines=30):
+    """The last ``lines`` lines of a tool's output, for an error message."""
     return "\n".join(text.strip().splitlines()[-lines:])
