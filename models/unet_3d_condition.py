@@ -128,14 +128,22 @@ class UNet3DConditionModel(UNetModel):
         self._build_output(channels[0], config.out_channels, groups, eps, forward_chunk_size)
 
     def construct(self, sample, timestep, encoder_hidden_states):
+        x, emb, context, layout = self.prepare(sample, timestep, encoder_hidden_states)
+        return self.finish(self._denoise(x, emb, context, layout[1]), layout)
+
+    def prepare(self, sample, timestep, encoder_hidden_states):
+        """The inputs of the down path: ``transformer_in``'s output [B*F, C, h, w], the per-frame embedding, the
+        conditioning and the layout (B, F, h, w)."""
         b, c, f, h, w = sample.shape
         self._check_sample_size(h, w, "a video size")
 
         # one copy of the embedding per frame (diffusers' repeat_interleave); the text conditioning stays one per
         # video: the cross-attentions project it once and let every frame's queries attend to it
         emb = repeat_per_frame(self._time_embedding(timestep, b, sample.dtype), f)
-        context = encoder_hidden_states
-
         x = self.conv_in(sample.transpose(0, 2, 1, 3, 4).reshape(b * f, c, h, w))
-        x = self._denoise(self.transformer_in(x, f), emb, context, f)
+        return self.transformer_in(x, f), emb, encoder_hidden_states, (b, f, h, w)
+
+    def finish(self, x, layout):
+        """conv_out's output [B*F, C, h, w] -> [B, C, F, h, w]."""
+        b, f, h, w = layout
         return x.reshape(b, f, x.shape[1], h, w).transpose(0, 2, 1, 3, 4)

@@ -69,16 +69,22 @@ class UNetBlock(nn.Cell):
 
 
 class UNetDownBlock(UNetBlock):
-    """``num_layers`` layers, then the optional ``downsamplers[0]``; returns the output and every stage's output (the
-    skip connections, in order)."""
+    """``num_layers`` layers, then the optional ``downsamplers[0]``: its stages. Returns the output and every stage's
+    output (the skip connections, in order)."""
+
+    def stage_count(self):
+        return self.num_layers + (0 if self.downsamplers is None else 1)
+
+    def stage(self, i, x, temb, context, num_frames):
+        """Stage ``i``: layer ``i``, or the downsampler after the last layer."""
+        if i < self.num_layers:
+            return self._layer(i, x, temb, context, num_frames)
+        return self.downsamplers[0](x)
 
     def construct(self, x, temb, context, num_frames):
         states = ()
-        for i in range(self.num_layers):
-            x = self._layer(i, x, temb, context, num_frames)
-            states = states + (x,)
-        if self.downsamplers is not None:
-            x = self.downsamplers[0](x)
+        for i in range(self.stage_count()):
+            x = self.stage(i, x, temb, context, num_frames)
             states = states + (x,)
         return x, states
 
@@ -92,8 +98,15 @@ class UNetUpBlock(UNetBlock):
 
     def construct(self, x, skips, temb, context, num_frames):
         for i in range(self.num_layers):
-            x = ops.concat((x, skips[self.num_layers - 1 - i]), 1)
-            x = self._layer(i, x, temb, context, num_frames)
+            x = self.up_layer(i, x, skips[self.num_layers - 1 - i], temb, context, num_frames)
+        return self.finish(x)
+
+    def up_layer(self, i, x, skip, temb, context, num_frames):
+        """Layer ``i`` on the running activation ``x`` concatenated with its skip connection."""
+        return self._layer(i, ops.concat((x, skip), 1), temb, context, num_frames)
+
+    def finish(self, x):
+        """The optional upsampler after the last layer."""
         if self.upsamplers is not None:
             x = self.upsamplers[0](x)
         return x
@@ -187,4 +200,98 @@ class UNetModel(nn.Cell):
             count = block.num_layers
             x = block(x, skips[len(skips) - count :], temb, context, num_frames)
             skips = skips[: len(skips) - count]
+        return self._output(x)
+
+    def _output(self, x):
         return self.conv_out(silu(self.conv_norm_out(x)))
+
+    # -- step caching (DeepCache) ----------------------------------------------------------------------------------
+    # The up path is a list of layers, the last one first fed the first skip connection (conv_in's output). A cache
+    # branch ``b`` splits the UNet at the (b+1)-th layer from the end of that list: the *deep* pass is the whole UNet
+    # and also returns the activation entering that layer (the cached feature); the *shallow* pass runs conv_in, the
+    # first ``b`` down stages (which make the skip connections those last b+1 layers take), and those layers, on the
+    # cached feature instead of everything deeper. This is DeepCache's ``cache_branch_id`` (DeepCacheSDHelper) on
+    # UNets of two layers per down block; see cache_split in unet_config.
+
+    def _denoise_deep(self, x, temb, context, num_frames, cache_branch):
+        """``_denoise`` that also returns the cached feature of ``cache_branch``: (output, feature)."""
+        skips = (x,)
+        for block in self.down_blocks:
+            x, states = block(x, temb, context, num_frames)
+            skips = skips + states
+        x = self.mid_block(x, temb, context, num_frames)
+        x, feature = self._up_layers(x, skips, temb, context, num_frames, self._entry_layer(cache_branch), True)
+        return self._output(x), feature
+
+    def _denoise_shallow(self, x, feature, temb, context, num_frames, cache_branch):
+        """The shallow pass of ``cache_branch`` from conv_in's output ``x`` and the cached ``feature``."""
+        skips = (x,)
+        done = 0
+        for block in self.down_blocks:
+            for i in range(block.stage_count()):
+                if done < cache_branch:
+                    x = block.stage(i, x, temb, context, num_frames)
+                    skips = skips + (x,)
+                done = done + 1
+        x = self._up_layers(feature, skips, temb, context, num_frames, self._entry_layer(cache_branch), False)
+        return self._output(x)
+
+    def _up_layer_count(self):
+        total = 0
+        for block in self.up_blocks:
+            total = total + block.num_layers
+        return total
+
+    def _entry_layer(self, cache_branch):
+        """The index (in the up path's layer list) of the layer the cached feature enters."""
+        return self._up_layer_count() - 1 - cache_branch
+
+    def _up_layers(self, x, skips, temb, context, num_frames, first, record):
+        """The up path from layer ``first`` on (``x`` enters it); layer k takes skip connection ``total - 1 - k``
+        (``skips`` holds at least those). With ``record`` every layer runs and the activation entering layer
+        ``first`` comes back too: (output, feature)."""
+        total = self._up_layer_count()
+        feature = x
+        k = 0
+        for block in self.up_blocks:
+            ran = False
+            for i in range(block.num_layers):
+                if k == first and record:
+                    feature = x
+                if k >= first or record:
+                    x = block.up_layer(i, x, skips[total - 1 - k], temb, context, num_frames)
+                    ran = True
+                k = k + 1
+            if ran:
+                x = block.finish(x)
+        if record:
+            return x, feature
+        return x
+
+
+class UNetDeepGraph(nn.Cell):
+    """The graph of a cache branch's deep pass: the UNet's inputs -> (noise_pred, deep_features)."""
+
+    def __init__(self, unet, cache_branch):
+        super().__init__(auto_prefix=False)  # the UNet's parameter names stay the checkpoint's
+        self.unet = unet
+        self.cache_branch = int(cache_branch)
+
+    def construct(self, *inputs):
+        x, temb, context, layout = self.unet.prepare(*inputs)
+        x, feature = self.unet._denoise_deep(x, temb, context, layout[1], self.cache_branch)
+        return self.unet.finish(x, layout), feature
+
+
+class UNetShallowGraph(nn.Cell):
+    """The graph of a cache branch's shallow pass: the UNet's inputs and deep_features -> noise_pred."""
+
+    def __init__(self, unet, cache_branch):
+        super().__init__(auto_prefix=False)
+        self.unet = unet
+        self.cache_branch = int(cache_branch)
+
+    def construct(self, *inputs):
+        x, temb, context, layout = self.unet.prepare(*inputs[:-1])
+        x = self.unet._denoise_shallow(x, inputs[-1], temb, context, layout[1], self.cache_branch)
+        return self.unet.finish(x, layout)

@@ -99,6 +99,12 @@ class UNetSpatioTemporalConditionModel(UNetModel):
         self._build_output(channels[0], config.out_channels, 32, 1e-5, forward_chunk_size)
 
     def construct(self, sample, timestep, encoder_hidden_states, added_time_ids):
+        x, emb, context, layout = self.prepare(sample, timestep, encoder_hidden_states, added_time_ids)
+        return self.finish(self._denoise(x, emb, context, layout[1]), layout)
+
+    def prepare(self, sample, timestep, encoder_hidden_states, added_time_ids):
+        """The inputs of the down path: conv_in's output [B*F, C, h, w], the per-frame embedding, the per-frame
+        conditioning and the layout (B, F, h, w)."""
         b, f, c, h, w = sample.shape
         self._check_sample_size(h, w, "an image size")
 
@@ -109,6 +115,9 @@ class UNetSpatioTemporalConditionModel(UNetModel):
         # one copy of the embedding and of the conditioning per frame (diffusers' repeat_interleave)
         emb = repeat_per_frame(emb, f)
         context = repeat_per_frame(encoder_hidden_states, f)
+        return self.conv_in(sample.reshape(b * f, c, h, w)), emb, context, (b, f, h, w)
 
-        x = self._denoise(self.conv_in(sample.reshape(b * f, c, h, w)), emb, context, f)
+    def finish(self, x, layout):
+        """conv_out's output [B*F, C, h, w] -> [B, F, C, h, w]."""
+        b, f, h, w = layout
         return x.reshape(b, f, x.shape[1], h, w)
