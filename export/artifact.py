@@ -111,6 +111,12 @@ class ArtifactWriter:
         logger.info("reused %d %s graph(s) from %s", len(entries), name, self.out)
         return entries
 
+    def unstage(self, entries):
+        """Take the files of reused graph ``entries`` out of the staging folder again (links to the previous
+        artifact's files: only the links go)."""
+        for rel in {f.path for g in entries for f in g.files}:
+            (self.stage / rel).unlink(missing_ok=True)
+
     def path(self, rel):
         return stage_path(self.stage, rel)
 

@@ -46,6 +46,16 @@ def _positive_ints(text):
     return values
 
 
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer of at least 0, e.g. 0; got {text!r}")
+    return value
+
+
 def _formats(text):
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
@@ -92,6 +102,10 @@ def build_parser(prog=PROG):
     p.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
                    help="int8 UNet weights in the ONNX graphs (ONNX Runtime dynamic quantization of the linear "
                    "layers, 7-bit weights; convolutions stay float; faster on CPU, less exact: compare the frames)")
+    p.add_argument("--cache-branch", type=_non_negative_int, default=None, metavar="B",
+                   help="step caching (DeepCache): also export, per UNet bucket, a deep graph that outputs the feature "
+                   "entering the (B+1)-th up layer from the end and a shallow graph that reuses it (0: the shallowest "
+                   "and fastest); a call then runs the full UNet every cache_interval-th step only")
     p.add_argument("--isolate", choices=ISOLATE_MODES, default="auto",
                    help="export components in child processes so MindSpore's compile memory is returned after each "
                    "graph (auto: components with >= 1 GiB of parameters; needed at real size on 24 GiB)")
@@ -114,6 +128,7 @@ def main(argv=None, prog=PROG):
             dtype=args.dtype, decode_chunk_sizes=args.decode_chunk_sizes, check=args.check,
             isolate=args.isolate, forward_chunk_size=args.forward_chunk_size, quantize=args.quantize,
             attention_slice_mb=args.attention_slice_mb or None, overwrite=args.overwrite,
+            cache_branch=args.cache_branch,
         )
         out = export_pipeline(pipeline, args.out, options, recipe_function(pipeline), source_name=args.model,
                               show_progress=True)

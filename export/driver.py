@@ -19,7 +19,7 @@ from framegraph.export.graph_export import (apply_graph_options, check_graphs, e
                                             planned_keys)
 from framegraph.export.isolation import SCRATCH, check_in_child, export_in_children, should_isolate
 from framegraph.export.lite_graphs import LITE, convert_graphs, drop_onnx, require_lite, traced_formats
-from framegraph.export.onnx_graph import opset_version
+from framegraph.export.onnx_graph import SharedWeights, opset_version
 from framegraph.export.options import validate_options
 from framegraph.runtime.manifest import Manifest
 
@@ -95,8 +95,16 @@ def _export_component(writer, pipeline, component, factories, recipe, recipe_fun
             reused[name] = entries
             for _ in entries if progress else ():
                 progress(f"{name} (reused)")
-    exported = []
     todo = [name for name in factories if name not in reused]
+    # graphs that share a weights file (the UNet and its step-cache graphs) are reused all together or not at all:
+    # one exported anew rewrites the file the others read
+    rewritten = {recipe.specs[name].weights_folder for name in todo}
+    for name in [n for n in reused if recipe.specs[n].weights_folder in rewritten]:
+        logger.info("re-exporting %s: it shares its weights file with a graph exported anew", name)
+        writer.unstage(reused.pop(name))
+        todo.append(name)
+    todo = [name for name in factories if name in todo]
+    exported = []
     formats = traced_formats(options.formats)
     in_child = bool(todo) and should_isolate(pipeline, component, options.isolate)
     if in_child:
@@ -117,10 +125,16 @@ def _export_component(writer, pipeline, component, factories, recipe, recipe_fun
 
 def _export_in_process(writer, net, factories, names, recipe, wanted, formats, options, progress):
     exported = []
+    shared = {}  # weights folder -> its SharedWeights: the graphs of one group append to one file
     for name in names:
-        factory = factories[name]
-        exported += export_graph(writer, recipe.specs[name], lambda bucket, f=factory: f(net, bucket), wanted[name],
-                                 formats, options.dtype, options.check, progress, quantize=options.quantize)
+        factory, spec = factories[name], recipe.specs[name]
+        weights = None
+        if "onnx" in formats:
+            if spec.weights_folder not in shared:
+                shared[spec.weights_folder] = SharedWeights(writer.path(f"{spec.weights_folder}/weights.bin"))
+            weights = shared[spec.weights_folder]
+        exported += export_graph(writer, spec, lambda bucket, f=factory: f(net, bucket), wanted[name], formats,
+                                 options.dtype, options.check, progress, weights=weights, quantize=options.quantize)
     return exported
 
 
@@ -173,5 +187,6 @@ def _manifest(pipeline, recipe, options, graphs, source_name, source_hash, write
             "forward_chunk_size": options.forward_chunk_size,
             "attention_slice_mb": options.attention_slice_mb,
             "quantize": options.quantize,
+            "cache_branch": options.cache_branch,
         },
     )

@@ -66,16 +66,16 @@ def export_graph(writer, spec, make_cell, buckets, formats, dtype, run_check=Tru
     ExportedGraphs, which :func:`check_graphs` checks.
 
     ``writer``: anything with ``path(rel)`` (an ArtifactWriter, or a child process's view of its staging folder).
-    ``weights``: the SharedWeights the ONNX graphs write into (default: a new ``<name>/weights.bin``).
+    ``weights``: the SharedWeights the ONNX graphs write into (default: a new ``<spec.weights_folder>/weights.bin``).
     ``quantize``: "int8" quantizes the ONNX graphs of the graphs that support it (QUANTIZED_GRAPHS: the UNet).
     """
     import mindspore as ms
 
     quantize = quantize if spec.name in QUANTIZED_GRAPHS else None
 
-    name = spec.name
+    name, folder = spec.name, spec.weights_folder  # graph files sit beside the weights they read
     if weights is None and "onnx" in formats:
-        weights = SharedWeights(writer.path(f"{name}/weights.bin"))
+        weights = SharedWeights(writer.path(f"{spec.weights_folder}/weights.bin"))
     exported = []
     for bucket in buckets:
         tag = bucket_tag(bucket)
@@ -86,12 +86,12 @@ def export_graph(writer, spec, make_cell, buckets, formats, dtype, run_check=Tru
         reference = check.run_reference(cell, inputs) if run_check else None
         for fmt in formats:
             if fmt == "onnx":
-                path = export_onnx(cell, ms_inputs, writer.path(f"{name}/{name}_{tag}.onnx"),
+                path = export_onnx(cell, ms_inputs, writer.path(f"{folder}/{name}_{tag}.onnx"),
                                    [t.name for t in in_specs], [t.name for t in out_specs], weights, quantize)
                 files = [path, weights.path]
             else:
-                files = export_mindir(cell, ms_inputs, writer.path(f"{name}/{name}_{tag}.mindir"))
-                files.append(write_converter_config(writer.path(f"{name}/{name}_{tag}.converter.cfg"), in_specs))
+                files = export_mindir(cell, ms_inputs, writer.path(f"{folder}/{name}_{tag}.mindir"))
+                files.append(write_converter_config(writer.path(f"{folder}/{name}_{tag}.converter.cfg"), in_specs))
             tolerance = check.INT8_TOLERANCE if quantize and fmt == "onnx" else check.TOLERANCE[dtype]
             entry = GraphEntry(name=name, format=fmt, bucket=dict(bucket), files=[], inputs=in_specs,
                                outputs=out_specs, tolerance=tolerance)

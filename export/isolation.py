@@ -76,7 +76,8 @@ def _export_in_child(source, options, recipe_function, stage, component, name, b
     writer = _Stage(stage)
     weights = None
     if fmt == "onnx":
-        weights = SharedWeights(writer.path(f"{name}/weights.bin"), writer.path(f"{SCRATCH}/{name}.weights.json"))
+        group = recipe.specs[name].weights_folder  # graphs of one weights group append to one file, in turn
+        weights = SharedWeights(writer.path(f"{group}/weights.bin"), writer.path(f"{SCRATCH}/{group}.weights.json"))
     net = apply_graph_options(pipeline.build(component), options)
     return export_graph(writer, recipe.specs[name], lambda b: factory(net, b), [bucket], [fmt], options.dtype,
                         with_reference, None, weights, options.quantize)

@@ -38,6 +38,7 @@ class SharedWeights:
             entries = json.loads(self.index_path.read_text(encoding="utf-8"))
             self.index = {(e["name"], e["sha256"]): (e["offset"], e["length"]) for e in entries}
         else:
+            self.path.unlink(missing_ok=True)  # a new file, never a write through a link to a reused one
             self.path.write_bytes(b"")
 
     def save_index(self):

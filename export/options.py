@@ -40,6 +40,7 @@ class ExportOptions:
     forward_chunk_size: int = None  # UNet feed-forward over slices of this many positions (lower peak memory)
     attention_slice_mb: float = DEFAULT_ATTENTION_SLICE_MB  # attention over query slices of at most this many MB
     quantize: str = None  # "int8": int8 UNet weights in the ONNX graphs (CPU)
+    cache_branch: int = None  # step caching: also export the deep and shallow UNet graphs of this branch
     overwrite: bool = False  # replace an existing framegraph artifact at ``out`` (and reuse its matching graphs)
 
     def __post_init__(self):
@@ -81,6 +82,11 @@ def check_sizes_and_counts(options):
                 _positive_int(v) for v in values):
             raise ValueError(f"{flag} (ExportOptions.{name}) must be a non-empty list of positive integers, e.g. "
                              f"{flag} 14,25; got {values!r}; leave it None (omit {flag}) for the default")
+    branch = options.cache_branch
+    if branch is not None and not (isinstance(branch, numbers.Integral) and not isinstance(branch, bool)
+                                   and branch >= 0):
+        raise ValueError(f"--cache-branch (ExportOptions.cache_branch) must be an integer of at least 0, got "
+                         f"{branch!r}; leave it None (omit --cache-branch) for no step-caching graphs")
     if not isinstance(options.overwrite, bool):
         raise ValueError(f"ExportOptions.overwrite (--overwrite) must be True or False, got {options.overwrite!r}")
 

@@ -28,7 +28,7 @@ from framegraph.export.onnx_fusions import drop_unused
 
 logger = logging.getLogger(__name__)
 
-QUANTIZED_GRAPHS = ("unet",)  # the graphs --quantize applies to (its modes: options.QUANTIZE_MODES)
+QUANTIZED_GRAPHS = ("unet", "unet_deep", "unet_shallow")  # the graphs --quantize applies to (its modes: options.QUANTIZE_MODES)
 # Linear layers left in float (matched against the weight's checkpoint name): the timestep, frame-position and
 # conditioning embeddings, whose products have one row per sample.
 FLOAT_LINEAR = re.compile(r"time_|add_embedding|class_embedding")

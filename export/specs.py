@@ -20,13 +20,19 @@ class TensorDef:
 
 @dataclasses.dataclass(frozen=True)
 class GraphSpec:
-    """``name`` is the diffusers component name; ``float_dtype`` replaces 'float' dtypes for fp16 exports."""
+    """``name`` is the diffusers component name; ``float_dtype`` replaces 'float' dtypes for fp16 exports;
+    ``weights_group`` names the folder whose ``weights.bin`` its ONNX graphs share (default: ``name``)."""
 
     name: str
     inputs: tuple
     outputs: tuple
     sample: object  # callable(bucket, rng) -> list of numpy arrays, in input order (float32)
     bucket_keys: tuple
+    weights_group: str = None
+
+    @property
+    def weights_folder(self):
+        return self.weights_group or self.name
 
     def input_specs(self, bucket, float_dtype="float32"):
         return [t.spec(bucket, _dtype(t.dtype, float_dtype)) for t in self.inputs]

@@ -8,6 +8,7 @@ from framegraph.export.driver import export_pipeline
 from framegraph.export.options import validate_options
 from framegraph.export.recipe import Recipe, whole_model
 from framegraph.export.specs import latent_constants
+from framegraph.export.step_cache import add_step_cache
 from framegraph.export import stable_video_diffusion_specs as specs
 from framegraph.runtime.pipelines.stable_video_diffusion import CALL_DEFAULTS, PIPELINE_KIND
 
@@ -46,7 +47,7 @@ def recipe(pipeline, options):
     path = pipeline.folder / "feature_extractor" / "preprocessor_config.json"
     if path.is_file():
         preprocessor = json.loads(path.read_text(encoding="utf-8"))
-    return Recipe(
+    recipe = Recipe(
         kind=PIPELINE_KIND,
         components=[
             ("image_encoder", {"image_encoder": whole_model}),
@@ -71,6 +72,9 @@ def recipe(pipeline, options):
         copied_files=COPIED_FILES,
         size_multiple=dims["vae_scale_factor"] * 2 ** dims["unet_downsamples"],
     )
+    if options.cache_branch is not None:
+        add_step_cache(recipe, configs["unet"], options.cache_branch, dims["vae_scale_factor"])
+    return recipe
 
 
 def export_stable_video_diffusion(pipeline, out, options, source_name=None, progress=None):

@@ -7,6 +7,7 @@ from framegraph.export.driver import export_pipeline
 from framegraph.export.options import validate_options
 from framegraph.export.recipe import Recipe, whole_model
 from framegraph.export.specs import latent_constants
+from framegraph.export.step_cache import add_step_cache
 from framegraph.export import text_to_video_sd_specs as specs
 from framegraph.runtime.pipelines.text_to_video_sd import CALL_DEFAULTS, PIPELINE_KIND
 
@@ -32,7 +33,7 @@ def recipe(pipeline, options):
     options.width = default_size if options.width is None else options.width
     validate_options(options, 1, pipeline.folder)  # counts and formats; the size multiple is checked on export
     default_frames = CALL_DEFAULTS["num_frames"]
-    return Recipe(
+    recipe = Recipe(
         kind=PIPELINE_KIND,
         components=[
             ("text_encoder", {"text_encoder": whole_model}),
@@ -55,6 +56,9 @@ def recipe(pipeline, options):
         required_files=("tokenizer",),
         size_multiple=dims["vae_scale_factor"] * 2 ** dims["unet_downsamples"],
     )
+    if options.cache_branch is not None:
+        add_step_cache(recipe, configs["unet"], options.cache_branch, dims["vae_scale_factor"])
+    return recipe
 
 
 def export_text_to_video_sd(pipeline, out, options, source_name=None, progress=None):
