@@ -48,6 +48,57 @@ VIDEO_PARAMS = (
 )
 
 
+# Step caching (DeepCache), declared once for both pipelines.
+CACHE_PARAM = Param(
+    "cache_interval", "int", minimum=1, maximum=1000, default=1,
+    help="step caching: run the whole UNet every N-th step and, in between, only its shallow part on the deep "
+    "features cached at the last whole step (faster, slightly different frames; needs an artifact exported with "
+    "--cache-branch; 1: off)")
+# the graphs of step caching (export/step_cache.py)
+DEEP_GRAPH, SHALLOW_GRAPH, FEATURE = "unet_deep", "unet_shallow", "deep_features"
+
+
+def check_cache(artifact, cache_interval):
+    """Refuse a ``cache_interval`` above 1 on an artifact without step-caching graphs."""
+    if cache_interval is not None and cache_interval > 1 and not artifact.buckets(DEEP_GRAPH, "num_frames"):
+        raise InvalidRequestError(
+            f"cache_interval={brief(cache_interval)} needs the step-caching UNet graphs, which this artifact lacks: "
+            "re-export it with svd-export --cache-branch B (e.g. 0), or pass cache_interval 1", field=CACHE_PARAM.name)
+
+
+class StepUNet:
+    """The UNet of one pipeline call: which graph each denoising step runs and the features cached between steps.
+
+    ``cache_interval`` 1 runs the ``unet`` graph every step. Above 1 (DeepCache's uniform schedule), steps 0, N, 2N,
+    ... run ``unet_deep`` (the whole UNet, which also returns the deep features) and the steps in between run
+    ``unet_shallow`` on the features of the last deep step, one set per graph batch. Outside low-memory mode the
+    graphs are opened once and held for the call."""
+
+    def __init__(self, artifact, bucket, cache_interval=1):
+        self.artifact, self.bucket, self.interval = artifact, bucket, int(cache_interval)
+        self.names = ("unet",) if self.interval == 1 else (DEEP_GRAPH, SHALLOW_GRAPH)
+        self.held = None if artifact.low_memory else {name: artifact.graph(name, **bucket) for name in self.names}
+        self.features = {}
+
+    def graph(self, name):
+        return self.held[name] if self.held is not None else self.artifact.graph(name, **self.bucket)
+
+    def run(self, step, chunk, feeds, shrink=False):
+        """noise_pred of step ``step`` for the graph batch starting at video ``chunk``."""
+        if self.interval == 1:
+            return self.graph("unet").run(feeds, shrink=shrink)["noise_pred"]
+        if step % self.interval == 0:
+            outputs = self.graph(DEEP_GRAPH).run(feeds, shrink=shrink)
+            self.features[chunk] = outputs[FEATURE]
+            return outputs["noise_pred"]
+        feeds = dict(feeds, **{FEATURE: self.features[chunk]})
+        return self.graph(SHALLOW_GRAPH).run(feeds, shrink=shrink)["noise_pred"]
+
+    def prefetch_memory(self):
+        """Bring the held graphs' weight pages in (see ``Graph.prefetch_memory``); bytes brought in."""
+        return sum(graph.prefetch_memory() or 0 for graph in (self.held or {}).values())
+
+
 def declared_call(params, arguments):
     """Check ``arguments`` (resolved call arguments, typed) against their declarations in ``params``; None values
     and undeclared names are left to the caller."""
@@ -185,19 +236,12 @@ class ArtifactPipeline:
     def set_progress_bar_config(self, **kwargs):
         self.progress_bar_config = kwargs
 
-    def _unet_graph(self, num_frames, cfg, height, width):
-        """The UNet bucket of a call: guidance doubles the graph batch."""
-        return self.artifact.graph("unet", num_frames=num_frames, batch=self.batch * (2 if cfg else 1),
-                                   height=height, width=width)
-
-    def _unet(self, batched, t, cfg, num_frames, height, width, graph=None, last=False):
-        """Run the UNet (``graph``, or the artifact's bucket) at timestep ``t`` on ``batched`` (its other inputs by
-        name, each [2N or N, ...]: with guidance the unconditional half first), graph batch by graph batch;
-        ``last``: the denoising loop's last step, whose last run gives the UNet's working memory back
+    def _unet(self, batched, t, cfg, unet, step, last=False):
+        """Run the call's UNet (``unet``, a StepUNet) for denoising step ``step`` at timestep ``t`` on ``batched``
+        (its other inputs by name, each [2N or N, ...]: with guidance the unconditional half first), graph batch by
+        graph batch; ``last``: the denoising loop's last step, whose last run gives the UNet's working memory back
         (``Graph.run(shrink=True)``)."""
         n = len(batched["sample"]) // (2 if cfg else 1)
-        if graph is None:
-            graph = self._unet_graph(num_frames, cfg, height, width)
         timestep = np.asarray(t, dtype=np.float32).reshape(())
         outputs = []
         for start in range(0, n, self.batch):
@@ -206,7 +250,7 @@ class ArtifactPipeline:
                 idx = np.concatenate([idx, idx + n])
             feeds = {name: value[idx] for name, value in batched.items()}
             feeds["timestep"] = timestep
-            outputs.append(graph.run(feeds, shrink=last and start + self.batch >= n)["noise_pred"])
+            outputs.append(unet.run(step, start, feeds, shrink=last and start + self.batch >= n))
         if not cfg:
             return np.concatenate(outputs)
         half = self.batch
@@ -220,22 +264,22 @@ class ArtifactPipeline:
         outputs = callback_on_step_end(self, i, t, {"latents": latents}) or {}
         return outputs.pop("latents", latents)
 
-    def _unet_for_call(self, num_frames, cfg, height, width):
-        """The UNet bucket a call holds from its start to its end (None in low-memory mode, where each step asks
-        for it again after the other graphs closed it).
+    def _unet_for_call(self, num_frames, cfg, height, width, cache_interval=1):
+        """The call's StepUNet: the UNet bucket (guidance doubles the graph batch) and, with ``cache_interval`` > 1,
+        its step-caching graphs.
 
-        Held, it cannot be closed between steps by calls running at once with other frame counts
-        (``resident_buckets``). It is opened before the encoders run: where it replaces another bucket, the call's
-        peak memory then stays that of a call without a switch (see docs/performance.md)."""
-        return None if self.artifact.low_memory else self._unet_graph(num_frames, cfg, height, width)
+        Outside low-memory mode its graphs are held from the call's start to its end, so that calls running at once
+        with other frame counts cannot close them between steps (``resident_buckets``). They are opened before the
+        encoders run: where they replace another bucket, the call's peak memory then stays that of a call without
+        a switch (see docs/performance.md)."""
+        bucket = dict(num_frames=num_frames, batch=self.batch * (2 if cfg else 1), height=height, width=width)
+        return StepUNet(self.artifact, bucket, cache_interval)
 
     @staticmethod
     def _prefetch_unet(unet):
-        """Bring the held UNet bucket's weight pages in before the first step, in one pass rather than a page
-        fault at a time (see docs/performance.md).
-        Called after the encoders gave their pages back, so the call's peak memory stays the denoising loop's; in
-        low-memory mode (no held bucket) the pages come in on first use."""
-        if unet is not None:
-            size = unet.prefetch_memory()
-            if size:
-                logger.debug("brought in %.2f GB of UNet weight pages", size / 1e9)
+        """Bring the held UNet graphs' weight pages in before the first step, in one pass rather than a page fault
+        at a time (see docs/performance.md). Called after the encoders gave their pages back, so the call's peak
+        memory stays the denoising loop's; in low-memory mode (nothing held) the pages come in on first use."""
+        size = unet.prefetch_memory()
+        if size:
+            logger.debug("brought in %.2f GB of UNet weight pages", size / 1e9)

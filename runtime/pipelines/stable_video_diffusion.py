@@ -7,8 +7,9 @@ import math
 import numpy as np
 
 from framegraph.runtime.params import InvalidRequestError, Param, brief
-from framegraph.runtime.pipelines.common import (VIDEO_PARAMS, ArtifactPipeline, ProgressBar, check_frames,
-                                                 check_latents, check_size, chunks, declared_call, make_rng, randn)
+from framegraph.runtime.pipelines.common import (CACHE_PARAM, VIDEO_PARAMS, ArtifactPipeline, ProgressBar,
+                                                 check_cache, check_frames, check_latents, check_size, chunks,
+                                                 declared_call, make_rng, randn)
 from framegraph.runtime.schedulers import load_scheduler
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ CALL_PARAMS = VIDEO_PARAMS + (
           help="noise added to the conditioning image"),
     Param("decode_chunk_size", "int", minimum=1, maximum=1024,
           help="frames decoded per VAE call (default: the largest the artifact has for num_frames)"),
+    CACHE_PARAM,
     Param("num_videos_per_prompt", "int", minimum=1, maximum=16, http=False, cli=False),
     Param("output_type", "choice", choices=OUTPUT_TYPES, http=False, cli=False),
     Param("latents", "array", http=False, cli=False),
@@ -91,7 +93,7 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
 
     def check_inputs(self, image, height, width, num_frames, num_inference_steps=25, fps=7, motion_bucket_id=127,
                      noise_aug_strength=0.02, decode_chunk_size=None, num_videos_per_prompt=1, output_type="pil",
-                     sigmas=None, min_guidance_scale=1.0, max_guidance_scale=3.0):
+                     sigmas=None, min_guidance_scale=1.0, max_guidance_scale=3.0, cache_interval=1):
         """Raise :class:`InvalidRequestError` (a ValueError naming the argument in ``field``) unless this artifact
         can serve a call with these (resolved, see ``call_arguments``) arguments. Runs no graph."""
         from framegraph.runtime.image import as_image_list
@@ -107,10 +109,11 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
             height=height, width=width, num_frames=num_frames, fps=fps, motion_bucket_id=motion_bucket_id,
             noise_aug_strength=noise_aug_strength, min_guidance_scale=min_guidance_scale,
             max_guidance_scale=max_guidance_scale, decode_chunk_size=decode_chunk_size,
-            num_videos_per_prompt=num_videos_per_prompt, output_type=output_type,
+            num_videos_per_prompt=num_videos_per_prompt, output_type=output_type, cache_interval=cache_interval,
             num_inference_steps=num_inference_steps if sigmas is None else None))
         check_size(self.artifact, height, width)
         check_frames(self.artifact, num_frames)
+        check_cache(self.artifact, cache_interval)
         if output_type != "latent":
             if decode_chunk_size is None:
                 decode_chunk_size = self.default_decode_chunk(num_frames)
@@ -164,7 +167,8 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
     # -- call --------------------------------------------------------------------------------------------------
     def __call__(self, image, height=None, width=None, num_frames=None, num_inference_steps=None, sigmas=None,
                  min_guidance_scale=None, max_guidance_scale=None, fps=None, motion_bucket_id=None,
-                 noise_aug_strength=None, decode_chunk_size=None, num_videos_per_prompt=1, generator=None,
+                 noise_aug_strength=None, decode_chunk_size=None, cache_interval=None, num_videos_per_prompt=1,
+                 generator=None,
                  latents=None, output_type="pil", callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",), return_dict=True, image_noise=None,
                  progress=None):
@@ -173,13 +177,14 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
         call = self.call_arguments(height=height, width=width, num_frames=num_frames,
                                    num_inference_steps=num_inference_steps, fps=fps, motion_bucket_id=motion_bucket_id,
                                    noise_aug_strength=noise_aug_strength, min_guidance_scale=min_guidance_scale,
-                                   max_guidance_scale=max_guidance_scale)
+                                   max_guidance_scale=max_guidance_scale, cache_interval=cache_interval)
         self.check_inputs(image, **call, decode_chunk_size=decode_chunk_size,
                           num_videos_per_prompt=num_videos_per_prompt, output_type=output_type, sigmas=sigmas)
         height, width, num_frames = call["height"], call["width"], call["num_frames"]
         num_inference_steps, fps, motion_bucket_id = call["num_inference_steps"], call["fps"], call["motion_bucket_id"]
         noise_aug_strength = call["noise_aug_strength"]
         min_guidance_scale, max_guidance_scale = call["min_guidance_scale"], call["max_guidance_scale"]
+        cache_interval = call["cache_interval"]
         if decode_chunk_size is None:
             decode_chunk_size = self.default_decode_chunk(num_frames)
         for name in callback_on_step_end_tensor_inputs:
@@ -190,7 +195,7 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
         n = batch_size * num_videos_per_prompt
         cfg = max_guidance_scale > 1
         rng = make_rng(generator)
-        unet = self._unet_for_call(num_frames, cfg, height, width)
+        unet = self._unet_for_call(num_frames, cfg, height, width, cache_interval)
         embeds = self._encode_image(images, num_videos_per_prompt, cfg)
         pixels = vae_pixel_values(images, height, width)
         if image_noise is None:
@@ -228,8 +233,7 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
             model_input = self.scheduler.scale_model_input(model_input, t)
             model_input = np.concatenate([model_input, image_latents], axis=2).astype(np.float32)
             noise_pred = self._unet({"sample": model_input, "encoder_hidden_states": embeds,
-                                     "added_time_ids": added_time_ids}, t, cfg, num_frames, height, width, unet,
-                                    last=i == len(timesteps) - 1)
+                                     "added_time_ids": added_time_ids}, t, cfg, unet, i, last=i == len(timesteps) - 1)
             if cfg:
                 uncond, cond = noise_pred[:n], noise_pred[n:]
                 noise_pred = uncond + guidance * (cond - uncond)

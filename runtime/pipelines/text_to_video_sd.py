@@ -8,8 +8,9 @@ import threading
 import numpy as np
 
 from framegraph.runtime.params import InvalidRequestError, Param, brief
-from framegraph.runtime.pipelines.common import (VIDEO_PARAMS, ArtifactPipeline, ProgressBar, check_frames,
-                                                 check_latents, check_size, chunks, declared_call, make_rng, randn)
+from framegraph.runtime.pipelines.common import (CACHE_PARAM, VIDEO_PARAMS, ArtifactPipeline, ProgressBar,
+                                                 check_cache, check_frames, check_latents, check_size, chunks,
+                                                 declared_call, make_rng, randn)
 from framegraph.runtime.schedulers import load_scheduler
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ CALL_PARAMS = VIDEO_PARAMS[:2] + (
     Param("eta", "float", minimum=0.0, maximum=1.0, default=0.0, help="DDIM's eta"),
     Param("decode_chunk_size", "int", minimum=1, maximum=1024,
           help="frames decoded per VAE call (default: the largest the artifact has)"),
+    CACHE_PARAM,
     Param("output_type", "choice", choices=OUTPUT_TYPES, http=False, cli=False),
     Param("latents", "array", http=False, cli=False),
 )
@@ -144,7 +146,7 @@ class TextToVideoSDPipeline(ArtifactPipeline):
         return request["num_inference_steps"], chunks
 
     def check_inputs(self, prompt, height, width, num_frames, num_inference_steps=50, guidance_scale=9.0, eta=0.0,
-                     output_type="np", decode_chunk_size=None, prompt_embeds=None):
+                     output_type="np", decode_chunk_size=None, prompt_embeds=None, cache_interval=1):
         """Raise :class:`InvalidRequestError` (a ValueError naming the argument in ``field``) unless this artifact
         can serve a call with these (resolved, see ``call_arguments``) arguments. Runs no graph."""
         if (prompt is None) == (prompt_embeds is None):
@@ -156,9 +158,11 @@ class TextToVideoSDPipeline(ArtifactPipeline):
                                       f"{type(prompt).__name__}", field="prompt")
         declared_call(CALL_PARAMS, dict(
             height=height, width=width, num_frames=num_frames, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, eta=eta, output_type=output_type, decode_chunk_size=decode_chunk_size))
+            guidance_scale=guidance_scale, eta=eta, output_type=output_type, decode_chunk_size=decode_chunk_size,
+            cache_interval=cache_interval))
         check_size(self.artifact, height, width)
         check_frames(self.artifact, num_frames)
+        check_cache(self.artifact, cache_interval)
         have = self.artifact.buckets("vae_decoder", "chunk")
         if decode_chunk_size is not None and decode_chunk_size not in have:
             raise InvalidRequestError(
@@ -192,21 +196,23 @@ class TextToVideoSDPipeline(ArtifactPipeline):
                  guidance_scale=None, negative_prompt=None, eta=None, generator=None, latents=None,
                  prompt_embeds=None, negative_prompt_embeds=None, output_type="np", callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",), return_dict=True, decode_chunk_size=None,
-                 progress=None):
+                 cache_interval=None, progress=None):
         from framegraph.runtime.image import postprocess_video
 
         call = self.call_arguments(height=height, width=width, num_frames=num_frames,
-                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta)
+                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
+                                   cache_interval=cache_interval)
         self.check_inputs(prompt, **call, output_type=output_type, decode_chunk_size=decode_chunk_size,
                           prompt_embeds=prompt_embeds)
         height, width, num_frames = call["height"], call["width"], call["num_frames"]
         num_inference_steps, guidance_scale, eta = call["num_inference_steps"], call["guidance_scale"], call["eta"]
+        cache_interval = call["cache_interval"]
         for name in callback_on_step_end_tensor_inputs:
             if name != "latents":
                 raise ValueError(f"callback_on_step_end_tensor_inputs may only name 'latents', got {name!r}")
         cfg = guidance_scale > 1.0
         rng = make_rng(generator)
-        unet = self._unet_for_call(num_frames, cfg, height, width)
+        unet = self._unet_for_call(num_frames, cfg, height, width, cache_interval)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(prompt, cfg, negative_prompt, prompt_embeds,
                                                                    negative_prompt_embeds)
         embeds = np.concatenate([negative_prompt_embeds, prompt_embeds]) if cfg else prompt_embeds
@@ -226,8 +232,8 @@ class TextToVideoSDPipeline(ArtifactPipeline):
         for i, t in enumerate(timesteps):
             model_input = np.concatenate([latents] * 2) if cfg else latents
             model_input = self.scheduler.scale_model_input(model_input, t).astype(np.float32)
-            noise_pred = self._unet({"sample": model_input, "encoder_hidden_states": embeds}, t, cfg, num_frames,
-                                    height, width, unet, last=i == len(timesteps) - 1)
+            noise_pred = self._unet({"sample": model_input, "encoder_hidden_states": embeds}, t, cfg, unet, i,
+                                    last=i == len(timesteps) - 1)
             if cfg:
                 uncond, text = noise_pred[:n], noise_pred[n:]
                 noise_pred = uncond + guidance_scale * (text - uncond)
