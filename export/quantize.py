@@ -28,7 +28,8 @@ from framegraph.export.onnx_fusions import drop_unused
 
 logger = logging.getLogger(__name__)
 
-QUANTIZED_GRAPHS = ("unet", "unet_deep", "unet_shallow")  # the graphs --quantize applies to (its modes: options.QUANTIZE_MODES)
+# the graphs --quantize applies to (its modes: options.QUANTIZE_MODES): the UNet and its step-caching graphs
+QUANTIZED_GRAPHS = ("unet", "unet_deep", "unet_shallow")
 # Linear layers left in float (matched against the weight's checkpoint name): the timestep, frame-position and
 # conditioning embeddings, whose products have one row per sample.
 FLOAT_LINEAR = re.compile(r"time_|add_embedding|class_embedding")

@@ -27,7 +27,12 @@ One run, same random weights for every engine:
      decoder graph, ``onnxruntime-decode1`` the same artifact with ``decode_chunk_size=1``; ``onnxruntime-sliced``
      runs an artifact exported with ``--attention-slice-mb`` (attention over slices of queries);
      ``mindspore_lite`` runs the Lite graphs of an artifact exported with ``--formats mslite`` (after
-     ``framegraph setup-lite``).
+     ``framegraph setup-lite``). ``onnxruntime-cache1/2/3`` run an artifact exported with ``--cache-branch``
+     (bench.py's ``--cache-branch``, default 0) at ``cache_interval`` 1 (uncached: their reference), 2 and 3;
+     ``onnxruntime-animatelcm`` runs that artifact's UNet with AnimateLCM-SVD's sampler (the few-step engine:
+     run it at few ``--steps``). ``openvino-peer`` / ``openvino-peer-int8`` are OpenVINO used the way its own SVD
+     recipe does (scripts/bench_openvino.py: the diffusers modules converted from PyTorch, f32 hint; NNCF int8
+     weights); their IR conversion is reported apart (convert_s), not as load.
 
 Columns: load_s (from_pretrained / from_artifacts + opening the graphs the call uses), first_step_s (call start to
 the end of step 1: includes image / prompt encoding), step_s_median (median of steps 2..N), total_s (pipeline call,
@@ -38,7 +43,10 @@ the engines), GEMM after (the fp32 GEMM, numpy's or ONNX Runtime's, whichever is
 right after its calls: the machine's speed at that moment), eff vs after (GFLOP/s / GEMM after), eff paired (with
 --paired-gemm, the default: the median over steps 2..N of the step's GFLOP/s over the GEMM rate measured right
 before and after that step, see gemm_probe.py; the rate the machine gave at that moment), max|d| (max abs
-difference of the frames in [0, 1] from diffusers').
+difference of the frames in [0, 1] from diffusers'), denoise_s (call start to the end of the last step: encoders and
+every UNet step, not the decode), GFLOP/video (UNet GFLOP of all steps; a cached step counted as DeepCache's helper
+runs it), PSNR vs onnxruntime (frames against ``onnxruntime``'s, or ``onnxruntime-cache1``'s where that did not run;
+with random weights a proxy of quality only).
 
 Real-size models (svd-xt, text-to-video-ms-1.7b) need up to ~10-20 GB per process: on a shared machine run this under
 ``flock /tmp/realsize.lock python scripts/bench.py ...`` so that only one real-size job runs at a time.
@@ -197,6 +205,7 @@ def export_artifact(args, pipeline, key):
     options = memory_options(args, export.memory)
     wanted = {"pipeline": pipeline["stamp"], "height": args.height, "width": args.width, "frames": frames,
               "check": args.export_check, "quantize": export.quantize, "options": options,
+              "cache_branch": args.cache_branch if export.step_cache else None,
               "framegraph_sources": framegraph_sources_hash()}
     artifact = args.work_dir / f"{base}-{key}"  # MindSpore rejects '+' in paths
     stamp_path = artifact.with_name(artifact.name + ".bench.json")
@@ -217,6 +226,8 @@ def export_artifact(args, pipeline, key):
                "--formats", ",".join(export.formats)] + ([] if args.export_check else ["--no-check"])
     if export.quantize:
         command += ["--quantize", export.quantize]
+    if export.step_cache:
+        command += ["--cache-branch", args.cache_branch]
     command += options
     code, wall, peak, timed_out = run_process(command, timeout=args.export_timeout)
     figures = {"command": " ".join(map(str, command))}
@@ -285,6 +296,7 @@ def make_inputs(args, kind, pipeline_dir, runs):
         "kind": kind, "pipeline": str(pipeline_dir), "height": args.height, "width": args.width, "frames": f,
         "steps": args.steps, "threads": args.threads, "inputs": str(runs / "inputs.npz"), "image": str(image),
         "outputs": str(runs), "vae_scale_factor": scale, "calls": args.calls, "paired_gemm": args.paired_gemm,
+        "cache_branch": args.cache_branch,
     }
     if kind == "svd":
         spec.update(min_guidance_scale=1.0, max_guidance_scale=args.guidance_scale or 3.0)
@@ -295,20 +307,40 @@ def make_inputs(args, kind, pipeline_dir, runs):
 
 
 # -- 4. figures ------------------------------------------------------------------------------------------------
-def derive(engines, gflop_per_step, gemm_peak, steps, reference_result=None):
-    """Add GFLOP/s, efficiency, estimates for unfinished runs and the difference from diffusers' frames
-    (``reference_result``: diffusers' result when it did not run in this invocation)."""
+def video_gflop(flops, steps, cache_interval=1):
+    """UNet GFLOP of one video of ``steps`` steps: every step whole, or with step caching every ``cache_interval``-th
+    step whole and the others shallow (``flops``: the flops worker's result)."""
+    full = flops.get("unet_gflop_per_step")
+    if not full:
+        return None
+    if cache_interval == 1:
+        return round(full * steps, 1)
+    shallow = flops.get("shallow_gflop_per_step")
+    if shallow is None:
+        return None
+    deep_steps = len(range(0, steps, cache_interval))
+    return round(full * deep_steps + shallow * (steps - deep_steps), 1)
+
+
+def derive(engines, gflop_per_step, gemm_peak, steps, reference_result=None, flops=None):
+    """Add GFLOP/s, efficiency, GFLOP per video, estimates for unfinished runs and the difference from diffusers'
+    frames (``reference_result``: diffusers' result when it did not run in this invocation)."""
     reference = _outputs(engines.get("diffusers") or reference_result)
     for name, r in engines.items():
+        engine = ENGINES.get(name)
+        if flops and engine is not None:
+            r["gflop_per_video"] = video_gflop(flops, steps, engine.cache_interval)
+        # a cached run's steps are whole or shallow: GFLOP/s and eff per step do not apply to it
+        per_step = None if engine is not None and engine.cache_interval > 1 else gflop_per_step
         median = r.get("step_s_median")
-        if gflop_per_step and median:
-            r["gflop_per_step"] = gflop_per_step
-            r["gflops"] = round(gflop_per_step / median, 1)
+        if per_step and median:
+            r["gflop_per_step"] = per_step
+            r["gflops"] = round(per_step / median, 1)
             if gemm_peak:
                 r["efficiency"] = round(r["gflops"] / gemm_peak, 3)
             if r.get("gemm_after_gflops"):
                 r["efficiency_vs_gemm_after"] = round(r["gflops"] / r["gemm_after_gflops"], 3)
-            paired = paired_efficiency(gflop_per_step, r.get("step_s"), r.get("probe_gflops"))
+            paired = paired_efficiency(per_step, r.get("step_s"), r.get("probe_gflops"))
             if paired is not None:
                 r["efficiency_paired"] = paired
         if r.get("status") != "ok" and r.get("first_step_s") is not None:
@@ -317,8 +349,9 @@ def derive(engines, gflop_per_step, gemm_peak, steps, reference_result=None):
             logger.info("%s finished %d of %d steps; all steps would take about %.0f s (decode not included)",
                         name, done, steps, r["estimated_denoise_s"])
         outputs = _outputs(r)
-        float_frames = _outputs(engines.get("onnxruntime"))
-        if outputs is not None and float_frames is not None and name != "onnxruntime":
+        uncached = "onnxruntime" if "onnxruntime" in engines else "onnxruntime-cache1"
+        float_frames = _outputs(engines.get(uncached))
+        if outputs is not None and float_frames is not None and name != uncached:
             r["psnr_vs_onnxruntime_db"] = psnr(outputs["frames"], float_frames["frames"])
         if reference is not None and outputs is not None and name != "diffusers":
             for key in ("frames", "latents"):
@@ -368,14 +401,16 @@ def _outputs(result):
 
 
 COLUMNS = [("engine", "engine", "{}"), ("load_s", "load_s", "{:.1f}"), ("first_step_s", "first_step_s", "{:.2f}"),
-           ("step_s_median", "step_s_median", "{:.2f}"), ("total_s", "total_s", "{:.1f}"),
+           ("step_s_median", "step_s_median", "{:.2f}"), ("denoise_s", "denoise_s", "{:.1f}"),
+           ("total_s", "total_s", "{:.1f}"), ("GFLOP/video", "gflop_per_video", "{:.0f}"),
            ("stolen CPU s", "stolen_cpu_s", "{:.2f}"), ("peak_rss_gb", "peak_rss_gb", "{:.2f}"),
            ("GFLOP/step", "gflop_per_step", "{:.1f}"),
            ("GFLOP/s", "gflops", "{:.1f}"), ("eff", "efficiency", "{:.0%}"),
            ("GEMM after", "gemm_after_gflops", "{:.1f}"), ("eff vs after", "efficiency_vs_gemm_after", "{:.0%}"),
            ("eff paired", "efficiency_paired", "{:.0%}"),
            ("max|d| vs diffusers", "max_abs_diff_frames_vs_diffusers", "{:.2e}"),
-           ("PSNR vs onnxruntime", "psnr_vs_onnxruntime_db", "{:.1f} dB"), ("status", "status", "{}")]
+           ("PSNR vs onnxruntime", "psnr_vs_onnxruntime_db", "{:.1f} dB"), ("convert_s", "convert_s", "{:.0f}"),
+           ("status", "status", "{}")]
 
 
 def table(engines):
@@ -451,6 +486,8 @@ def build_parser():
                    help="let the export run every graph and check it against the MindSpore model (framegraph's own "
                    "default). Off by default here: the max|d| column checks the graphs end to end against diffusers, "
                    "and at real size the check's MindSpore runs raise the export's peak RSS past 16 GB")
+    p.add_argument("--cache-branch", type=int, default=0, help="the step-caching branch of the onnx-cache export "
+                   "(the onnxruntime-cache2/3 engines; 0: the shallowest)")
     p.add_argument("--second-frames", type=int, default=None, help="second UNet frame bucket of the ONNX "
                    "artifact, for the onnxruntime-2buckets engine (default: --frames + 2)")
     p.add_argument("--timeout", type=float, default=None, help="time limit per engine process, seconds; an engine "
@@ -520,7 +557,7 @@ def main(argv=None):
         earlier = earlier_result(runs / "diffusers.json", spec)
         report["diffusers_reference"] = earlier and {k: earlier.get(k) for k in ("frames_file", "finished_at")}
     derive(results, report["unet_flops"].get("unet_gflop_per_step"), report["gemm"]["peak_gflops"], args.steps,
-           earlier)
+           earlier, report["unet_flops"])
     report["engines"] = results
     report["machine"]["loadavg_end"] = os.getloadavg()
 

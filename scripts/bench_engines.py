@@ -47,6 +47,8 @@ from gemm_timing import best_gflops, gemm_rates, square_pair
 logger = logging.getLogger("bench_engines")
 
 GIB = 1024 ** 3
+# AnimateLCM-SVD's published sampler settings (tests/fixtures/animatelcm-svd: what its published code builds)
+ANIMATELCM_SCHEDULER = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "animatelcm-svd" / "scheduler"
 
 
 def stolen_s(stat_path="/proc/stat"):
@@ -131,7 +133,8 @@ class StepTimer:
 
     def end(self):
         stop = self.now()
-        return {"total_s": round(stop - self.start, 3), "decode_s": round(stop - self.marks[-1], 3)}
+        return {"total_s": round(stop - self.start, 3), "decode_s": round(stop - self.marks[-1], 3),
+                "denoise_s": round(self.marks[-1] - self.start, 3)}
 
 
 # -- engines ---------------------------------------------------------------------------------------------------
@@ -151,6 +154,11 @@ def run_engine(name, spec, result):
     start = time.perf_counter()
     load = import_engine(ENGINES[name])  # libraries are imported before the load clock starts
     result.update(import_s=round(time.perf_counter() - start, 3))
+    if ENGINES[name].peer is not None:  # the peer's IR conversion is its export: reported apart, not as load
+        import bench_openvino
+
+        _, convert_s = bench_openvino.convert_peer(spec, int8=ENGINES[name].peer == "int8")
+        result.update(convert_s=round(convert_s, 1))
     start = time.perf_counter()
     pipe, call = load(spec, inputs, image, result)
     result.update(load_s=round(time.perf_counter() - start, 3), rss_after_load_gb=round(rss_peak_gb(), 3),
@@ -246,12 +254,16 @@ def _framegraph(engine):
                                   low_memory=engine.low_memory, resident_buckets=engine.resident_buckets,
                                   share_weights=engine.share_weights, pack_exclusive=engine.pack_exclusive)
         pipe.set_progress_bar_config(disable=True)
+        if engine.scheduler == "animatelcm":  # the few-step sampler, selected the diffusers way
+            from framegraph.runtime.schedulers import load_scheduler
+
+            pipe.scheduler = load_scheduler(ANIMATELCM_SCHEDULER)
         result.update(from_artifacts_s=round(time.perf_counter() - start, 3))
         # Graphs open lazily on first use; open the ones this call uses now, so that load_s means "ready to run"
         # on every engine (from_artifacts_s is the lazy part alone).
         start = time.perf_counter()
         if not engine.low_memory:  # low-memory mode opens each graph when it is needed, one at a time
-            for graph, bucket in _graphs_used(pipe, spec, engine.decode_chunk_size):
+            for graph, bucket in _graphs_used(pipe, spec, engine.decode_chunk_size, engine.cache_interval):
                 pipe.artifact.graph(graph, **bucket)
         if engine.extra_bucket:
             bucket = _other_unet_bucket(pipe, spec)
@@ -266,7 +278,8 @@ def _framegraph(engine):
 
             common = dict(height=spec["height"], width=spec["width"], num_frames=spec["frames"],
                           num_inference_steps=spec["steps"], latents=inputs["latents"], output_type="np",
-                          decode_chunk_size=engine.decode_chunk_size, callback_on_step_end=on_step_end)
+                          decode_chunk_size=engine.decode_chunk_size, cache_interval=engine.cache_interval,
+                          callback_on_step_end=on_step_end)
             if spec["kind"] == "svd":
                 return p(image, min_guidance_scale=spec["min_guidance_scale"],
                          max_guidance_scale=spec["max_guidance_scale"], image_noise=inputs["image_noise"],
@@ -278,15 +291,17 @@ def _framegraph(engine):
     return load
 
 
-def _graphs_used(pipe, spec, decode_chunk_size=None):
+def _graphs_used(pipe, spec, decode_chunk_size=None, cache_interval=1):
     h, w, f = spec["height"], spec["width"], spec["frames"]
     batch = pipe.batch
-    unet = ("unet", {"num_frames": f, "batch": 2 * batch, "height": h, "width": w})  # guidance on: 2x batch
+    bucket = {"num_frames": f, "batch": 2 * batch, "height": h, "width": w}  # guidance on: 2x batch
+    # with step caching a call runs the deep and shallow graphs, not the plain one
+    unet = [("unet", bucket)] if cache_interval == 1 else [("unet_deep", bucket), ("unet_shallow", bucket)]
     if spec["kind"] == "svd":
         return [("image_encoder", {"batch": batch}), ("vae_encoder", {"batch": batch, "height": h, "width": w}),
-                unet, ("vae_decoder", {"chunk": min(decode_chunk_size or f, f), "height": h, "width": w})]
+                *unet, ("vae_decoder", {"chunk": min(decode_chunk_size or f, f), "height": h, "width": w})]
     chunk = decode_chunk_size or max(pipe.artifact.buckets("vae_decoder", "chunk"))
-    return [("text_encoder", {"batch": batch}), unet, ("vae_decoder", {"chunk": chunk, "height": h, "width": w})]
+    return [("text_encoder", {"batch": batch}), *unet, ("vae_decoder", {"chunk": chunk, "height": h, "width": w})]
 
 
 def _other_unet_bucket(pipe, spec):
@@ -305,6 +320,12 @@ def _zeros(entry):
 def import_engine(engine):
     """Import the libraries ``engine`` (a bench_variants.Engine) runs on and return its loader: diffusers and torch
     where it has no backend, else framegraph's pipelines, ONNX Runtime and, on the mindspore backend, MindSpore."""
+    if engine.peer is not None:
+        import bench_openvino
+
+        bench_openvino.import_peer()
+        return lambda spec, inputs, image, result: bench_openvino.load_peer(spec, inputs, image, result,
+                                                                            int8=engine.peer == "int8")
     if engine.backend is None:
         import diffusers  # noqa: F401
         import torch  # noqa: F401
@@ -379,6 +400,10 @@ def run_flops(spec, result):
         unet(*args, **kwargs, return_dict=False)
     by_op = {str(op): n / 1e9 for op, n in counter.get_flop_counts()["Global"].items()}
     total = counter.get_total_flops() / 1e9
+    if spec.get("cache_branch") is not None:
+        result.update(shallow_gflop_per_step=shallow_gflop(unet, args, kwargs, spec["cache_branch"]),
+                      shallow_method="the second of two UNet calls under DeepCache 0.1.1's DeepCacheSDHelper "
+                                     "(cache_interval 2): a cached step of that branch")
     logger.info("UNet batch %d: %.1f GFLOP (%s)", batch, total, ", ".join(f"{k} {v:.1f}" for k, v in by_op.items()))
     result.update(unet_gflop_per_step=round(total, 2), unet_batch=batch, by_op_gflop={k: round(v, 2) for k, v in
                   by_op.items()}, forward_s=round(time.perf_counter() - start, 2),
@@ -386,6 +411,32 @@ def run_flops(spec, result):
                   method="torch.utils.flop_counter.FlopCounterMode on one diffusers UNet forward at batch 2 "
                          "(AttnProcessor, so attention bmm is counted); 2 FLOP per MAC; elementwise ops not counted",
                   status="ok")
+
+
+def shallow_gflop(unet, args, kwargs, cache_branch):
+    """GFLOP of a cached step of ``cache_branch``: a whole UNet call fills DeepCache's helper cache, the next one
+    (counted) runs the shallow branch. On ModelScope's UNet the helper also reruns the temporal layers of the layers
+    it skips (it caches only resnets and attentions), which framegraph's shallow graph leaves out: an upper bound."""
+    from types import SimpleNamespace
+
+    import torch
+    from DeepCache import DeepCacheSDHelper
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sample, timestep = args
+    steps = [timestep, timestep - 1]
+    helper = DeepCacheSDHelper(pipe=SimpleNamespace(unet=unet, scheduler=SimpleNamespace(timesteps=steps)))
+    helper.set_params(cache_interval=2, cache_branch_id=cache_branch)
+    helper.enable()
+    try:
+        with torch.no_grad():
+            unet(sample, steps[0], **kwargs, return_dict=False)
+            counter = FlopCounterMode(display=False)
+            with counter:
+                unet(sample, steps[1], **kwargs, return_dict=False)
+    finally:
+        helper.disable()
+    return round(counter.get_total_flops() / 1e9, 2)
 
 
 WORKERS = {"gemm": run_gemm, "flops": run_flops}

@@ -11,13 +11,15 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Export:
     """An artifact bench.py exports: its ``formats``, whether its UNet has a second frame bucket
-    (``two_buckets``, at bench.py's ``--second-frames``), its ``--quantize`` mode, and its ``memory`` options
-    ("chunks" or "slices", see bench.memory_options; None: none)."""
+    (``two_buckets``, at bench.py's ``--second-frames``), its ``--quantize`` mode, its ``memory`` options
+    ("chunks" or "slices", see bench.memory_options; None: none) and whether it has the step-caching graphs
+    (``step_cache``, at bench.py's ``--cache-branch``)."""
 
     formats: tuple[str, ...]
     two_buckets: bool = False
     quantize: str | None = None
     memory: str | None = None
+    step_cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,9 @@ class Engine:
     ``export`` (a key of EXPORTS). ``low_memory`` and ``resident_buckets`` go to ``from_artifacts`` as they are;
     ``share_weights`` and ``pack_exclusive`` go to it too, where None leaves the backend's default;
     ``extra_bucket`` also opens (and runs once) the UNet bucket of the other frame count; ``decode_chunk_size`` goes
-    to each pipeline call (None: the pipeline's default)."""
+    to each pipeline call (None: the pipeline's default); ``cache_interval`` too (step caching, on an export with
+    ``step_cache``); ``scheduler`` replaces the artifact's ("animatelcm": AnimateLCM-SVD's, the few-step sampler).
+    ``peer`` is OpenVINO's own SVD recipe instead of framegraph (scripts/bench_openvino.py): "f32" or "int8"."""
 
     name: str
     backend: str | None = None
@@ -37,6 +41,9 @@ class Engine:
     pack_exclusive: bool | None = None
     extra_bucket: bool = False
     decode_chunk_size: int | None = None
+    cache_interval: int = 1
+    scheduler: str | None = None
+    peer: str | None = None
 
 
 EXPORTS = {
@@ -46,6 +53,7 @@ EXPORTS = {
     "onnx-memory": Export(("onnx",), memory="chunks"),
     "onnx-sliced": Export(("onnx",), memory="slices"),
     "mslite": Export(("mslite",)),
+    "onnx-cache": Export(("onnx",), step_cache=True),
 }
 
 ENGINES = {engine.name: engine for engine in (
@@ -67,4 +75,11 @@ ENGINES = {engine.name: engine for engine in (
     Engine("mindspore", backend="mindspore", export="mindir"),
     Engine("mindspore-lowmem", backend="mindspore", export="mindir", low_memory=True),
     Engine("mindspore_lite", backend="mindspore_lite", export="mslite"),
+    # step caching and the few-step sampler, on one artifact: -cache1 is their uncached reference (same graphs' UNet)
+    Engine("onnxruntime-cache1", backend="onnxruntime", export="onnx-cache", cache_interval=1),
+    Engine("onnxruntime-cache2", backend="onnxruntime", export="onnx-cache", cache_interval=2),
+    Engine("onnxruntime-cache3", backend="onnxruntime", export="onnx-cache", cache_interval=3),
+    Engine("onnxruntime-animatelcm", backend="onnxruntime", export="onnx-cache", scheduler="animatelcm"),
+    Engine("openvino-peer", peer="f32"),
+    Engine("openvino-peer-int8", peer="int8"),
 )}

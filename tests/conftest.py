@@ -60,7 +60,8 @@ def ms():
 # The tiny exports are the slow part of the suite (MindSpore graph compiles, mostly on one core). The tests that use
 # one of them run on one worker (xdist group), the rest are spread over the workers, and an export one worker made
 # is reused by the others (a test using both artifacts may run anywhere).
-ARTIFACT_GROUPS = {"svd_artifact": "svd-artifact", "t2v_artifact": "t2v-artifact"}
+ARTIFACT_GROUPS = {"svd_artifact": "svd-artifact", "t2v_artifact": "t2v-artifact",
+                   "svd_cache_artifact": "svd-cache-artifact"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
@@ -112,16 +113,30 @@ def svd_artifact(tmp_path_factory, ms, svd_tiny, lite_install):
 
 
 T2V_EXPORT = {"frames": [4], "height": 32, "width": 32, "decode_chunk_sizes": [3]}
+T2V_CACHE_BRANCH = 1
+SVD_CACHE_BRANCH = 0
 
 
 @pytest.fixture(scope="session")
 def t2v_artifact(tmp_path_factory, ms, t2v_tiny, lite_install):
     """The tiny text-to-video model exported once per session (ONNX + MindIR + MindSpore Lite, 4 frames, decode
-    slices of 3)."""
+    slices of 3), with the step-caching graphs of branch 1."""
     from framegraph.export.pipeline_folder import PipelineFolder
     from framegraph.export.options import ExportOptions
     from framegraph.export.text_to_video_sd import export_text_to_video_sd
 
-    options = ExportOptions(formats=ARTIFACT_FORMATS, **T2V_EXPORT)
+    options = ExportOptions(formats=ARTIFACT_FORMATS, cache_branch=T2V_CACHE_BRANCH, **T2V_EXPORT)
     return shared_export(tmp_path_factory, "t2v-tiny",
                          lambda out: export_text_to_video_sd(PipelineFolder(t2v_tiny), out, options))
+
+
+@pytest.fixture(scope="session")
+def svd_cache_artifact(tmp_path_factory, ms, svd_tiny):
+    """The tiny SVD with the step-caching graphs of branch 0 (ONNX, 2 frames): one export per session."""
+    from framegraph.export.pipeline_folder import PipelineFolder
+    from framegraph.export.options import ExportOptions
+    from framegraph.export.stable_video_diffusion import export_stable_video_diffusion
+
+    options = ExportOptions(formats=("onnx",), frames=[2], height=32, width=32, cache_branch=SVD_CACHE_BRANCH)
+    return shared_export(tmp_path_factory, "svd-tiny-cache",
+                         lambda out: export_stable_video_diffusion(PipelineFolder(svd_tiny), out, options))

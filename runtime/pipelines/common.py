@@ -50,10 +50,10 @@ VIDEO_PARAMS = (
 
 # Step caching (DeepCache), declared once for both pipelines.
 CACHE_PARAM = Param(
-    "cache_interval", "int", minimum=1, maximum=1000, default=1,
+    "cache_interval", "int", minimum=1, maximum=1000,
     help="step caching: run the whole UNet every N-th step and, in between, only its shallow part on the deep "
     "features cached at the last whole step (faster, slightly different frames; needs an artifact exported with "
-    "--cache-branch; 1: off)")
+    "--cache-branch; default 1: off)")
 # the graphs of step caching (export/step_cache.py)
 DEEP_GRAPH, SHALLOW_GRAPH, FEATURE = "unet_deep", "unet_shallow", "deep_features"
 
@@ -74,8 +74,9 @@ class StepUNet:
     ``unet_shallow`` on the features of the last deep step, one set per graph batch. Outside low-memory mode the
     graphs are opened once and held for the call."""
 
-    def __init__(self, artifact, bucket, cache_interval=1):
-        self.artifact, self.bucket, self.interval = artifact, bucket, int(cache_interval)
+    def __init__(self, artifact, bucket, cache_interval=None):
+        self.artifact, self.bucket = artifact, bucket
+        self.interval = 1 if cache_interval is None else int(cache_interval)
         self.names = ("unet",) if self.interval == 1 else (DEEP_GRAPH, SHALLOW_GRAPH)
         self.held = None if artifact.low_memory else {name: artifact.graph(name, **bucket) for name in self.names}
         self.features = {}
@@ -264,9 +265,9 @@ class ArtifactPipeline:
         outputs = callback_on_step_end(self, i, t, {"latents": latents}) or {}
         return outputs.pop("latents", latents)
 
-    def _unet_for_call(self, num_frames, cfg, height, width, cache_interval=1):
+    def _unet_for_call(self, num_frames, cfg, height, width, cache_interval=None):
         """The call's StepUNet: the UNet bucket (guidance doubles the graph batch) and, with ``cache_interval`` > 1,
-        its step-caching graphs.
+        its step-caching graphs (None: 1).
 
         Outside low-memory mode its graphs are held from the call's start to its end, so that calls running at once
         with other frame counts cannot close them between steps (``resident_buckets``). They are opened before the

@@ -81,6 +81,7 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
         request.setdefault("num_videos_per_prompt", 1)
         self.check_inputs(request["image"], **{name: request[name] for name in self.defaulted()},
                           decode_chunk_size=request["decode_chunk_size"],
+                          cache_interval=request.get("cache_interval"),
                           num_videos_per_prompt=request["num_videos_per_prompt"], output_type=request["output_type"])
 
     def work(self, request):
@@ -93,7 +94,7 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
 
     def check_inputs(self, image, height, width, num_frames, num_inference_steps=25, fps=7, motion_bucket_id=127,
                      noise_aug_strength=0.02, decode_chunk_size=None, num_videos_per_prompt=1, output_type="pil",
-                     sigmas=None, min_guidance_scale=1.0, max_guidance_scale=3.0, cache_interval=1):
+                     sigmas=None, min_guidance_scale=1.0, max_guidance_scale=3.0, cache_interval=None):
         """Raise :class:`InvalidRequestError` (a ValueError naming the argument in ``field``) unless this artifact
         can serve a call with these (resolved, see ``call_arguments``) arguments. Runs no graph."""
         from framegraph.runtime.image import as_image_list
@@ -177,14 +178,13 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
         call = self.call_arguments(height=height, width=width, num_frames=num_frames,
                                    num_inference_steps=num_inference_steps, fps=fps, motion_bucket_id=motion_bucket_id,
                                    noise_aug_strength=noise_aug_strength, min_guidance_scale=min_guidance_scale,
-                                   max_guidance_scale=max_guidance_scale, cache_interval=cache_interval)
-        self.check_inputs(image, **call, decode_chunk_size=decode_chunk_size,
+                                   max_guidance_scale=max_guidance_scale)
+        self.check_inputs(image, **call, decode_chunk_size=decode_chunk_size, cache_interval=cache_interval,
                           num_videos_per_prompt=num_videos_per_prompt, output_type=output_type, sigmas=sigmas)
         height, width, num_frames = call["height"], call["width"], call["num_frames"]
         num_inference_steps, fps, motion_bucket_id = call["num_inference_steps"], call["fps"], call["motion_bucket_id"]
         noise_aug_strength = call["noise_aug_strength"]
         min_guidance_scale, max_guidance_scale = call["min_guidance_scale"], call["max_guidance_scale"]
-        cache_interval = call["cache_interval"]
         if decode_chunk_size is None:
             decode_chunk_size = self.default_decode_chunk(num_frames)
         for name in callback_on_step_end_tensor_inputs:

@@ -138,7 +138,8 @@ class TextToVideoSDPipeline(ArtifactPipeline):
 
     def check_request(self, request):
         self.check_inputs(request["prompt"], **{name: request[name] for name in self.defaulted()},
-                          output_type=request["output_type"], decode_chunk_size=request.get("decode_chunk_size"))
+                          output_type=request["output_type"], decode_chunk_size=request.get("decode_chunk_size"),
+                          cache_interval=request.get("cache_interval"))
 
     def work(self, request):
         chunk = request.get("decode_chunk_size") or max(self.artifact.buckets("vae_decoder", "chunk"))
@@ -146,7 +147,7 @@ class TextToVideoSDPipeline(ArtifactPipeline):
         return request["num_inference_steps"], chunks
 
     def check_inputs(self, prompt, height, width, num_frames, num_inference_steps=50, guidance_scale=9.0, eta=0.0,
-                     output_type="np", decode_chunk_size=None, prompt_embeds=None, cache_interval=1):
+                     output_type="np", decode_chunk_size=None, prompt_embeds=None, cache_interval=None):
         """Raise :class:`InvalidRequestError` (a ValueError naming the argument in ``field``) unless this artifact
         can serve a call with these (resolved, see ``call_arguments``) arguments. Runs no graph."""
         if (prompt is None) == (prompt_embeds is None):
@@ -200,13 +201,12 @@ class TextToVideoSDPipeline(ArtifactPipeline):
         from framegraph.runtime.image import postprocess_video
 
         call = self.call_arguments(height=height, width=width, num_frames=num_frames,
-                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
-                                   cache_interval=cache_interval)
-        self.check_inputs(prompt, **call, output_type=output_type, decode_chunk_size=decode_chunk_size,
+                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta)
+        self.check_inputs(prompt, **call, cache_interval=cache_interval, output_type=output_type,
+                          decode_chunk_size=decode_chunk_size,
                           prompt_embeds=prompt_embeds)
         height, width, num_frames = call["height"], call["width"], call["num_frames"]
         num_inference_steps, guidance_scale, eta = call["num_inference_steps"], call["guidance_scale"], call["eta"]
-        cache_interval = call["cache_interval"]
         for name in callback_on_step_end_tensor_inputs:
             if name != "latents":
                 raise ValueError(f"callback_on_step_end_tensor_inputs may only name 'latents', got {name!r}")
