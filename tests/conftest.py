@@ -132,11 +132,22 @@ def t2v_artifact(tmp_path_factory, ms, t2v_tiny, lite_install):
 
 @pytest.fixture(scope="session")
 def svd_cache_artifact(tmp_path_factory, ms, svd_tiny):
-    """The tiny SVD with the step-caching graphs of branch 0 (ONNX, 2 frames): one export per session."""
+    """The tiny SVD as an AnimateLCM-SVD-xt model would come (the same UNet architecture, its scheduler folder the
+    published AnimateLCM sampler's), exported unchanged with the step-caching graphs of branch 0 (ONNX, 2 frames):
+    one export per session."""
+    import shutil
+
     from framegraph.export.pipeline_folder import PipelineFolder
     from framegraph.export.options import ExportOptions
     from framegraph.export.stable_video_diffusion import export_stable_video_diffusion
 
     options = ExportOptions(formats=("onnx",), frames=[2], height=32, width=32, cache_branch=SVD_CACHE_BRANCH)
-    return shared_export(tmp_path_factory, "svd-tiny-cache",
-                         lambda out: export_stable_video_diffusion(PipelineFolder(svd_tiny), out, options))
+
+    def export(out):
+        folder = tmp_path_factory.mktemp("animatelcm-svd-tiny")
+        shutil.copytree(svd_tiny, folder, dirs_exist_ok=True)
+        shutil.copy(FIXTURES / "animatelcm-svd" / "scheduler" / "scheduler_config.json",
+                    folder / "scheduler" / "scheduler_config.json")
+        return export_stable_video_diffusion(PipelineFolder(folder), out, options)
+
+    return shared_export(tmp_path_factory, "svd-tiny-cache", export)

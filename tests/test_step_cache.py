@@ -41,12 +41,39 @@ def _t2v_call(pipe, case, t2v_golden, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def svd_pipe(svd_cache_artifact):
+def svd_pipe(svd_cache_artifact, svd_tiny):
+    """The step-caching artifact with the goldens' sampler (svd-tiny's Euler) selected the diffusers way."""
     from framegraph.runtime import StableVideoDiffusionPipeline
+    from framegraph.runtime.schedulers import load_scheduler
 
     pipe = StableVideoDiffusionPipeline.from_artifacts(svd_cache_artifact)
     pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = load_scheduler(svd_tiny / "scheduler")
     return pipe
+
+
+def test_an_animatelcm_svd_folder_exports_and_runs_unchanged(svd_cache_artifact):
+    """The export copies the folder's sampler; the artifact then samples with AnimateLCM-SVD's in few steps, the
+    step noise from the call's generator, cached or not."""
+    from PIL import Image
+
+    from framegraph.runtime import StableVideoDiffusionPipeline
+    from framegraph.runtime.schedulers import AnimateLCMSVDStochasticIterativeScheduler
+
+    pipe = StableVideoDiffusionPipeline.from_artifacts(svd_cache_artifact)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.scheduler, AnimateLCMSVDStochasticIterativeScheduler)
+    assert pipe.scheduler.config.sigma_max == 700.0
+    image = Image.open(FIXTURES / "svd-tiny" / "input.png")
+    def run(seed, n):
+        return pipe(image, num_inference_steps=4, generator=seed, cache_interval=n, output_type="np").frames
+
+    plain = run(1, 1)
+    assert plain.shape == (1, 2, 32, 32, 3) and np.all(np.isfinite(plain))
+    np.testing.assert_array_equal(run(1, 1), plain)  # the same seed, the same video
+    cached = run(1, 2)
+    assert np.abs(cached - plain).max() > 1e-4  # cached steps change the frames
+    assert np.abs(run(2, 2) - cached).max() > 1e-3  # another seed, another video
 
 
 @pytest.mark.parametrize("name", ["svd_n2_b0", "svd_n3_b0"])
