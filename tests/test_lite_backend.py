@@ -94,6 +94,20 @@ def test_text_to_video_equals_diffusers_on_lite(t2v_artifact, t2v_golden, tmp_pa
     assert_equal_goldens(outputs, t2v_golden)
 
 
+def test_step_caching_equals_deepcache_on_lite(t2v_artifact, t2v_golden, tmp_path):
+    """The step-caching graphs (branch 1 in the shared text-to-video artifact) on Lite equal DeepCache's frames
+    (tests/fixtures/deepcache, see test_step_cache.py) within that case's tolerance there."""
+    spec = json.loads((FIXTURES / "deepcache" / "golden.json").read_text())["cases"]
+    golden = np.load(FIXTURES / "deepcache" / "golden.npz")
+    calls = {name: ((T2V["prompt"],), dict(spec[name]["call"], latents=t2v_golden["pipeline.latents"],
+                                           cache_interval=spec[name]["cache_interval"]), None)
+             for name in ("t2v_n2_b1", "t2v_n3_b1")}
+    outputs, _ = run_on_lite(tmp_path, "t2v", t2v_artifact, calls)
+    for name, out in outputs.items():
+        allowed = min(TOLERANCE, 0.25 * spec[name]["max_abs_cached_vs_uncached"])
+        assert float(np.abs(out - golden[f"{name}.frames"]).max()) <= allowed, name
+
+
 def test_every_lite_graph_was_converted_and_checked_at_export(svd_artifact, t2v_artifact):
     for artifact in (svd_artifact, t2v_artifact):
         manifest = Manifest.load(artifact)
