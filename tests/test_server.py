@@ -152,6 +152,8 @@ def test_video_before_done_is_409(client):
     ([("motion_bucket_id", "2000")], None, 422, "motion_bucket_id", "out of range"),
     ([("noise_aug_strength", "nan")], None, 422, "noise_aug_strength", "finite"),
     ([("strength", "1")], None, 422, "strength", "unknown argument 'strength'"),
+    ([("cache_interval", "2")], None, 422, "cache_interval", "svd-export --cache-branch"),
+    ([("cache_interval", "0")], None, 422, "cache_interval", "out of range"),
     ([("output_type", "latent")], None, 422, "output_type", "unknown argument"),
     ([("seed", "1"), ("seed", "2")], None, 422, "seed", "given twice"),
     ([("image", "/etc/passwd")], (), 422, "image", "uploaded as a file part"),
