@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_openvino import svd_call
 from bench_variants import ENGINES
 from gemm_probe import GemmProbe
 from gemm_timing import best_gflops, gemm_rates, square_pair
@@ -216,32 +217,11 @@ def _diffusers(spec, inputs, image, result):
 
 
 def _diffusers_svd(pipe, timer, spec, image, latents, image_noise):
-    """diffusers draws the conditioning-image noise with ``randn_tensor(image.shape)`` before the latents (which
-    are given): return the shared ``image_noise`` for that one draw."""
+    """One diffusers SVD call with the shared latents and conditioning-image noise (bench_openvino.svd_call, which
+    the OpenVINO peer's pipeline runs too)."""
     import torch
-    from diffusers.pipelines.stable_video_diffusion import pipeline_stable_video_diffusion as module
 
-    original = module.randn_tensor
-    noise = torch.from_numpy(image_noise)
-
-    def randn_tensor(shape, *args, **kwargs):
-        if tuple(shape) == tuple(noise.shape):
-            return noise.clone()
-        raise RuntimeError(f"unexpected random draw of shape {tuple(shape)}: latents should have been given")
-
-    def on_step_end(p, i, t, kwargs):
-        timer.step(kwargs["latents"].numpy())
-        return {}
-
-    module.randn_tensor = randn_tensor
-    try:
-        with torch.no_grad():
-            return pipe(image, height=spec["height"], width=spec["width"], num_frames=spec["frames"],
-                        num_inference_steps=spec["steps"], min_guidance_scale=spec["min_guidance_scale"],
-                        max_guidance_scale=spec["max_guidance_scale"], latents=latents, output_type="np",
-                        callback_on_step_end=on_step_end).frames
-    finally:
-        module.randn_tensor = original
+    return svd_call(pipe, timer, spec, image, latents, torch.from_numpy(image_noise))
 
 
 def _framegraph(engine):

@@ -246,13 +246,13 @@ def load_peer(spec, inputs, image, result, int8=False):
                   ov_threads=compiled["unet"].get_property("INFERENCE_NUM_THREADS"),
                   ov_precision=compiled["unet"].get_property("INFERENCE_PRECISION_HINT").to_string())
     latents, noise = torch.from_numpy(inputs["latents"]), torch.from_numpy(inputs["image_noise"])
-    return pipe, lambda p, timer: _call(p, timer, spec, image, latents, noise)
+    return pipe, lambda p, timer: svd_call(p, timer, spec, image, latents, noise)
 
 
-def _call(pipe, timer, spec, image, latents, noise):
-    """One pipeline call with the arguments bench_engines gives the diffusers engine. The latents are given, so the
-    pipeline's one random draw is the conditioning image's noise: that draw returns ``noise``. (bench_engines imports
-    this module, so its own helper is not imported back: scripts must not import each other.)"""
+def svd_call(pipe, timer, spec, image, latents, noise):
+    """One diffusers StableVideoDiffusionPipeline call with the benchmark's arguments, for the diffusers engine and the
+    OpenVINO peer alike. The latents are given, so the pipeline's one random draw is the conditioning image's noise:
+    that draw returns ``noise`` (a torch tensor)."""
     import torch
     from diffusers.pipelines.stable_video_diffusion import pipeline_stable_video_diffusion as svd
 
