@@ -11,7 +11,8 @@ from ..heap import trim_heap
 from .base import Backend, check_signature, register_backend
 from .onnx_parts import split_file
 from .ort_graph import OnnxRuntimeGraph
-from .ort_providers import CPU, OPTIMIZATION_LEVELS, choose_providers, import_onnxruntime, session_options
+from .ort_providers import (CPU, OPTIMIZATION_LEVELS, choose_providers, import_onnxruntime, session_options,
+                            use_shared_arena)
 from .ort_weights import MappedWeights, reads_in_place, share_with_session
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,11 @@ class OnnxRuntimeBackend(Backend):
     ``memory_pattern`` (default on; off in low-memory artifacts, see ``low_memory_options``): ONNX Runtime's memory
     pattern lays a run's activations out ahead in one block. Off, each is allocated from the arena when it is
     produced: a lower peak for some step time (see docs/performance.md).
+
+    ``shared_arena`` (default on for CPU): the graphs that are not streamed (the UNet graphs, which a call runs in
+    turn: the cached-step pair ``unet_deep`` and ``unet_shallow``, or several frame buckets) allocate their working
+    memory from one process-wide arena, so what stays resident between their runs is the largest one's, not the
+    sum of all. A streamed graph keeps its own arena, shrunk after each run.
     """
 
     name = "onnxruntime"
@@ -98,7 +104,7 @@ class OnnxRuntimeBackend(Backend):
     low_memory_options = {"memory_pattern": False}
 
     def __init__(self, device="cpu", num_threads=None, providers=None, share_weights=None, pack_exclusive=True,
-                 optimization="all", stream_part_gb=0.25, memory_pattern=True):
+                 optimization="all", stream_part_gb=0.25, memory_pattern=True, shared_arena=None):
         self.ort = import_onnxruntime()
         if optimization not in OPTIMIZATION_LEVELS:
             raise ValueError(f"optimization={optimization!r}: use one of {', '.join(OPTIMIZATION_LEVELS)}")
@@ -111,6 +117,7 @@ class OnnxRuntimeBackend(Backend):
             raise ValueError(f"stream_part_gb={stream_part_gb!r}: pass a size in GB, or 0 to run graphs whole")
         self.stream_part_gb = float(stream_part_gb or 0)
         self.memory_pattern = bool(memory_pattern)
+        self.shared_arena = self.providers == [CPU] if shared_arena is None else bool(shared_arena)
         self._mapped = MappedWeights() if self.share_weights else None
 
     def __repr__(self):
@@ -124,10 +131,13 @@ class OnnxRuntimeBackend(Backend):
         """Whether a graph opened with ``exclusive`` reads its weights from the shared mappings."""
         return self.share_weights and not (exclusive and self.pack_exclusive)
 
-    def _session(self, model, mapped, folder=None):
+    def _session(self, model, mapped, folder=None, shared_arena=False):
         """An InferenceSession of ``model`` (a path, or serialized bytes whose external weights are in ``folder``)
-        reading the ``mapped`` weights; and whether it prepacks them."""
+        reading the ``mapped`` weights, allocating from the process-wide arena if ``shared_arena``; and whether it
+        prepacks them."""
         options = self.session_options()
+        if shared_arena:
+            use_shared_arena(self.ort, options)
         prepacked = share_with_session(options, mapped)
         if folder is not None:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
@@ -157,7 +167,7 @@ class OnnxRuntimeBackend(Backend):
                         entry.key)
         parts = self._parts(path, mapped) if streamed and mapped else None
         if parts is None:
-            session, prepacked = self._session(str(path), mapped)
+            session, prepacked = self._session(str(path), mapped, shared_arena=self.shared_arena and not streamed)
             stages = [(session, mapped)]
         else:
             stages = [(self._session(model, weights, folder=path.parent)[0], weights) for model, weights in parts]

@@ -63,6 +63,26 @@ def choose_providers(ort, device, providers=None):
     return chosen
 
 
+_SHARED_ARENA = []  # the memory info of the process-wide CPU arena, once registered
+
+
+def shared_cpu_arena(ort):
+    """Register (once per process) the CPU arena that sessions built with ``use_shared_arena`` allocate from
+    instead of each keeping an arena of its own: two graphs run in turn then hold the larger of their working
+    memories between runs, not the sum."""
+    if not _SHARED_ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))  # ONNX Runtime's own defaults
+        _SHARED_ARENA.append(info)
+    return _SHARED_ARENA[0]
+
+
+def use_shared_arena(ort, options):
+    """Make the session built with ``options`` (SessionOptions) allocate from the process-wide CPU arena."""
+    shared_cpu_arena(ort)
+    options.add_session_config_entry("session.use_env_allocators", "1")
+
+
 def session_options(ort, optimization, num_threads, memory_pattern):
     """A new SessionOptions with the graph ``optimization`` level (a key of OPTIMIZATION_LEVELS), ``num_threads``
     intra-op threads (None: ONNX Runtime's default) and the memory pattern on or off."""
