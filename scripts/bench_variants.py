@@ -54,6 +54,7 @@ EXPORTS = {
     "onnx-sliced": Export(("onnx",), memory="slices"),
     "mslite": Export(("mslite",)),
     "onnx-cache": Export(("onnx",), step_cache=True),
+    "onnx-int8-cache": Export(("onnx",), quantize="int8", step_cache=True),
 }
 
 ENGINES = {engine.name: engine for engine in (
@@ -79,6 +80,7 @@ ENGINES = {engine.name: engine for engine in (
     Engine("onnxruntime-cache1", backend="onnxruntime", export="onnx-cache", cache_interval=1),
     Engine("onnxruntime-cache2", backend="onnxruntime", export="onnx-cache", cache_interval=2),
     Engine("onnxruntime-cache3", backend="onnxruntime", export="onnx-cache", cache_interval=3),
+    Engine("onnxruntime-int8-cache2", backend="onnxruntime", export="onnx-int8-cache", cache_interval=2),
     Engine("onnxruntime-animatelcm", backend="onnxruntime", export="onnx-cache", scheduler="animatelcm"),
     Engine("openvino-peer", peer="f32"),
     Engine("openvino-peer-int8", peer="int8"),
