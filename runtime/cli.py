@@ -9,6 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .backends import available_backends
+
 logger = logging.getLogger("framegraph")
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +90,7 @@ def _generate_args(p):
         p.add_argument(param.flag, dest=name, type=_typed(param), default=None,
                        help=f"{param.help}{default}{which}")
     p.add_argument("--seed", type=_count(0), default=0)
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "mindspore", "mindspore_lite"))
+    p.add_argument("--backend", default="onnxruntime", choices=available_backends())
     p.add_argument("--device", default=None, help="cpu, cuda (onnxruntime); CPU, GPU, Ascend (MindSpore)")
     p.add_argument("--threads", type=_count(1), default=None, help="intra-op threads")
     p.add_argument("--low-memory", action="store_true", help="keep one graph loaded at a time (peak memory of the "
@@ -153,7 +155,7 @@ def _serve_parser(sub):
                        help="trusted fast start: skip the sha256 check of the artifact files (sizes still checked)")
     serve.add_argument("--no-warmup", dest="warmup", action="store_false",
                        help="open graphs at their first request instead of running each once before serving")
-    serve.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "mindspore", "mindspore_lite"))
+    serve.add_argument("--backend", default="onnxruntime", choices=available_backends())
     serve.add_argument("--device", default=None, help="cpu, cuda (onnxruntime); CPU, GPU, Ascend (MindSpore)")
     serve.add_argument("--threads", type=_count(1), default=None, help="intra-op threads per session")
     ray = serve.add_argument_group("Ray Serve (needs the ray extra; docs/scale-out.md)")

@@ -30,7 +30,10 @@ class Engine:
     ``extra_bucket`` also opens (and runs once) the UNet bucket of the other frame count; ``decode_chunk_size`` goes
     to each pipeline call (None: the pipeline's default); ``cache_interval`` too (step caching, on an export with
     ``step_cache``); ``scheduler`` replaces the artifact's ("animatelcm": AnimateLCM-SVD's, the few-step sampler).
-    ``peer`` is OpenVINO's own SVD recipe instead of framegraph (scripts/bench_openvino.py): "f32" or "int8"."""
+    ``peer`` is OpenVINO's own SVD recipe instead of framegraph (scripts/bench_openvino.py): "f32" or "int8".
+    ``model_cache`` (the openvino backend): graphs are opened with OpenVINO's model cache, filled beforehand in a
+    child process (reported as convert_s, as the peer's conversion is), so load_s is a cold start that reads
+    compiled graphs."""
 
     name: str
     backend: str | None = None
@@ -44,6 +47,7 @@ class Engine:
     cache_interval: int = 1
     scheduler: str | None = None
     peer: str | None = None
+    model_cache: bool = False
 
 
 EXPORTS = {
@@ -70,6 +74,8 @@ ENGINES = {engine.name: engine for engine in (
            share_weights=False, resident_buckets=None),
     Engine("onnxruntime-mapped", backend="onnxruntime", export="onnx", pack_exclusive=False),
     Engine("onnxruntime-int8", backend="onnxruntime", export="onnx-int8"),
+    Engine("openvino", backend="openvino", export="onnx"),
+    Engine("openvino-cached", backend="openvino", export="onnx", model_cache=True),
     Engine("onnxruntime-ffchunk", backend="onnxruntime", export="onnx-memory"),
     Engine("onnxruntime-decode1", backend="onnxruntime", export="onnx-memory", decode_chunk_size=1),
     Engine("onnxruntime-sliced", backend="onnxruntime", export="onnx-sliced"),

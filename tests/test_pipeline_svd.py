@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import FIXTURES
 
-BACKENDS = ["onnxruntime", "mindspore"]
+BACKENDS = ["onnxruntime", "openvino", "mindspore"]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from helpers import assert_close_scaled
 META = json.loads((FIXTURES / "t2v-tiny" / "golden.json").read_text())
 
 
-@pytest.fixture(scope="module", params=["onnxruntime", "mindspore"])
+@pytest.fixture(scope="module", params=["onnxruntime", "openvino", "mindspore"])
 def pipe(request, t2v_artifact):
     from framegraph.runtime import TextToVideoSDPipeline
 

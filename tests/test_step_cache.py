@@ -108,6 +108,36 @@ def test_cache_interval_1_is_exactly_the_plain_unet(svd_pipe, svd_golden, deepca
     np.testing.assert_array_equal(once, _svd_call(svd_pipe, case, svd_golden))
 
 
+def test_the_cached_pair_shares_one_arena_and_frames_do_not_change(svd_cache_artifact, svd_pipe, svd_golden, deepcache):
+    """On CPU the UNet graphs (not the streamed encoders and decoder) allocate from ONNX Runtime's process-wide
+    arena (``shared_arena``), so the deep and the shallow graph do not each hold their working memory; the frames
+    are bit-equal with it off."""
+    from framegraph.runtime import StableVideoDiffusionPipeline
+
+    case = deepcache[0]["svd_n2_b0"]
+    shared = _svd_call(svd_pipe, case, svd_golden, cache_interval=2)
+    step = svd_pipe.artifact.graph  # the sessions the call opened
+
+    def env_allocators(name, **bucket):
+        options = step(name, **bucket).native.get_session_options()
+        try:
+            return options.get_session_config_entry("session.use_env_allocators")
+        except RuntimeError:  # not set
+            return None
+
+    for entry in svd_pipe.artifact.manifest.graphs:
+        if entry.format == "onnx" and entry.name in ("unet_deep", "unet_shallow", "vae_decoder", "image_encoder"):
+            assert env_allocators(entry.name, **entry.bucket) == ("1" if entry.name.startswith("unet") else None)
+    own = StableVideoDiffusionPipeline.from_artifacts(svd_cache_artifact, shared_arena=False)
+    own.set_progress_bar_config(disable=True)
+    own.scheduler = svd_pipe.scheduler
+    np.testing.assert_array_equal(_svd_call(own, case, svd_golden, cache_interval=2), shared)
+    deep = next(g for g in own.artifact.manifest.graphs if g.name == "unet_deep")
+    options = own.artifact.graph("unet_deep", **deep.bucket).native.get_session_options()
+    with pytest.raises(RuntimeError):
+        options.get_session_config_entry("session.use_env_allocators")
+
+
 def test_the_cache_graphs_share_the_unet_weights_file(svd_cache_artifact):
     from framegraph.runtime.manifest import Manifest
 
@@ -123,7 +153,7 @@ def test_the_cache_graphs_share_the_unet_weights_file(svd_cache_artifact):
     assert [t.name for t in next(g for g in unet_graphs if g.name == "unet_shallow").inputs][-1] == "deep_features"
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "mindspore"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "mindspore"])
 @pytest.mark.parametrize("name", ["t2v_n2_b1", "t2v_n3_b1"])
 def test_t2v_cached_frames_equal_deepcache(t2v_artifact, t2v_golden, deepcache, name, backend):
     from framegraph.runtime import TextToVideoSDPipeline

@@ -4,11 +4,11 @@
     graph = backend.open(artifact_folder, manifest.find("unet", "onnx", num_frames=14))
     out = graph(sample=..., timestep=..., encoder_hidden_states=..., added_time_ids=...)  # {"out": ndarray}
 
-Importing this package imports no engine: each backend imports its own (onnxruntime, mindspore, mindspore_lite)
+Importing this package imports no engine: each backend imports its own (onnxruntime, openvino, mindspore, mindspore_lite)
 when it is constructed.
 """
 
-from . import mindspore, mindspore_lite, onnxruntime  # noqa: F401  (registers the backends; imports no engine)
+from . import mindspore, mindspore_lite, onnxruntime, openvino  # noqa: F401  (registers the backends; imports no engine)
 from .base import (
     Backend,
     BackendUnavailableError,
@@ -23,6 +23,7 @@ from .base import (
 from .mindspore import MindSporeBackend
 from .mindspore_lite import MindSporeLiteBackend
 from .onnxruntime import OnnxRuntimeBackend
+from .openvino import OpenVinoBackend
 
 __all__ = [
     "Backend",
@@ -33,6 +34,7 @@ __all__ = [
     "MindSporeBackend",
     "MindSporeLiteBackend",
     "OnnxRuntimeBackend",
+    "OpenVinoBackend",
     "available_backends",
     "backends_for_format",
     "load_backend",
