@@ -66,8 +66,8 @@ def onnx_graph(onnx_artifact):
 
 # -- registry ---------------------------------------------------------------------------------------------------
 def test_registry_lists_the_backends_by_format():
-    assert available_backends() == ["mindspore", "mindspore_lite", "onnxruntime"]
-    assert backends_for_format("onnx") == ["onnxruntime"]
+    assert available_backends() == ["mindspore", "mindspore_lite", "onnxruntime", "openvino"]
+    assert backends_for_format("onnx") == ["onnxruntime", "openvino"]
     assert backends_for_format("mindir") == ["mindspore"]
     assert backends_for_format("mslite") == ["mindspore_lite"]
 
