@@ -5,13 +5,10 @@ it for the CPU. The optional extra ``framegraph[openvino]`` installs it; nothing
 built.
 """
 
-import logging
-import os
 from pathlib import Path
 
+from ..cache import cache_root
 from .base import Backend, BackendUnavailableError, LoadedGraph, check_signature, register_backend
-
-logger = logging.getLogger(__name__)
 
 DEVICES = {"cpu": "CPU"}
 # OpenVINO's precision hints, by the names this backend takes: "f32" keeps the graph's fp32 arithmetic (the CPU
@@ -30,11 +27,9 @@ def import_openvino():
 
 
 def default_cache_dir():
-    """Where compiled models are cached when ``cache_dir=True``: $FRAMEGRAPH_CACHE/openvino, else
-    $XDG_CACHE_HOME (or ~/.cache)/framegraph/openvino."""
-    root = os.environ.get("FRAMEGRAPH_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
-        "framegraph"
-    return Path(root) / "openvino"
+    """Where compiled models are cached when ``cache_dir=True``: the ``openvino`` folder of framegraph's cache
+    (``$FRAMEGRAPH_CACHE``, defaulting to ~/.cache/framegraph)."""
+    return cache_root() / "openvino"
 
 
 @register_backend

@@ -34,6 +34,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from ..cache import cache_root
+
 logger = logging.getLogger(__name__)
 
 LITE_VERSION = "2.0.0"
@@ -84,8 +86,7 @@ class _Layout:
 
 def default_cache_dir():
     """``$FRAMEGRAPH_CACHE/mindspore-lite/<version>-<arch>``, ``FRAMEGRAPH_CACHE`` defaulting to ~/.cache/framegraph."""
-    root = Path(os.environ.get("FRAMEGRAPH_CACHE") or Path.home() / ".cache" / "framegraph")
-    return root / "mindspore-lite" / f"{LITE_VERSION}-{platform.machine()}"
+    return cache_root() / "mindspore-lite" / f"{LITE_VERSION}-{platform.machine()}"
 
 
 def find_lite(mslite_home=None, cache_dir=None):

@@ -1,0 +1,10 @@
+"""framegraph's per-user cache folder, where the runtime keeps what it builds once per machine (the MindSpore Lite
+runtime, OpenVINO's compiled models)."""
+
+import os
+from pathlib import Path
+
+
+def cache_root():
+    """``$FRAMEGRAPH_CACHE``, defaulting to ~/.cache/framegraph."""
+    return Path(os.environ.get("FRAMEGRAPH_CACHE") or Path.home() / ".cache" / "framegraph")
