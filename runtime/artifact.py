@@ -56,7 +56,7 @@ class Artifact:
         for g in self.manifest.graphs:
             if g.format == self.format:
                 files.update({f.path: f for f in g.files})
-        verify_files(self.path, files.values(), check_hash=verify)
+        verify_files(self.path, files.values(), verify)
         if resident_buckets is not None and int(resident_buckets) < 1:
             raise ValueError(f"resident_buckets={resident_buckets!r}: pass a count of at least 1, or None for no limit")
         self._graphs = OrderedDict()  # key -> graph, least recently used first

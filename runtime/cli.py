@@ -151,8 +151,11 @@ def _serve_parser(sub):
     serve.add_argument("--max-queue", type=_count(1), default=16, help="jobs that may wait; more are refused (429)")
     serve.add_argument("--sessions", default="shared", choices=("shared", "per_worker"),
                        help="one graph session shared by all workers, or one per worker")
-    serve.add_argument("--no-verify", dest="verify", action="store_false",
-                       help="trusted fast start: skip the sha256 check of the artifact files (sizes still checked)")
+    verify = serve.add_mutually_exclusive_group()
+    verify.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="trusted fast start: skip the sha256 check of the artifact files (sizes still checked)")
+    verify.add_argument("--verify-full", dest="verify", action="store_const", const="full",
+                        help="hash every artifact file, also those this machine already checked unchanged")
     serve.add_argument("--no-warmup", dest="warmup", action="store_false",
                        help="open graphs at their first request instead of running each once before serving")
     serve.add_argument("--backend", default="onnxruntime", choices=available_backends())

@@ -151,8 +151,9 @@ class Engine:
 
     ``max_queue`` bounds the jobs waiting for a worker (``submit`` raises :class:`QueueFullError` beyond it);
     ``keep_finished`` bounds how many finished jobs (and their results) are kept for ``status``/``result``.
-    ``verify=False`` skips the sha256 check of the artifact's files (sizes are still checked) for a trusted fast
-    start. ``kind`` (optional) is the pipeline kind the caller expects; backend options (``device``, ``num_threads``,
+    ``verify`` is the check of the artifact's files (:func:`framegraph.runtime.manifest.verify_files`): True
+    (sizes, and sha256 of the files this machine has not yet hashed unchanged), "full" (sha256 of every file) or
+    False (sizes only, a trusted fast start). ``kind`` (optional) is the pipeline kind the caller expects; backend options (``device``, ``num_threads``,
     ``providers``) go to the backend; with several workers ``num_threads`` defaults to ``cpu_count // workers``.
     """
 

@@ -10,6 +10,8 @@ import hashlib
 import json
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from .hash_record import HashRecord, file_stamp
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FORMATS = ("onnx", "mindir", "mslite")  # ONNX, MindSpore MindIR, MindSpore Lite (.ms, converted from the ONNX)
@@ -260,8 +262,14 @@ def file_entry(folder, path):
     return FileEntry(path=str(path), sha256=sha256_file(full), size=full.stat().st_size)
 
 
-def verify_file(folder, entry, check_hash=True):
-    """Raise ArtifactError unless ``entry`` is a file inside ``folder`` with the manifest's size (and sha256)."""
+VERIFY_MODES = (True, False, "full")
+
+
+def verify_file(folder, entry, check_hash=True, record=None):
+    """Raise ArtifactError unless ``entry`` is a file inside ``folder`` with the manifest's size (and sha256).
+
+    With a ``record`` (HashRecord of ``folder``) a file it shows as already checked and unchanged is not hashed
+    again, and a file that passes is added to it (see hash_record for the rule)."""
     full = resolve_in_folder(folder, entry.path)
     if not full.is_file():
         raise ArtifactError(f"{full} is missing from the artifact; re-export it (svd-export) or copy the whole folder")
@@ -271,10 +279,25 @@ def verify_file(folder, entry, check_hash=True):
             f"{full} is {size} bytes but the manifest says {entry.size} (truncated or replaced); re-export or "
             "re-copy it"
         )
-    if check_hash and sha256_file(full) != entry.sha256:
+    if not check_hash or (record is not None and record.checked(entry.path, full, entry.sha256)):
+        return
+    stamp = file_stamp(full)
+    if sha256_file(full) != entry.sha256:
         raise ArtifactError(f"{full} does not match its sha256 in the manifest (corrupted); re-export or re-copy it")
+    if record is not None and file_stamp(full) == stamp:  # not recorded if it changed while it was hashed
+        record.add(entry.path, stamp, entry.sha256)
 
 
-def verify_files(folder, entries, check_hash=True):
-    for entry in entries:
-        verify_file(folder, entry, check_hash)
+def verify_files(folder, entries, verify=True):
+    """verify_file for each of ``entries``: ``verify`` True checks sizes and sha256 (a file this machine already
+    hashed and that is unchanged since is not hashed again, see hash_record), "full" hashes every file, False checks
+    sizes only."""
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify={verify!r}: pass True, False or 'full'")
+    record = HashRecord(folder) if verify is True else None
+    try:
+        for entry in entries:
+            verify_file(folder, entry, bool(verify), record)
+    finally:
+        if record is not None:
+            record.save()

@@ -221,7 +221,8 @@ class ArtifactPipeline:
         the largest graph, not the sum); ``resident_buckets`` (default 1) is how many frame buckets of the UNet stay
         loaded (the least recently used is closed first; None: all); ``backend_options`` (``providers``,
         ``device``, ``num_threads``, engine-specific ones such as ``share_weights``) go to the backend, and those
-        left at None take the backend's defaults."""
+        left at None take the backend's defaults. ``verify`` (True, "full" or False) is the check of the artifact's
+        files, see :func:`framegraph.runtime.manifest.verify_files`."""
         from framegraph.runtime.artifact import Artifact
 
         options = {k: v for k, v in dict(backend_options, providers=providers, device=device,
