@@ -129,7 +129,13 @@ def test_onnxruntime_session_options(onnx_artifact):
     options = backend.open(folder, entry).native.get_session_options()
     assert options.intra_op_num_threads == 1
     assert str(options.graph_optimization_level).endswith("ORT_ENABLE_ALL")
-    assert options.enable_mem_pattern
+    # the memory pattern: off for a graph on the shared arena (a UNet's), on for one with its own arena
+    assert options.get_session_config_entry("session.use_env_allocators") == "1"
+    assert not options.enable_mem_pattern
+    assert load_backend("onnxruntime", shared_arena=False).open(folder, entry).native.get_session_options(
+        ).enable_mem_pattern
+    assert load_backend("onnxruntime", memory_pattern=True).open(folder, entry).native.get_session_options(
+        ).enable_mem_pattern
 
 
 def test_low_memory_turns_onnxruntime_memory_pattern_off_unless_asked(onnx_artifact):
@@ -138,7 +144,7 @@ def test_low_memory_turns_onnxruntime_memory_pattern_off_unless_asked(onnx_artif
     assert not backend.memory_pattern
     assert not backend.open(folder, entry).native.get_session_options().enable_mem_pattern
     assert load_backend("onnxruntime", low_memory=True, memory_pattern=True).memory_pattern
-    assert load_backend("onnxruntime").memory_pattern
+    assert load_backend("onnxruntime").memory_pattern is None  # decided per graph
 
 
 def test_onnxruntime_devices(caplog):

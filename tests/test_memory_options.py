@@ -111,7 +111,7 @@ def test_low_memory_keeps_one_graph_open_and_gives_the_same_frames(svd_artifact,
     names = [k.split("/")[0] for k, _ in opened]
     assert names == ["image_encoder", "vae_encoder", "unet", "vae_decoder", "vae_decoder"]
     if backend == "onnxruntime":  # activations allocated as produced (no memory pattern): the same numbers
-        assert not low.artifact.backend.memory_pattern and normal.artifact.backend.memory_pattern
+        assert low.artifact.backend.memory_pattern is False and normal.artifact.backend.memory_pattern is None
 
 
 def test_resident_buckets_keeps_the_most_recent_frame_buckets_open(svd_artifact):

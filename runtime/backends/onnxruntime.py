@@ -88,9 +88,12 @@ class OnnxRuntimeBackend(Backend):
     it runs is then about one part instead of all of them, on top of the UNet's that stay resident between calls
     (see docs/performance.md). 0 runs every graph whole.
 
-    ``memory_pattern`` (default on; off in low-memory artifacts, see ``low_memory_options``): ONNX Runtime's memory
-    pattern lays a run's activations out ahead in one block. Off, each is allocated from the arena when it is
-    produced: a lower peak for some step time (see docs/performance.md).
+    ``memory_pattern``: ONNX Runtime's memory pattern lays a run's activations out ahead in one block, allocated
+    at the second run beside the chunks the first run left in the arena. The default (None) keeps it for the
+    graphs with an arena of their own and leaves it off for those on the shared arena (the UNet graphs), whose
+    activations are the largest: there the block cost a second full-size working memory and the second step's
+    time, for no faster later steps (see docs/performance.md). True or False sets it for every graph; low-memory
+    artifacts turn it off (``low_memory_options``).
 
     ``shared_arena`` (default on for CPU): the graphs that are not streamed (the UNet graphs, which a call runs in
     turn: the cached-step pair ``unet_deep`` and ``unet_shallow``, or several frame buckets) allocate their working
@@ -104,7 +107,7 @@ class OnnxRuntimeBackend(Backend):
     low_memory_options = {"memory_pattern": False}
 
     def __init__(self, device="cpu", num_threads=None, providers=None, share_weights=None, pack_exclusive=True,
-                 optimization="all", stream_part_gb=0.25, memory_pattern=True, shared_arena=None):
+                 optimization="all", stream_part_gb=0.25, memory_pattern=None, shared_arena=None):
         self.ort = import_onnxruntime()
         if optimization not in OPTIMIZATION_LEVELS:
             raise ValueError(f"optimization={optimization!r}: use one of {', '.join(OPTIMIZATION_LEVELS)}")
@@ -116,16 +119,18 @@ class OnnxRuntimeBackend(Backend):
         if stream_part_gb is not None and not stream_part_gb >= 0:
             raise ValueError(f"stream_part_gb={stream_part_gb!r}: pass a size in GB, or 0 to run graphs whole")
         self.stream_part_gb = float(stream_part_gb or 0)
-        self.memory_pattern = bool(memory_pattern)
+        self.memory_pattern = None if memory_pattern is None else bool(memory_pattern)
         self.shared_arena = self.providers == [CPU] if shared_arena is None else bool(shared_arena)
         self._mapped = MappedWeights() if self.share_weights else None
 
     def __repr__(self):
         return f"OnnxRuntimeBackend(providers={self.providers}, num_threads={self.num_threads})"
 
-    def session_options(self):
-        """The SessionOptions every session of this backend starts from."""
-        return session_options(self.ort, self.optimization, self.num_threads, self.memory_pattern)
+    def session_options(self, shared_arena=False):
+        """The SessionOptions a session of this backend starts from (``shared_arena``: one that allocates from the
+        process-wide arena)."""
+        pattern = not shared_arena if self.memory_pattern is None else self.memory_pattern
+        return session_options(self.ort, self.optimization, self.num_threads, pattern)
 
     def shares(self, exclusive=False):
         """Whether a graph opened with ``exclusive`` reads its weights from the shared mappings."""
@@ -135,7 +140,7 @@ class OnnxRuntimeBackend(Backend):
         """An InferenceSession of ``model`` (a path, or serialized bytes whose external weights are in ``folder``)
         reading the ``mapped`` weights, allocating from the process-wide arena if ``shared_arena``; and whether it
         prepacks them."""
-        options = self.session_options()
+        options = self.session_options(shared_arena)
         if shared_arena:
             use_shared_arena(self.ort, options)
         prepacked = share_with_session(options, mapped)
