@@ -126,7 +126,8 @@ class ArtifactWriter:
     def commit(self, manifest):
         """Write the manifest and move the staging folder into place. What is at ``out`` now is checked again (it
         may have changed during a long export): only an empty folder or, with ``overwrite``, a framegraph artifact
-        is replaced; anything else raises FileExistsError and stays as it is."""
+        is replaced; anything else raises FileExistsError and stays as it is. The files are hashed once more in
+        place, which records their checks for the loads on this machine."""
         manifest.options["fingerprint"] = self.fingerprint
         manifest.save(self.stage)
         found = check_output_folder(self.out, self.overwrite)
@@ -147,6 +148,9 @@ class ArtifactWriter:
                 logger.warning("kept the previous --out as %s: it no longer loads as an artifact (%s)", old, exc)
             else:
                 shutil.rmtree(old, ignore_errors=True)
+        # hash the files where they now lie: this proves them and records the checks on this machine, so that the
+        # first load need not hash them again (see runtime/hash_record.py)
+        verify_files(self.out, manifest.all_files())
         logger.info("artifact written to %s", self.out)
         return self.out
 

@@ -122,3 +122,9 @@ def test_serve_takes_the_check_from_its_flags():
     assert parse(["serve", "a", "--verify-full"]).verify == "full"
     with pytest.raises(SystemExit):
         parse(["serve", "a", "--no-verify", "--verify-full"])
+
+
+def test_the_export_records_its_files_so_the_first_load_hashes_none(svd_artifact, hashed):
+    """svd-export hashes the files where they lie once it has moved them into place, which records the checks."""
+    Artifact(svd_artifact, "stable-video-diffusion")
+    assert hashed == []
