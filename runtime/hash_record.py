@@ -9,7 +9,8 @@ unchanged. Anything that writes the file, copies or moves another file over it, 
 below the file system (a raw write to the device, bit rot); ``verify="full"`` hashes every file on every load.
 
 The record is an optimisation only: one that cannot be read or written is ignored (the files are then hashed as
-before), and it never turns a failed check into a passed one.
+before), and it never turns a failed check into a passed one. A record whose artifact folder no longer exists is
+deleted when another record is written, so records do not pile up as artifacts are removed.
 """
 
 import hashlib
@@ -80,3 +81,21 @@ class HashRecord:
             self._changed = False
         except OSError as exc:
             logger.debug("could not write the hash record %s: %s", self.path, exc)
+            return
+        prune(self.path.parent)
+
+
+def prune(records):
+    """Delete the records in the folder ``records`` whose artifact folder no longer exists. Only files this module
+    writes (``<24 hex digits>.json`` holding this schema and a folder) are touched."""
+    for path in records.glob("*.json"):
+        stem = path.stem
+        if len(stem) != 24 or any(c not in "0123456789abcdef" for c in stem):
+            continue
+        try:
+            data = json.loads(path.read_text())
+            if (isinstance(data, dict) and data.get("schema") == SCHEMA and isinstance(data.get("folder"), str)
+                    and not os.path.isdir(data["folder"])):
+                path.unlink()
+        except (OSError, ValueError):
+            continue

@@ -128,3 +128,17 @@ def test_the_export_records_its_files_so_the_first_load_hashes_none(svd_artifact
     """svd-export hashes the files where they lie once it has moved them into place, which records the checks."""
     Artifact(svd_artifact, "stable-video-diffusion")
     assert hashed == []
+
+
+def test_records_of_removed_folders_are_deleted_when_another_is_written(folder, tmp_path):
+    """A record whose artifact folder is gone is deleted; the records of existing folders and other files stay."""
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    verify_files(other, Manifest.load(other).all_files())
+    records = HashRecord(other).path.parent
+    stray = records / "notes.json"
+    stray.write_text("{}")
+    shutil.rmtree(other)
+    verify_files(folder, Manifest.load(folder).all_files())
+    assert sorted(p.name for p in records.iterdir()) == sorted([HashRecord(folder).path.name, "notes.json"])
