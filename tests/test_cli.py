@@ -13,6 +13,8 @@ def test_generate_image_to_video_writes_mp4(svd_artifact, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     info = read_video_info(out)
     assert (info.frames, info.width, info.height) == (2, 32, 32)
+    # one call: the UNet reads the shared mapped weights, it does not load and pack its own (a shorter load)
+    assert "pack_exclusive" not in result.stderr and "released" in result.stderr and "building unet" in result.stderr
 
 
 def test_generate_text_to_video_writes_gif(t2v_artifact, tmp_path):
