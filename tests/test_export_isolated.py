@@ -6,6 +6,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from framegraph.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from framegraph.runtime.backends.ort_attention import fuse_attention
 from framegraph.runtime.manifest import Manifest
 
 
@@ -14,7 +16,8 @@ def test_isolated_forward_chunked_export_equals_in_process_export(t2v_artifact, 
     in a child process, ``forward_chunk_size`` compiles diffusers' enable_forward_chunking into the UNet graph, and
     a 10 MB ``attention_slice_mb`` takes the UNet's first-level self-attentions (32 MB of float32 scores: the 8
     frames of the guidance batch, 1024 positions) in slices of 320 queries, and the decoder's (12 MB: 3 frames) in
-    slices of 853; the other attentions fit whole. None may change a weight or a number."""
+    slices of 853; the other attentions fit whole. None may change a weight or a number. The UNet's attentions,
+    sliced or whole, all run as ONNX Runtime's fused kernel (ort_attention) with the same numbers."""
     import onnx
 
     from conftest import T2V_CACHE_BRANCH, T2V_EXPORT
@@ -52,6 +55,13 @@ def test_isolated_forward_chunked_export_equals_in_process_export(t2v_artifact, 
         theirs = ort.InferenceSession(str(t2v_artifact / reference.main_file)).run(None, feeds)
         for a, b in zip(ours, theirs):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+        if graph.name.startswith("unet"):  # the sliced attention runs as ONNX Runtime's fused kernel, same numbers
+            fused = fuse_attention(onnx.load(str(out / graph.main_file), load_external_data=False))
+            assert fused == sum(n.op_type == "Softmax" for n in onnx.load(
+                str(t2v_artifact / reference.main_file), load_external_data=False).graph.node)
+            outputs = OnnxRuntimeBackend().open(out, graph).run(feeds).values()
+            for a, b in zip(outputs, theirs):
+                np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
 def _assert_same_weights(chunked, whole):
