@@ -52,8 +52,12 @@ class _Graph:
         if tensor is not None:
             return self._to_array(tensor)
         cast = self.node(name, "Cast")
-        source = None if cast is None else self.value(cast.input[0])
-        return None if source is None else source.astype(helper.tensor_dtype_to_np_dtype(_attribute(cast, "to")))
+        if cast is not None:
+            source = self.value(cast.input[0])
+            return None if source is None else source.astype(helper.tensor_dtype_to_np_dtype(_attribute(cast, "to")))
+        add = self.node(name, "Add")  # the export writes a slice's ends as starts + sizes
+        terms = None if add is None else [self.value(term) for term in add.input]
+        return None if terms is None or any(t is None for t in terms) else terms[0] + terms[1]
 
     def node(self, name, op_type):
         """The node of ``op_type`` producing ``name``, or None."""
@@ -91,21 +95,30 @@ def _transposed_heads(g, name, perm):
     return reshape.input[0], int(shape[2]), int(shape[3]), [reshape, transpose], [int(n) for n in shape]
 
 
-def _slices(g, slices, length):
-    """Whether the Slice nodes ``slices``, in order, cut axis 2 into consecutive parts from 0 to ``length``."""
+def _slices(g, slices, dims):
+    """Whether the Slice nodes ``slices``, in order, cut axis 2 of a tensor of shape ``dims`` into consecutive
+    parts from 0 to its end, keeping the other axes whole (with one axis given, or all four)."""
     position = 0
     for node in slices:
         starts, ends = g.value(node.input[1]), g.value(node.input[2])
-        axes = g.value(node.input[3]) if len(node.input) > 3 else None
+        axes = g.value(node.input[3]) if len(node.input) > 3 and node.input[3] else None
         steps = g.value(node.input[4]) if len(node.input) > 4 and node.input[4] else None
-        if starts is None or ends is None or axes is None or starts.size != 1 or ends.size != 1 or axes.size != 1:
+        if starts is None or ends is None or (len(node.input) > 3 and node.input[3] and axes is None):
             return False
-        if int(axes.reshape(-1)[0]) not in (2, -2) or (steps is not None and int(steps.reshape(-1)[0]) != 1):
+        if steps is not None and not (steps == 1).all():
             return False
-        if int(starts.reshape(-1)[0]) != position:
+        axes = list(range(len(dims))) if axes is None else [int(a) % len(dims) for a in axes.reshape(-1)]
+        starts, ends = [int(v) for v in starts.reshape(-1)], [int(v) for v in ends.reshape(-1)]
+        if 2 not in axes or not len(axes) == len(starts) == len(ends):
             return False
-        position = min(int(ends.reshape(-1)[0]), length)
-    return position == length
+        for axis, start, end in zip(axes, starts, ends):
+            if axis != 2 and not (start == 0 and end >= dims[axis]):
+                return False
+        start, end = starts[axes.index(2)], ends[axes.index(2)]
+        if start != position:
+            return False
+        position = min(end, dims[2])
+    return position == dims[2]
 
 
 def _match(g, mul):
@@ -162,8 +175,7 @@ def _match(g, mul):
             return None
         if not all(g.only_use(name, concat[0]) for name in branch_outputs):
             return None
-        queries = g.value(q_nodes[0].input[1])[1]
-        if not _slices(g, users, int(queries)):
+        if not _slices(g, users, [q_shape[0], q_shape[2], q_shape[1], q_shape[3]]):
             return None
         nodes.append(concat[0])
         joined = concat[0].output[0]
