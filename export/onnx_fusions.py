@@ -37,6 +37,20 @@ def static_shapes(model):
     return shapes
 
 
+def tensor_types(model):
+    """Tensor name -> ONNX element type (``TensorProto.FLOAT``, ``FLOAT16``, ...), for every tensor whose type ONNX
+    shape inference knows, initializers included."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    for value in list(graph.value_info) + list(graph.input) + list(graph.output):
+        if value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    return types
+
+
 def name_nodes(graph):
     """Give every node a unique name (``OpType_index``) unless they all have one already."""
     names = [n.name for n in graph.node]
@@ -150,13 +164,15 @@ def _match_gelu(abs_node, producer, consumers, outputs):
 
 
 def fuse_gelu(model):
-    """Replace every exported erf-GELU subgraph of ``model`` (in place) by Div/Erf/Add/Mul/Mul; returns the count."""
-    from onnx import TensorProto, helper
+    """Replace every exported erf-GELU subgraph of ``model`` (in place) by Div/Erf/Add/Mul/Mul; returns the count.
+    The new constants take the element type of the GELU's input (a float16 graph stays float16)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
     producer, consumers = graph_maps(graph)
     outputs = {o.name for o in graph.output}
-    constants = {"gelu_sqrt2": math.sqrt(2.0), "gelu_one": 1.0, "gelu_half": 0.5}
+    constants = {"sqrt2": math.sqrt(2.0), "one": 1.0, "half": 0.5}
     matches, claimed = [], set()
     for node in graph.node:
         if node.op_type != "Abs":
@@ -167,19 +183,28 @@ def fuse_gelu(model):
             claimed.update(id(n) for n in found[0])
     if not matches:
         return 0
+    types = tensor_types(model)
     existing = {t.name for t in graph.initializer}
-    for name, value in constants.items():
+
+    def constant(key, elem_type):
+        name = f"gelu_{key}" if elem_type == TensorProto.FLOAT else f"gelu_{key}_{TensorProto.DataType.Name(elem_type)}"
         if name not in existing:
-            graph.initializer.append(helper.make_tensor(name, TensorProto.FLOAT, [], [value]))
+            dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+            graph.initializer.append(numpy_helper.from_array(np.array(constants[key], dtype), name))
+            existing.add(name)
+        return name
+
     replacement = {}
     for i, (x, (nodes, final)) in enumerate(matches):
         p = f"gelu_{i}"
+        elem_type = types.get(x, TensorProto.FLOAT)
         replacement[id(final)] = [
-            helper.make_node("Div", [x, "gelu_sqrt2"], [f"{p}_scaled"], name=f"{p}_div"),
+            helper.make_node("Div", [x, constant("sqrt2", elem_type)], [f"{p}_scaled"], name=f"{p}_div"),
             helper.make_node("Erf", [f"{p}_scaled"], [f"{p}_erf"], name=f"{p}_erf"),
-            helper.make_node("Add", [f"{p}_erf", "gelu_one"], [f"{p}_one_plus"], name=f"{p}_add"),
+            helper.make_node("Add", [f"{p}_erf", constant("one", elem_type)], [f"{p}_one_plus"], name=f"{p}_add"),
             helper.make_node("Mul", [x, f"{p}_one_plus"], [f"{p}_x_times"], name=f"{p}_mul"),
-            helper.make_node("Mul", [f"{p}_x_times", "gelu_half"], [final.output[0]], name=f"{p}_half"),
+            helper.make_node("Mul", [f"{p}_x_times", constant("half", elem_type)], [final.output[0]],
+                             name=f"{p}_half"),
         ]
         for n in nodes:
             if n is not final:

@@ -26,7 +26,9 @@ def _param(shape, init, name):
 
 def _erf_abs(a):
     """erf(a) for a >= 0 from exp/mul/div only (ONNX-exportable), accurate to 1.5e-7 absolute."""
-    t = ops.div(1.0, 1.0 + _ERF_P * a)  # a scalar numerator: ones_like would be folded into a full-size constant
+    # a 0-d numerator of a's dtype: ones_like would be folded into a full-size constant, and a Python float is
+    # exported as a float32 constant that turns a float16 graph's Div (and all after it) into float32
+    t = ops.div(ops.scalar_to_tensor(1.0, a.dtype), 1.0 + _ERF_P * a)
     poly = t * (_ERF_A[0] + t * (_ERF_A[1] + t * (_ERF_A[2] + t * (_ERF_A[3] + t * _ERF_A[4]))))
     return 1.0 - poly * ops.exp(-a * a)
 

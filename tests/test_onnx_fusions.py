@@ -54,6 +54,33 @@ def test_gelu_subgraph_becomes_erf_and_onnxruntime_fuses_it(ms, tmp_path):
     assert "Gelu" in {n.op_type for n in onnx.load(str(optimized)).graph.node}
 
 
+def test_a_float16_gelu_exports_and_fuses_in_float16(ms, tmp_path):
+    """The erf approximation's 1 / (1 + p|x|) is written with a float16 numerator (a Python float was exported as a
+    float32 constant that made the Div, and all after it, float32: ONNX Runtime refused the graph), and the Erf
+    form's constants take the input's type."""
+    import onnx
+    from mindspore import nn
+
+    from framegraph.export.onnx_fusions import fuse_gelu
+    from framegraph.models.layers import gelu
+
+    class Gelu(nn.Cell):
+        def construct(self, x):
+            return gelu(x)
+
+    x = (np.random.default_rng(0).standard_normal((4, 64)) * 3).astype(np.float16)
+    model = _export(ms, Gelu(), x, tmp_path / "g16.onnx")
+    before = _run(model, x)
+    assert fuse_gelu(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    after = _run(model, x)
+    assert before.dtype == after.dtype == np.float16
+    x64 = x.astype(np.float64)
+    exact = x64 * 0.5 * (1 + np.vectorize(math.erf)(x64 / math.sqrt(2)))
+    for out in (before, after):
+        np.testing.assert_allclose(out.astype(np.float64), exact, rtol=2e-3, atol=2e-3)
+
+
 def test_exported_unet_uses_erf_gelu(svd_artifact):
     import onnx
 
