@@ -7,6 +7,9 @@ The export writes scaled dot-product attention (``models/layers.attention``) as 
     v [b, lk, h*d] -Reshape [b, lk, h, d]- -Transpose (0, 2, 1, 3)- v'
     q' -MatMul k'- -Softmax (last axis)- -MatMul v'- -Transpose (0, 2, 1, 3)- out [b, lq, h, d]
 
+(in a float16 graph the Softmax sits between a Cast to float32 and a Cast back: the kernel's softmax accumulates
+in float32 as well)
+
 where q' may be cut into query slices (``Slice`` on axis 2, each slice through its own MatMul-Softmax-MatMul, joined
 by one ``Concat`` on axis 2, in order) so that no score tensor passes ``--attention-slice-mb``. The rule: every such
 chain whose intermediate tensors feed nothing outside it is replaced by one ``com.microsoft.MultiHeadAttention``
@@ -121,6 +124,14 @@ def _slices(g, slices, dims):
     return position == dims[2]
 
 
+def _single_cast(g, name):
+    """The Cast that alone reads ``name`` (not a graph output), or None."""
+    users = g.consumers.get(name, [])
+    if len(users) == 1 and users[0].op_type == "Cast" and g.only_use(name, users[0]):
+        return users[0]
+    return None
+
+
 def _match(g, mul):
     """The fused node and the nodes it replaces, for the attention whose scaled queries ``mul`` computes; else
     None."""
@@ -147,19 +158,25 @@ def _match(g, mul):
                                                                                              product[0])):
             return None
         product = product[0]
-        softmax = g.consumers.get(product.output[0], [])
+        widen = _single_cast(g, product.output[0])  # a float16 graph's softmax runs in float32 between two Casts
+        scores = product.output[0] if widen is None else widen.output[0]
+        softmax = g.consumers.get(scores, [])
         if len(softmax) != 1 or softmax[0].op_type != "Softmax" or _attribute(softmax[0], "axis") not in (-1, 3):
             return None
         softmax = softmax[0]
-        weighted = g.consumers.get(softmax.output[0], [])
-        if (not g.only_use(product.output[0], softmax) or len(weighted) != 1 or weighted[0].op_type != "MatMul"
-                or weighted[0].input[0] != softmax.output[0] or not g.only_use(softmax.output[0], weighted[0])):
+        narrow = _single_cast(g, softmax.output[0]) if widen is not None else None
+        if (widen is None) != (narrow is None):
+            return None
+        probabilities = softmax.output[0] if narrow is None else narrow.output[0]
+        weighted = g.consumers.get(probabilities, [])
+        if (not g.only_use(scores, softmax) or len(weighted) != 1 or weighted[0].op_type != "MatMul"
+                or weighted[0].input[0] != probabilities or not g.only_use(probabilities, weighted[0])):
             return None
         weighted = weighted[0]
         if key not in (None, product.input[1]) or value not in (None, weighted.input[1]):
             return None
         key, value = product.input[1], weighted.input[1]
-        nodes += [product, softmax, weighted]
+        nodes += [product, softmax, weighted] + ([widen, narrow] if widen is not None else [])
         branch_outputs.append(weighted.output[0])
     k = _transposed_heads(g, key, K_PERM)
     v = _transposed_heads(g, value, Q_PERM)
