@@ -95,8 +95,9 @@ class Artifact:
                 logger.info("opening %s", entry.key)
                 # one bucket open at a time: no other session of these weights to share them with
                 exclusive = limited and self.resident_buckets == 1
-                self._graphs[entry.key] = self.backend.open(self.path, entry, exclusive=exclusive,
-                                                            streamed=entry.name in RUN_ONCE)
+                graph = self.backend.open(self.path, entry, exclusive=exclusive, streamed=entry.name in RUN_ONCE)
+                graph.float32_io = True  # the pipelines compute in float32 numpy whatever the graphs' dtype
+                self._graphs[entry.key] = graph
                 self._names[entry.key] = entry.name
             self._graphs.move_to_end(entry.key)
             return self._graphs[entry.key]

@@ -180,12 +180,18 @@ class Graph:
     output arrays in manifest order. ``native`` is the engine's own object (an onnxruntime InferenceSession, or the
     list of them for a graph ONNX Runtime runs in parts; a MindSpore GraphCell, a MindSpore Lite Model) for callers
     that need engine-specific features.
+
+    ``float32_io`` (off for a graph a backend opens; the artifact's graphs, which the pipelines run, have it on):
+    floating feeds are cast to the graph's floating input dtype before the check, and floating outputs come back
+    as float32, so that a float16 artifact computes in float16 while the pipelines' numpy math (schedulers,
+    guidance) stays float32. Off, every feed must already have the manifest's dtype.
     """
 
     def __init__(self, entry, loaded, backend):
         self.entry = entry
         self.backend = backend
         self._loaded = loaded
+        self.float32_io = False
 
     @property
     def native(self):
@@ -256,6 +262,8 @@ class Graph:
         """``graph(**feeds)``; with ``shrink=True`` the engine also gives back, at the end of this run, the working
         memory it kept from its runs (ONNX Runtime: its arena's free chunks), for the last run of a series (the
         denoising loop's last step: the UNet's activations need not stay through the decode)."""
+        if self.float32_io:
+            feeds = _cast_floating(feeds, {spec.name: np.dtype(spec.dtype) for spec in self.entry.inputs})
         self.check_feeds(feeds)
         arrays = [np.asarray(feeds[spec.name], order="C") for spec in self.entry.inputs]  # 0-d stays 0-d
         outputs = list(self._loaded.run(arrays, shrink=bool(shrink)))
@@ -272,8 +280,23 @@ class Graph:
                     f"graph {self.name} output {spec.name!r} is {_describe(value)} but the manifest says dtype "
                     f"{np.dtype(spec.dtype)}, shape {list(spec.shape)}; the artifact is inconsistent, re-export it"
                 )
-            result[spec.name] = value
+            result[spec.name] = value.astype(np.float32) if self.float32_io and _floating(value.dtype) else value
         return result
+
+
+def _floating(dtype):
+    return np.issubdtype(dtype, np.floating)
+
+
+def _cast_floating(feeds, dtypes):
+    """``feeds`` with each floating array cast to the floating dtype in ``dtypes`` of its name; the rest as given."""
+    cast = dict(feeds)
+    for name, value in feeds.items():
+        want = dtypes.get(name)
+        if (want is not None and _floating(want) and isinstance(value, (np.ndarray, np.generic))
+                and _floating(value.dtype) and value.dtype != want):
+            cast[name] = value.astype(want)
+    return cast
 
 
 class Backend:
