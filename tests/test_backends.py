@@ -138,6 +138,52 @@ def test_onnxruntime_session_options(onnx_artifact):
         ).enable_mem_pattern
 
 
+def test_onnxruntime_memory_pattern_is_off_on_cuda(onnx_artifact):
+    backend = load_backend("onnxruntime", shared_arena=False)
+    assert backend.session_options().enable_mem_pattern
+    backend.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]  # the decision, without a GPU
+    assert not backend.session_options().enable_mem_pattern
+    backend.memory_pattern = True
+    assert backend.session_options().enable_mem_pattern
+
+
+def test_onnxruntime_provider_options_reach_the_session_and_a_provider_not_used_is_refused(onnx_artifact):
+    folder, entry = onnx_artifact
+    backend = load_backend("onnxruntime", provider_options={"CPUExecutionProvider": {}})
+    assert backend.provider_options == [{}]
+    assert backend.open(folder, entry).native.get_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match=r"provider_options names \['CUDAExecutionProvider'\], which this backend "
+                                         r"does not use \(it uses \['CPUExecutionProvider'\]\)"):
+        load_backend("onnxruntime", device="cpu", provider_options={"CUDAExecutionProvider": {"device_id": 0}})
+
+
+def test_float32_io_casts_floating_feeds_to_a_float16_graph_and_its_outputs_back(tmp_path):
+    """A graph opened by a backend takes exactly the manifest's dtypes; the artifact's graphs (float32_io, which
+    the pipelines run) cast float32 feeds to a float16 graph's inputs and give float32 outputs."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, numpy_helper
+
+    model = tiny_onnx_model(SHAPE, SHAPE)
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    for tensor in model.graph.initializer:
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+    onnx.save(model, str(tmp_path / "unet.onnx"))
+    half = [TensorSpec(s.name, "float16", s.shape) for s in INPUTS]
+    entry = write_artifact(tmp_path, "unet.onnx", "onnx", half, [TensorSpec(s.name, "float16", s.shape)
+                                                                 for s in OUTPUTS])
+    graph = load_backend("onnxruntime").open(tmp_path, entry)
+    inputs = feeds()
+    with pytest.raises(GraphInputError, match=r"input 'sample' expected dtype float16.*got dtype float32"):
+        graph(**inputs)
+    graph.float32_io = True
+    out = graph(**inputs)
+    reference = expected(**{k: v.astype(np.float16) for k, v in inputs.items()})
+    for name, ref in reference.items():
+        assert out[name].dtype == np.float32
+        np.testing.assert_allclose(out[name], ref.astype(np.float32), rtol=2e-3, atol=0)  # float16 rounding
+
+
 def test_low_memory_turns_onnxruntime_memory_pattern_off_unless_asked(onnx_artifact):
     folder, entry = onnx_artifact
     backend = load_backend("onnxruntime", low_memory=True)

@@ -12,8 +12,8 @@ from .base import Backend, check_signature, register_backend
 from .onnx_parts import split_file
 from .ort_attention import fused_model
 from .ort_graph import OnnxRuntimeGraph
-from .ort_providers import (CPU, OPTIMIZATION_LEVELS, choose_providers, import_onnxruntime, session_options,
-                            use_shared_arena)
+from .ort_providers import (CPU, OPTIMIZATION_LEVELS, choose_providers, import_onnxruntime, merge_provider_options,
+                            session_options, use_shared_arena)
 from .ort_weights import MappedWeights, reads_in_place, share_with_session
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,9 @@ def graph_signature(path, entry, inputs, outputs):
 @register_backend
 class OnnxRuntimeBackend(Backend):
     """``device`` "cpu" (default) or "cuda"; ``providers`` overrides it; ``num_threads`` sets intra-op threads;
-    ``optimization`` the graph optimization level ("all", "extended", "basic"; see OPTIMIZATION_LEVELS).
+    ``optimization`` the graph optimization level ("all", "extended", "basic"; see OPTIMIZATION_LEVELS);
+    ``provider_options`` {provider name: {option: value}} on top of DEFAULT_PROVIDER_OPTIONS (ONNX Runtime's own
+    option names, e.g. {"CUDAExecutionProvider": {"device_id": "1"}}).
 
     ``share_weights`` (default on for CPU): external weights are memory-mapped from the artifact's weight files
     and handed to every session as the same arrays (see ort_weights), so the frame buckets of one UNet (which the
@@ -93,8 +95,9 @@ class OnnxRuntimeBackend(Backend):
     at the second run beside the chunks the first run left in the arena. The default (None) keeps it for the
     graphs with an arena of their own and leaves it off for those on the shared arena (the UNet graphs), whose
     activations are the largest: there the block cost a second full-size working memory and the second step's
-    time, for no faster later steps (see docs/performance.md). True or False sets it for every graph; low-memory
-    artifacts turn it off (``low_memory_options``).
+    time, for no faster later steps (see docs/performance.md). It is off for every graph on CUDA: the SVD-XT UNet
+    at 576x1024, 25 frames, float16 took 70.7 GiB of GPU memory with it and 38.7 GiB without, at the same step
+    time. True or False sets it for every graph; low-memory artifacts turn it off (``low_memory_options``).
 
     ``shared_arena`` (default on for CPU): the graphs that are not streamed (the UNet graphs, which a call runs in
     turn: the cached-step pair ``unet_deep`` and ``unet_shallow``, or several frame buckets) allocate their working
@@ -114,13 +117,14 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, device="cpu", num_threads=None, providers=None, share_weights=None, pack_exclusive=True,
                  optimization="all", stream_part_gb=0.25, memory_pattern=None, shared_arena=None,
-                 fuse_attention=True):
+                 fuse_attention=True, provider_options=None):
         self.ort = import_onnxruntime()
         if optimization not in OPTIMIZATION_LEVELS:
             raise ValueError(f"optimization={optimization!r}: use one of {', '.join(OPTIMIZATION_LEVELS)}")
         self.optimization = optimization
         self.num_threads = num_threads
         self.providers = choose_providers(self.ort, device, providers)
+        self.provider_options = merge_provider_options(self.providers, provider_options)
         self.share_weights = self.providers == [CPU] if share_weights is None else bool(share_weights)
         self.pack_exclusive = bool(pack_exclusive)
         if stream_part_gb is not None and not stream_part_gb >= 0:
@@ -137,7 +141,10 @@ class OnnxRuntimeBackend(Backend):
     def session_options(self, shared_arena=False):
         """The SessionOptions a session of this backend starts from (``shared_arena``: one that allocates from the
         process-wide arena)."""
-        pattern = not shared_arena if self.memory_pattern is None else self.memory_pattern
+        if self.memory_pattern is not None:
+            pattern = self.memory_pattern
+        else:  # on CUDA it doubled the working memory (docs/performance.md)
+            pattern = not shared_arena and self.providers == [CPU]
         return session_options(self.ort, self.optimization, self.num_threads, pattern)
 
     def shares(self, exclusive=False):
@@ -154,7 +161,8 @@ class OnnxRuntimeBackend(Backend):
         prepacked = share_with_session(options, mapped)
         if folder is not None:
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-        return self.ort.InferenceSession(model, sess_options=options, providers=self.providers), prepacked
+        return self.ort.InferenceSession(model, sess_options=options, providers=self.providers,
+                                         provider_options=self.provider_options), prepacked
 
     def _parts(self, path, mapped):
         """[(serialized part, its MappedInitializers)] of the graph at ``path`` cut into parts of about
