@@ -280,7 +280,9 @@ class Graph:
                     f"graph {self.name} output {spec.name!r} is {_describe(value)} but the manifest says dtype "
                     f"{np.dtype(spec.dtype)}, shape {list(spec.shape)}; the artifact is inconsistent, re-export it"
                 )
-            result[spec.name] = value.astype(np.float32) if self.float32_io and _floating(value.dtype) else value
+            if self.float32_io and _floating(value.dtype):
+                value = value.astype(np.float32, copy=False)
+            result[spec.name] = value
         return result
 
 
