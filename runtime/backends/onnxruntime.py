@@ -62,8 +62,8 @@ def graph_signature(path, entry, inputs, outputs):
 class OnnxRuntimeBackend(Backend):
     """``device`` "cpu" (default) or "cuda"; ``providers`` overrides it; ``num_threads`` sets intra-op threads;
     ``optimization`` the graph optimization level ("all", "extended", "basic"; see OPTIMIZATION_LEVELS);
-    ``provider_options`` {provider name: {option: value}} on top of DEFAULT_PROVIDER_OPTIONS (ONNX Runtime's own
-    option names, e.g. {"CUDAExecutionProvider": {"device_id": "1"}}).
+    ``provider_options`` {provider name: {option: value}} with ONNX Runtime's own option names, e.g.
+    {"CUDAExecutionProvider": {"device_id": "1"}} (the rest stay at ONNX Runtime's defaults).
 
     ``share_weights`` (default on for CPU): external weights are memory-mapped from the artifact's weight files
     and handed to every session as the same arrays (see ort_weights), so the frame buckets of one UNet (which the
@@ -95,9 +95,9 @@ class OnnxRuntimeBackend(Backend):
     at the second run beside the chunks the first run left in the arena. The default (None) keeps it for the
     graphs with an arena of their own and leaves it off for those on the shared arena (the UNet graphs), whose
     activations are the largest: there the block cost a second full-size working memory and the second step's
-    time, for no faster later steps (see docs/performance.md). It is off for every graph on CUDA: the SVD-XT UNet
-    at 576x1024, 25 frames, float16 took 70.7 GiB of GPU memory with it and 38.7 GiB without, at the same step
-    time. True or False sets it for every graph; low-memory artifacts turn it off (``low_memory_options``).
+    time, for no faster later steps (see docs/performance.md). It is off for every graph on CUDA, where it took
+    about twice the GPU memory for the same step (docs/performance.md, section "CUDA"). True or False sets it for
+    every graph; low-memory artifacts turn it off (``low_memory_options``).
 
     ``shared_arena`` (default on for CPU): the graphs that are not streamed (the UNet graphs, which a call runs in
     turn: the cached-step pair ``unet_deep`` and ``unet_shallow``, or several frame buckets) allocate their working
@@ -143,7 +143,7 @@ class OnnxRuntimeBackend(Backend):
         process-wide arena)."""
         if self.memory_pattern is not None:
             pattern = self.memory_pattern
-        else:  # on CUDA it doubled the working memory (docs/performance.md)
+        else:
             pattern = not shared_arena and self.providers == [CPU]
         return session_options(self.ort, self.optimization, self.num_threads, pattern)
 

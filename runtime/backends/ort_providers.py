@@ -17,9 +17,6 @@ DEVICE_PROVIDERS = {
     "gpu": [CUDA, CPU],
 }
 
-# provider -> the options framegraph gives it unless the caller's provider_options say otherwise
-DEFAULT_PROVIDER_OPTIONS = {}
-
 # ``optimization`` -> ONNX Runtime graph optimization level. "all" adds the layout transformations (blocked
 # convolution layouts), whose reordered weights are private to each session; "extended" leaves them out, so that
 # sessions of several frame buckets share the mapped weights (see docs/performance.md).
@@ -67,16 +64,15 @@ def choose_providers(ort, device, providers=None):
 
 
 def merge_provider_options(providers, provider_options=None):
-    """The options of each of ``providers`` (a list of dicts in their order, as InferenceSession takes them):
-    DEFAULT_PROVIDER_OPTIONS with ``provider_options`` ({provider: {option: value}}) over them. A provider named
-    in ``provider_options`` but not used is refused (a misspelt name would otherwise be ignored)."""
+    """The options of each of ``providers`` (a list of dicts in their order, as InferenceSession takes them) from
+    ``provider_options`` ({provider: {option: value}}; values as strings). A provider named in ``provider_options``
+    but not used is refused (a misspelt name would otherwise be ignored)."""
     provider_options = dict(provider_options or {})
     unused = sorted(set(provider_options) - set(providers))
     if unused:
         raise ValueError(f"provider_options names {unused}, which this backend does not use (it uses {providers}); "
                          "name one of those, or choose the device or providers that use it")
-    return [{**DEFAULT_PROVIDER_OPTIONS.get(p, {}), **{k: str(v) for k, v in provider_options.get(p, {}).items()}}
-            for p in providers]
+    return [{k: str(v) for k, v in provider_options.get(p, {}).items()} for p in providers]
 
 
 _SHARED_ARENA = []  # the memory info of the process-wide CPU arena, once registered
