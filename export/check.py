@@ -25,15 +25,19 @@ def run_mindspore(cell, inputs):
 
 
 def run_reference(cell, inputs):
-    """The MindSpore model's outputs, run op by op (PyNative): the same kernels as the compiled graph without a
-    third compile of it beside the ONNX and MindIR exports (measured on the tiny SVD UNet: 4 s instead of 24 s,
-    identical outputs)."""
+    """The MindSpore model's outputs, run op by op (PyNative), without a third compile of it beside the ONNX and
+    MindIR exports, and with its convolutions computed as matrix products over patches
+    (``framegraph.models.layers.convolutions_as_matmul``): MindSpore's CPU convolution kernel would make the
+    reference of a real-size graph take hours."""
     import mindspore as ms
+
+    from framegraph.models.layers import convolutions_as_matmul
 
     mode = ms.get_context("mode")
     ms.set_context(mode=ms.PYNATIVE_MODE)
     try:
-        return run_mindspore(cell, inputs)
+        with convolutions_as_matmul():
+            return run_mindspore(cell, inputs)
     finally:
         ms.set_context(mode=mode)
 

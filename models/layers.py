@@ -8,6 +8,7 @@ onnxruntime's output with MindSpore's.
 Parameter attribute names equal the PyTorch ones (``weight``/``bias``), so checkpoint keys map 1:1.
 """
 
+import contextlib
 import math
 
 import numpy as np
@@ -18,6 +19,41 @@ from mindspore.common.initializer import Normal, Zero, initializer
 # Abramowitz & Stegun 7.1.26: |erf(x) - approximation| <= 1.5e-7 for all x.
 _ERF_P = 0.3275911
 _ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+
+# Whether Conv2d and TemporalConv3d compute their convolutions as one matrix product over patches (see
+# ``convolutions_as_matmul``); read when a cell runs, so only op-by-op (PyNative) runs see a change.
+_CONVOLUTIONS = {"as_matmul": False}
+
+
+@contextlib.contextmanager
+def convolutions_as_matmul():
+    """Within this context, op-by-op (PyNative) runs of Conv2d and TemporalConv3d compute each convolution as
+    gathered patches times the weight laid out as a (taps x channels, out_channels) matrix: the same sums in another
+    order, on MindSpore's CPU matrix product instead of its convolution kernel, which is far slower at real sizes
+    (measured in docs/export.md). Graphs compiled or exported inside it are not affected by design: only the
+    export check's reference run uses it (``framegraph.export.check.run_reference``)."""
+    before = _CONVOLUTIONS["as_matmul"]
+    _CONVOLUTIONS["as_matmul"] = True
+    try:
+        yield
+    finally:
+        _CONVOLUTIONS["as_matmul"] = before
+
+
+def conv_as_matmul(x, weight, stride, pad):
+    """The 2-D convolution of [N, C, H, W] ``x`` by [O, C, kh, kw] ``weight`` (no bias) with ``stride`` (sh, sw)
+    and zero ``pad`` (top, bottom, left, right), as one matrix product over its patches."""
+    n, c, h, w = x.shape
+    out_channels, _, kh, kw = weight.shape
+    (sh, sw), (top, bottom, left, right) = stride, pad
+    ho, wo = (h + top + bottom - kh) // sh + 1, (w + left + right - kw) // sw + 1
+    x = ops.pad(x, (left, right, top, bottom)).transpose(0, 2, 3, 1)  # NHWC: a patch row is contiguous channels
+    taps = [x[:, dy:dy + sh * (ho - 1) + 1:sh, dx:dx + sw * (wo - 1) + 1:sw, :]
+            for dy in range(kh) for dx in range(kw)]
+    patches = (ops.concat(taps, -1) if len(taps) > 1 else taps[0]).reshape(n * ho * wo, kh * kw * c)
+    matrix = weight.transpose(2, 3, 1, 0).reshape(kh * kw * c, out_channels)
+    return ops.matmul(patches, matrix).reshape(n, ho, wo, out_channels).transpose(0, 3, 1, 2)
 
 
 def _param(shape, init, name):
@@ -82,13 +118,17 @@ class Conv2d(nn.Cell):
         self.bias = _param((out_channels,), Zero(), "bias") if bias else None
         pad = tuple(padding) if isinstance(padding, (tuple, list)) else (padding,) * 4
         pad_mode = "pad" if any(pad) else "valid"
+        self.stride, self.pad = (stride, stride), pad
         self.conv = ops.Conv2D(
             out_channels, (kernel_size, kernel_size), pad_mode=pad_mode, pad=pad, stride=(stride, stride)
         )
         self.bias_add = ops.BiasAdd()
 
     def construct(self, x):
-        y = self.conv(x, self.weight)
+        if _CONVOLUTIONS["as_matmul"]:
+            y = conv_as_matmul(x, self.weight, self.stride, self.pad)
+        else:
+            y = self.conv(x, self.weight)
         if self.bias is not None:
             y = self.bias_add(y, self.bias)
         return y
@@ -114,7 +154,10 @@ class TemporalConv3d(nn.Cell):
         b, c, f, h, w = x.shape
         x = x.reshape(b, c, f, h * w)
         weight = self.weight.reshape(self.out_channels, c, 3, 1)
-        y = self.conv(x, weight)
+        if _CONVOLUTIONS["as_matmul"]:
+            y = conv_as_matmul(x, weight, (1, 1), (1, 1, 0, 0))
+        else:
+            y = self.conv(x, weight)
         if self.bias is not None:
             y = self.bias_add(y, self.bias)
         return y.reshape(b, self.out_channels, f, h, w)

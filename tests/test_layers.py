@@ -136,6 +136,27 @@ def test_layer_equals_torch_definition_and_exports_to_onnx(ms, case, tmp_path):
     assert np.abs(onnx_out - out).max() <= 2e-6 * scale, f"{case}: onnxruntime vs MindSpore"
 
 
+@pytest.mark.parametrize("case", ["conv2d", "conv2d_stride2", "temporal_conv3d", "conv2d_pad_right_bottom"])
+def test_the_export_checks_reference_computes_convolutions_as_patch_products(ms, case, monkeypatch):
+    """The export check's reference run (PyNative, convolutions as patch matrix products) equals the torch
+    definition, and leaves the cell on MindSpore's convolution kernel afterwards."""
+    from framegraph.export.check import run_reference
+    from framegraph.models import layers
+
+    calls = []
+    patch_products = layers.conv_as_matmul
+    monkeypatch.setattr(layers, "conv_as_matmul", lambda *a: calls.append(1) or patch_products(*a))
+    net, shape, reference = _cases(ms, layers)[case]
+    params = _set_params(net, ms)
+    x = (RNG.standard_normal(shape) * 3).astype(np.float32)
+    (out,) = run_reference(net, [x])
+    ref = reference(x, params)
+    assert out.shape == ref.shape
+    assert np.abs(out - ref).max() <= 2e-6 * max(1.0, float(np.abs(ref).max()))
+    assert calls, "the reference ran MindSpore's convolution kernel"
+    assert layers._CONVOLUTIONS["as_matmul"] is False
+
+
 def test_gelu_is_exact_not_tanh(ms):
     from framegraph.models import layers
 
