@@ -91,6 +91,9 @@ def build_parser(prog=PROG):
     p.add_argument("--check", dest="check", action="store_true", default=True,
                    help="run every exported graph and compare it with the MindSpore model (default)")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the numerical check")
+    p.add_argument("--full-check", action="store_true",
+                   help="check graphs larger than 512x512 at their size (hours on a CPU at 576x1024) instead of on "
+                   "four small probe sizes whose program they are shown to be (docs/export.md)")
     p.add_argument("--forward-chunk-size", type=_positive_int, default=None,
                    help="run the UNet's feed-forward layers over slices of this many positions inside the graph (the "
                    "compiled unet.enable_forward_chunking(): same numbers, lower peak memory at large sizes)")
@@ -126,6 +129,7 @@ def main(argv=None, prog=PROG):
         options = ExportOptions(
             frames=args.frames, height=args.height, width=args.width, batch=args.batch, formats=args.formats,
             dtype=args.dtype, decode_chunk_sizes=args.decode_chunk_sizes, check=args.check,
+            full_check=args.full_check,
             isolate=args.isolate, forward_chunk_size=args.forward_chunk_size, quantize=args.quantize,
             attention_slice_mb=args.attention_slice_mb or None, overwrite=args.overwrite,
             cache_branch=args.cache_branch,

@@ -15,12 +15,13 @@ from tqdm import tqdm
 
 from framegraph import __version__
 from framegraph.export.artifact import ArtifactWriter
-from framegraph.export.graph_export import (apply_graph_options, check_graphs, export_graph, graph_mode_on_cpu,
-                                            planned_keys)
-from framegraph.export.isolation import SCRATCH, check_in_child, export_in_children, should_isolate
+from framegraph.export.graph_export import (apply_graph_options, bucket_tag, check_graphs, export_graph,
+                                            graph_mode_on_cpu, planned_keys, probe_multiple)
+from framegraph.export.isolation import check_in_child, export_in_children, should_isolate
 from framegraph.export.lite_graphs import LITE, convert_graphs, drop_onnx, require_lite, traced_formats
 from framegraph.export.onnx_graph import SharedWeights, opset_version
-from framegraph.export.options import validate_options
+from framegraph.export.options import SCRATCH, validate_options
+from framegraph.export.probe_check import remove_probes, uses_probes
 from framegraph.runtime.manifest import Manifest
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ def export_pipeline(pipeline, out, options, recipe_function, source_name=None, p
 def _export_recipe(pipeline, out, options, recipe, recipe_function, source_name, progress):
     graph_mode_on_cpu()
     validate_options(options, recipe.size_multiple, pipeline.folder)
+    _refuse_unprobed_formats(recipe, options)
     require_lite(options.formats)
     _check_required_files(pipeline, recipe)
     source_hash = pipeline.weights_hash([c for c, _ in recipe.components])
@@ -64,11 +66,23 @@ def _export_recipe(pipeline, out, options, recipe, recipe_function, source_name,
                                         progress)
         _copy_files(pipeline, recipe, writer)
         shutil.rmtree(writer.stage / SCRATCH, ignore_errors=True)
+        remove_probes(writer.stage)
         manifest = _manifest(pipeline, recipe, options, graphs, source_name, source_hash, writer)
         return writer.commit(manifest)
     except BaseException:
         writer.abort()
         raise
+
+
+def _refuse_unprobed_formats(recipe, options):
+    """Only ONNX graphs are checked on probe sizes (probe_check.py): a large export in other formats is refused
+    before any work."""
+    multiple = probe_multiple(recipe, options)
+    large = [f"{name}[{bucket_tag(bucket)}]" for _, factories in recipe.components for name in factories
+             for bucket in recipe.buckets(name) if uses_probes(bucket, multiple)]
+    if large and set(options.formats) != {"onnx"}:
+        raise ValueError(f"{', '.join(large)}: graphs this large are checked on probe sizes, and only in ONNX; "
+                         "export --formats onnx, or pass --full-check (hours at this size) or --no-check")
 
 
 def _check_required_files(pipeline, recipe):
@@ -134,7 +148,8 @@ def _export_in_process(writer, net, factories, names, recipe, wanted, formats, o
                 shared[spec.weights_folder] = SharedWeights(writer.path(f"{spec.weights_folder}/weights.bin"))
             weights = shared[spec.weights_folder]
         exported += export_graph(writer, spec, lambda bucket, f=factory: f(net, bucket), wanted[name], formats,
-                                 options.dtype, options.check, progress, weights=weights, quantize=options.quantize)
+                                 options.dtype, options.check, progress, weights=weights, quantize=options.quantize,
+                                 probes=probe_multiple(recipe, options))
     return exported
 
 

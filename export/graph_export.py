@@ -9,7 +9,7 @@ copy of the weights. Both passes run in the exporting process or in child proces
 import dataclasses
 import logging
 
-from framegraph.export import check
+from framegraph.export import check, probe_check
 from framegraph.export.mindir_graph import export_mindir, write_converter_config
 from framegraph.export.onnx_graph import SharedWeights, export_onnx
 from framegraph.export.quantize import QUANTIZED_GRAPHS
@@ -39,6 +39,7 @@ class ExportedGraph:
     inputs: list
     reference: list
     label: str
+    check_file: object = None  # the graph run by the check where it is not the exported one (a probe's)
 
 
 def graph_mode_on_cpu():
@@ -60,14 +61,21 @@ def apply_graph_options(net, options):
     return net
 
 
+def probe_multiple(recipe, options):
+    """The size multiple of the probes that check this export's large buckets (probe_check.py), or None where no
+    graph is checked on probes (no check, or --full-check)."""
+    return recipe.size_multiple if options.check and not options.full_check else None
+
+
 def export_graph(writer, spec, make_cell, buckets, formats, dtype, run_check=True, progress=None, weights=None,
-                 quantize=None):
+                 quantize=None, probes=None):
     """Export ``make_cell(bucket)`` (a MindSpore cell) for every bucket in every format into ``writer``; returns the
     ExportedGraphs, which :func:`check_graphs` checks.
 
     ``writer``: anything with ``path(rel)`` (an ArtifactWriter, or a child process's view of its staging folder).
     ``weights``: the SharedWeights the ONNX graphs write into (default: a new ``<spec.weights_folder>/weights.bin``).
     ``quantize``: "int8" quantizes the ONNX graphs of the graphs that support it (QUANTIZED_GRAPHS: the UNet).
+    ``probes``: the size multiple of the probes that check the buckets too large to run (``probe_multiple``).
     """
     import mindspore as ms
 
@@ -83,7 +91,8 @@ def export_graph(writer, spec, make_cell, buckets, formats, dtype, run_check=Tru
         inputs = spec.sample_inputs(bucket, dtype)
         ms_inputs = [ms.Tensor(x) for x in inputs]
         in_specs, out_specs = spec.input_specs(bucket, dtype), spec.output_specs(bucket, dtype)
-        reference = check.run_reference(cell, inputs) if run_check else None
+        probing = run_check and probe_check.uses_probes(bucket, probes)
+        reference = check.run_reference(cell, inputs) if run_check and not probing else None
         for fmt in formats:
             if fmt == "onnx":
                 path = export_onnx(cell, ms_inputs, writer.path(f"{folder}/{name}_{tag}.onnx"),
@@ -95,7 +104,13 @@ def export_graph(writer, spec, make_cell, buckets, formats, dtype, run_check=Tru
             tolerance = check.INT8_TOLERANCE if quantize and fmt == "onnx" else check.TOLERANCE[dtype]
             entry = GraphEntry(name=name, format=fmt, bucket=dict(bucket), files=[], inputs=in_specs,
                                outputs=out_specs, tolerance=tolerance)
-            exported.append(ExportedGraph(entry, files, inputs, reference, f"{name}[{tag}].{fmt}"))
+            graph = ExportedGraph(entry, files, inputs, reference, f"{name}[{tag}].{fmt}")
+            if probing:
+                graph.check_file, entry.checked_on = probe_check.export_probes(writer, spec, make_cell, bucket, probes,
+                                                                               dtype, weights, quantize, bucket_tag)
+                graph.inputs = spec.sample_inputs(entry.checked_on, dtype)
+                graph.reference = check.run_reference(make_cell(entry.checked_on), graph.inputs)
+            exported.append(graph)
             if progress:
                 progress(f"{name}[{tag}].{fmt}")
     if weights is not None:
@@ -107,7 +122,7 @@ def check_graph(graph, dtype):
     """Run one exported graph on its sample inputs; returns its scaled max error against the reference."""
     entry = graph.entry
     if entry.format == "onnx":
-        outputs = check.run_onnx(graph.files[0], [t.name for t in entry.inputs], graph.inputs)
+        outputs = check.run_onnx(graph.check_file or graph.files[0], [t.name for t in entry.inputs], graph.inputs)
     else:
         outputs = check.run_mindir(graph.files[0], graph.inputs)
     return check.compare(graph.label, outputs, graph.reference, dtype, entry.tolerance)

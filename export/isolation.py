@@ -15,15 +15,16 @@ from pathlib import Path
 
 from framegraph.export.artifact import stage_path
 from framegraph.export.child import run_in_child
-from framegraph.export.graph_export import apply_graph_options, bucket_tag, export_graph, graph_mode_on_cpu
+from framegraph.export.graph_export import (apply_graph_options, bucket_tag, export_graph, graph_mode_on_cpu,
+                                            probe_multiple)
 from framegraph.export.onnx_graph import SharedWeights
+from framegraph.export.options import SCRATCH
 from framegraph.export.pipeline_folder import PipelineFolder
 
 logger = logging.getLogger(__name__)
 
 # Components whose parameters take at least this much memory are exported in child processes under "auto".
 AUTO_MIN_BYTES = 1 << 30
-SCRATCH = ".scratch"  # children's shared bookkeeping inside the staging folder; removed before the commit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +81,7 @@ def _export_in_child(source, options, recipe_function, stage, component, name, b
         weights = SharedWeights(writer.path(f"{group}/weights.bin"), writer.path(f"{SCRATCH}/{group}.weights.json"))
     net = apply_graph_options(pipeline.build(component), options)
     return export_graph(writer, recipe.specs[name], lambda b: factory(net, b), [bucket], [fmt], options.dtype,
-                        with_reference, None, weights, options.quantize)
+                        with_reference, None, weights, options.quantize, probe_multiple(recipe, options))
 
 
 def export_in_children(pipeline, options, recipe_function, stage, component, names, wanted, formats,

@@ -24,6 +24,41 @@ def graph_maps(graph):
     return producer, consumers
 
 
+INTEGER_ARITHMETIC = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a, b: a * b}
+
+
+def fold_integer_constants(model):
+    """Replace (in place) every Add, Sub or Mul of integer constants held in the graph by a Constant of its value;
+    returns how many. The exporter writes a query slice's end as start + size, which shape inference does not
+    evaluate: the shapes after a sliced attention stay unknown and the rewrites that need them pass it by."""
+    from onnx import helper, numpy_helper
+
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    integer = {TensorProto.INT32, TensorProto.INT64}
+    graph = model.graph
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer
+              if t.data_location != t.EXTERNAL and t.data_type in integer}
+    nodes, folded = [], 0
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            if node.attribute[0].t.data_type in integer:
+                values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        terms = [values.get(name) for name in node.input]
+        if node.op_type in INTEGER_ARITHMETIC and len(terms) == 2 and all(t is not None for t in terms):
+            result = np.asarray(INTEGER_ARITHMETIC[node.op_type](*terms)).astype(np.result_type(*terms))
+            values[node.output[0]] = result
+            node = helper.make_node("Constant", [], [node.output[0]], name=node.name,
+                                    value=numpy_helper.from_array(result, node.output[0]))
+            folded += 1
+        nodes.append(node)
+    if folded:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return folded
+
+
 def static_shapes(model):
     """Tensor name -> shape, for every tensor whose shape ONNX shape inference fully knows."""
     import onnx

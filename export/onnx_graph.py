@@ -13,9 +13,9 @@ import os
 import shutil
 from pathlib import Path
 
-from framegraph.export.onnx_fusions import drop_unused, fuse_gelu, fuse_normalization
+from framegraph.export.onnx_fusions import drop_unused, fold_integer_constants, fuse_gelu, fuse_normalization
 from framegraph.export.onnx_linear import fold_linear
-from framegraph.export.onnx_small_conv import convs_to_matmul
+from framegraph.export.onnx_small_conv import MAX_OUTPUT_POSITIONS, convs_to_matmul
 from framegraph.export.quantize import drop_unused_domains, quantize_int8
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,38 @@ class SharedWeights:
             self.index[key] = (offset + pad, len(data))
         return self.index[key]
 
+    def locate(self, name, data):
+        """(file, offset, length) of ``data`` once stored: :meth:`add`, in this file."""
+        return (self.path, *self.add(name, data))
+
+
+class ProbeWeights:
+    """The weights of a probe export (``framegraph.export.probe_check``): a tensor that ``main`` (the artifact's
+    SharedWeights) already holds is read from there, anything else is written to ``scratch`` (a SharedWeights outside
+    the artifact), so that a probe never adds a byte to the artifact's weights."""
+
+    def __init__(self, main, scratch):
+        self.main, self.scratch = main, scratch
+
+    def locate(self, name, data):
+        import hashlib
+
+        stored = self.main.index.get((name, hashlib.sha256(data).hexdigest()))
+        return (self.main.path, *stored) if stored is not None else self.scratch.locate(name, data)
+
+
+def _point_at(tensor, location, target_dir):
+    """Make ``tensor`` read its data from ``location`` = (file, offset, length), relative to ``target_dir``."""
+    from onnx import TensorProto
+
+    path, offset, length = location
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", os.path.relpath(path, target_dir)), ("offset", str(offset)),
+                       ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
 
 def _initializer_bytes(tensor, graph_dir):
     """Raw bytes of an initializer, whether embedded or in an external file next to the graph."""
@@ -79,24 +111,18 @@ def _initializer_bytes(tensor, graph_dir):
 def externalize(model, source_dir, target_dir, weights):
     """Point every large initializer of ``model`` (read relative to ``source_dir``) at ``weights`` (a
     SharedWeights), with locations relative to ``target_dir`` where the graph file will live."""
-    from onnx import TensorProto
     from onnx.external_data_helper import uses_external_data
 
-    rel = os.path.relpath(weights.path, target_dir)
     for tensor in model.graph.initializer:
         was_external = uses_external_data(tensor)
         data = _initializer_bytes(tensor, source_dir)
         if len(data) < EXTERNAL_MIN_BYTES and not was_external:
             continue
-        offset, length = weights.add(tensor.name, data)
+        location = weights.locate(tensor.name, data)
         tensor.ClearField("raw_data")
         for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
             tensor.ClearField(field)
-        del tensor.external_data[:]
-        tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", rel), ("offset", str(offset)), ("length", str(length))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
+        _point_at(tensor, location, target_dir)
 
 
 def parameters_to_initializers(model, cell, num_inputs, target_dir, weights, layouts=None):
@@ -108,7 +134,6 @@ def parameters_to_initializers(model, cell, num_inputs, target_dir, weights, lay
 
     params = {p.name: p for p in cell.get_parameters()}
     params.update(dict(cell.parameters_and_names()))
-    rel = os.path.relpath(weights.path, target_dir)
     graph = model.graph
     keep = []
     for i, value in enumerate(graph.input):
@@ -122,13 +147,9 @@ def parameters_to_initializers(model, cell, num_inputs, target_dir, weights, lay
         array = params[source].asnumpy()
         if layout is not None:
             array = layout(array)
-        offset, length = weights.add(value.name, array.tobytes())
         tensor = TensorProto(name=value.name, dims=list(array.shape),
-                             data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
-                             data_location=TensorProto.EXTERNAL)
-        for key, val in (("location", rel), ("offset", str(offset)), ("length", str(length))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, val
+                             data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        _point_at(tensor, weights.locate(value.name, array.tobytes()), target_dir)
         graph.initializer.append(tensor)
         del array
     del graph.input[:]
@@ -169,9 +190,11 @@ def fix_conv_pads(model):
                 attr.ints[:] = [top, left, bottom, right]
 
 
-def export_onnx(cell, inputs, path, input_names, output_names, weights, quantize=None):
-    """Export ``cell`` on sample ``inputs`` (MindSpore tensors) to ``path`` with weights in ``weights``;
-    ``quantize="int8"`` stores int8 weights (``framegraph.export.quantize``) instead of the float ones."""
+def export_onnx(cell, inputs, path, input_names, output_names, weights, quantize=None, size_ratio=1):
+    """Export ``cell`` on sample ``inputs`` (MindSpore tensors) to ``path`` with weights in ``weights`` (a
+    SharedWeights or ProbeWeights); ``quantize="int8"`` stores int8 weights (``framegraph.export.quantize``) instead of
+    the float ones. ``size_ratio``: the exported size's pixels over those of the size whose graph this one stands for
+    (a probe's, see probe_check.py), so that the size-dependent rewrites choose as they do at that size."""
     import mindspore as ms
     import onnx
 
@@ -189,8 +212,10 @@ def export_onnx(cell, inputs, path, input_names, output_names, weights, quantize
     # before the weights are attached (shape inference and opset conversion then see a small graph), after the
     # Conv pads are right (shape inference reads them)
     fix_conv_pads(model)
+    fold_integer_constants(model)
     model, _ = fuse_normalization(model, stage)
-    layouts = convs_to_matmul(model, [v.name for v in model.graph.input[len(input_names):]])
+    layouts = convs_to_matmul(model, [v.name for v in model.graph.input[len(input_names):]],
+                              MAX_OUTPUT_POSITIONS * size_ratio)
     layouts.update(fold_linear(model, [v.name for v in model.graph.input[len(input_names):]], stage))
     # A quantized graph goes through a float copy in the staging folder first, so that the shared weights file
     # only ever receives the int8 tensors.

@@ -15,6 +15,7 @@ from framegraph.runtime.manifest import DEFAULT_FORMATS, FORMATS
 # attention of the sizes measured here whole (SVD-XT's largest at 256x256, 8 frames: 335 MB) and slices those
 # of the published sizes (576x1024, 25 frames: 85 GB whole).
 DEFAULT_ATTENTION_SLICE_MB = 1024
+SCRATCH = ".scratch"  # an export's bookkeeping inside its staging folder (child processes, probes); removed before the commit
 ISOLATE_MODES = ("auto", "always", "never")  # --isolate: export components in child processes (see isolation.py)
 QUANTIZE_MODES = ("int8",)  # --quantize (see quantize.py)
 
@@ -36,6 +37,7 @@ class ExportOptions:
     dtype: str = "float32"
     decode_chunk_sizes: list = None
     check: bool = True
+    full_check: bool = False  # check graphs above probe_check.PROBE_ABOVE_PIXELS at their size, not on probes
     isolate: str = "auto"  # export components in child processes: auto (large ones), always, never
     forward_chunk_size: int = None  # UNet feed-forward over slices of this many positions (lower peak memory)
     attention_slice_mb: float = DEFAULT_ATTENTION_SLICE_MB  # attention over query slices of at most this many MB
@@ -50,9 +52,10 @@ class ExportOptions:
 
     def fingerprint(self, source_hash):
         """What decides the graphs: a previous artifact with the same fingerprint may lend its graphs. The fields
-        that change no graph (check, isolate, overwrite) are left out."""
+        that change no graph (check, full_check, isolate, overwrite) are left out."""
         fields = dataclasses.asdict(self)
         fields.pop("check")
+        fields.pop("full_check")
         fields.pop("isolate")
         fields.pop("overwrite")
         fields["formats"] = list(fields["formats"])

@@ -60,6 +60,7 @@ class GraphEntry:
     outputs: list
     max_abs_error: float = None
     tolerance: float = None
+    checked_on: dict = None  # the bucket the check ran where it is not ``bucket`` (a probe: export/probe_check.py)
 
     @property
     def key(self):
@@ -92,6 +93,7 @@ class GraphEntry:
             outputs=[TensorSpec.from_dict(t) for t in d["outputs"]],
             max_abs_error=d.get("max_abs_error"),
             tolerance=d.get("tolerance"),
+            checked_on=d.get("checked_on"),
         )
 
 
