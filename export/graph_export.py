@@ -106,8 +106,8 @@ def export_graph(writer, spec, make_cell, buckets, formats, dtype, run_check=Tru
                                outputs=out_specs, tolerance=tolerance)
             graph = ExportedGraph(entry, files, inputs, reference, f"{name}[{tag}].{fmt}")
             if probing:
-                graph.check_file, entry.checked_on = probe_check.export_probes(writer, spec, make_cell, bucket, probes,
-                                                                               dtype, weights, quantize, bucket_tag)
+                graph.check_file, entry.checked_on = probe_check.export_probes(
+                    files[0], spec, make_cell, bucket, probes, dtype, weights, quantize, bucket_tag)
                 graph.inputs = spec.sample_inputs(entry.checked_on, dtype)
                 graph.reference = check.run_reference(make_cell(entry.checked_on), graph.inputs)
             exported.append(graph)

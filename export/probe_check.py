@@ -63,18 +63,18 @@ def uses_probes(bucket, multiple):
             and bucket["width"] > largest[1])
 
 
-def export_probes(writer, spec, make_cell, bucket, multiple, dtype, weights, quantize, bucket_tag):
-    """Export ``make_cell``'s model at the probe sizes of ``bucket`` beside its graph, reading the weights that
-    ``weights`` (the artifact's SharedWeights) already holds, and prove the graph exported for ``bucket`` to be
-    their program at its size (:func:`prove_same_program`). ``bucket_tag`` names a bucket in file names. Returns
-    (P0's graph file, P0's bucket)."""
+def export_probes(full, spec, make_cell, bucket, multiple, dtype, weights, quantize, bucket_tag):
+    """Export ``make_cell``'s model at the probe sizes of ``bucket`` beside ``full`` (its graph exported for
+    ``bucket``), reading the weights that ``weights`` (the artifact's SharedWeights) already holds, and prove
+    ``full`` to be their program at its size (:func:`prove_same_program`). ``bucket_tag`` names a bucket in file
+    names. Returns (P0's graph file, P0's bucket)."""
     import mindspore as ms
 
     from framegraph.export.onnx_graph import ProbeWeights, SharedWeights, export_onnx
 
     # beside the weights they read (ONNX Runtime opens no weights file outside a graph's folder); removed before
     # the artifact is committed (remove_probes)
-    folder = writer.path(spec.weights_folder)
+    folder = Path(full).parent
     scratch = SharedWeights(folder / f"{PROBE_PREFIX}{spec.name}_{bucket_tag(bucket)}.weights.bin")
     probe_weights = ProbeWeights(weights, scratch)
     names = [t.name for t in spec.input_specs(bucket, dtype)], [t.name for t in spec.output_specs(bucket, dtype)]
@@ -83,10 +83,8 @@ def export_probes(writer, spec, make_cell, bucket, multiple, dtype, weights, qua
         probe = dict(bucket, height=height, width=width)
         inputs = [ms.Tensor(x) for x in spec.sample_inputs(probe, dtype)]
         ratio = height * width / (bucket["height"] * bucket["width"])
-        paths.append(export_onnx(make_cell(probe), inputs, folder / f"{PROBE_PREFIX}{spec.name}_{bucket_tag(probe)}.onnx",
-                                 *names,
-                                 probe_weights, quantize, size_ratio=ratio))
-    full = writer.path(f"{spec.weights_folder}/{spec.name}_{bucket_tag(bucket)}.onnx")
+        path = folder / f"{PROBE_PREFIX}{spec.name}_{bucket_tag(probe)}.onnx"
+        paths.append(export_onnx(make_cell(probe), inputs, path, *names, probe_weights, quantize, size_ratio=ratio))
     prove_same_program(paths, full, sizes, (bucket["height"], bucket["width"]))
     return paths[0], dict(bucket, height=sizes[0][0], width=sizes[0][1])
 
