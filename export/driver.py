@@ -120,7 +120,9 @@ def _export_component(writer, pipeline, component, factories, recipe, recipe_fun
     todo = [name for name in factories if name in todo]
     exported = []
     formats = traced_formats(options.formats)
-    in_child = bool(todo) and should_isolate(pipeline, component, options.isolate)
+    multiple = probe_multiple(recipe, options)
+    probed = any(uses_probes(bucket, multiple) for name in todo for bucket in wanted[name])
+    in_child = bool(todo) and should_isolate(pipeline, component, options.isolate, probed)
     if in_child:
         exported = export_in_children(pipeline, options, recipe_function, writer.stage, component, todo, wanted,
                                       formats, progress)

@@ -46,15 +46,18 @@ class Source:
                               random_weights=self.random_weights, seed=self.seed)
 
 
-def should_isolate(pipeline, component, mode):
+def should_isolate(pipeline, component, mode, probed=False):
     """Whether ``component`` is exported in child processes: always or never as ``mode`` (--isolate) says, and
-    under "auto" when its parameters take at least AUTO_MIN_BYTES."""
+    under "auto" when its parameters take at least AUTO_MIN_BYTES or when some of its graphs are ``probed``
+    (checked on probe sizes, export/probe_check.py: the MindSpore memory of their exports and reference runs would
+    otherwise stay in the exporting process while the next components export)."""
     if mode != "auto":
         return mode == "always"
     size = pipeline.parameter_bytes(component)
-    isolate = size >= AUTO_MIN_BYTES
+    isolate = size >= AUTO_MIN_BYTES or probed
     if isolate:
-        logger.info("%s has %.2f GB of parameters: exporting it in child processes", component, size / 1e9)
+        logger.info("%s (%.2f GB of parameters%s): exporting it in child processes", component, size / 1e9,
+                    ", checked on probe sizes" if probed else "")
     return isolate
 
 

@@ -123,6 +123,8 @@ def test_auto_isolates_only_large_components(svd_tiny, monkeypatch):
     monkeypatch.setattr(isolation, "AUTO_MIN_BYTES", pipeline.parameter_bytes("unet"))
     assert isolation.should_isolate(pipeline, "unet", "auto")
     assert not isolation.should_isolate(pipeline, "vae", "auto")
+    assert isolation.should_isolate(pipeline, "vae", "auto", probed=True)  # checked on probe sizes
+    assert not isolation.should_isolate(pipeline, "vae", "never", probed=True)
 
 
 def test_child_exits_when_the_export_is_killed(tmp_path):
