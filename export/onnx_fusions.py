@@ -31,8 +31,6 @@ def fold_integer_constants(model):
     """Replace (in place) every Add, Sub or Mul of integer constants held in the graph by a Constant of its value;
     returns how many. The exporter writes a query slice's end as start + size, which shape inference does not
     evaluate: the shapes after a sliced attention stay unknown and the rewrites that need them pass it by."""
-    from onnx import helper, numpy_helper
-
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 

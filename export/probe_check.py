@@ -96,21 +96,12 @@ class _Weights:
         self.cache = {}
 
     def digest(self, tensor, graph_dir):
+        from framegraph.export.onnx_graph import _initializer_bytes
+
         info = {e.key: e.value for e in tensor.external_data}
-        path = os.path.realpath(Path(graph_dir) / info["location"])
-        key = (path, int(info.get("offset", 0)), info.get("length"))
+        key = (os.path.realpath(Path(graph_dir) / info["location"]), info.get("offset"), info.get("length"))
         if key not in self.cache:
-            sha = hashlib.sha256()
-            with open(path, "rb") as f:
-                f.seek(key[1])
-                left = int(key[2]) if key[2] is not None else None
-                while left is None or left > 0:
-                    block = f.read(1 << 24 if left is None else min(1 << 24, left))
-                    if not block:
-                        break
-                    sha.update(block)
-                    left = None if left is None else left - len(block)
-            self.cache[key] = sha.hexdigest()
+            self.cache[key] = hashlib.sha256(_initializer_bytes(tensor, graph_dir)).hexdigest()
         return self.cache[key]
 
 
@@ -156,15 +147,14 @@ class _Program:
         """(value, dtype, dims) of the constant ``name`` if all its elements hold one value, else None."""
         from onnx import helper
 
+        from framegraph.export.onnx_graph import _initializer_bytes
+
         found = self.constant(name)
         if found[0] == "array":
             array = found[1]
         else:
             tensor = self.constants[name]
-            info = {e.key: e.value for e in tensor.external_data}
-            with open(self.path.parent / info["location"], "rb") as f:
-                f.seek(int(info.get("offset", 0)))
-                data = f.read(int(info["length"]))
+            data = _initializer_bytes(tensor, self.path.parent)
             array = np.frombuffer(data, dtype=helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tensor.dims)
         flat = array.reshape(-1)
         if not flat.size or not np.all(flat == flat[0]):
