@@ -28,7 +28,7 @@ class Artifact:
     UNet's memory, and pays a reopen (a few seconds at SVD-XT size) when the frame count changes; None keeps them
     all open. Other buckets (e.g. the VAE decoder's chunk sizes, used together in one call) are not limited.
     With ``resident_buckets=1`` a frame-bucket graph is opened ``exclusive`` (see ``Backend.open``): its weights
-    have no other session to be shared with (ONNX Runtime's ``pack_exclusive``, on by default, packs them then).
+    have no other session to be shared with (ONNX Runtime's ``pack_exclusive``, off by default, packs them then).
     The encoders and the VAE decoder (RUN_ONCE) are opened ``streamed``.
     """
 

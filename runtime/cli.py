@@ -276,11 +276,8 @@ def generate(artifacts, out, args):
         raise UsageError(f"{', '.join(others)} do not apply to a {kind!r} artifact; leave them out")
     arguments = {p.name: getattr(args, p.name) for p in declared}
     arguments.update({cls.input_param.name: _first_argument(cls, args), "output_type": args.output_type})
-    # one call per process: on ONNX Runtime the UNet reads its mapped weights instead of packing them at load,
-    # which costs more time at load than it saves over one video (see pack_exclusive, docs/performance.md)
-    options = {"pack_exclusive": False} if args.backend == "onnxruntime" else {}
     pipe = cls.from_artifacts(artifacts, backend=args.backend, device=args.device, num_threads=args.threads,
-                              low_memory=args.low_memory, resident_buckets=args.resident_buckets or None, **options)
+                              low_memory=args.low_memory, resident_buckets=args.resident_buckets or None)
     request = pipe.request(arguments)  # resolved and checked as the engine does, before any graph is opened
     try:
         pipe.check_request(request)

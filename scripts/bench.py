@@ -20,7 +20,9 @@ One run, same random weights for every engine:
      ``onnxruntime-2buckets`` also opens (and runs once) the second frame bucket's UNet and keeps both open
      (``resident_buckets=None``), to show what a second bucket costs in memory; ``-resident1`` does the same with
      the default ``resident_buckets=1``, which closes it again to reopen the first; ``onnxruntime-unshared*`` turn
-     ``share_weights`` off, ``onnxruntime-mapped`` turns ``pack_exclusive`` off (the UNet reads the mapped weights);
+     ``share_weights`` off, ``onnxruntime-packed`` turns ``pack_exclusive`` on (the UNet packs its own weights);
+     ``onnxruntime-nocache`` opens every graph without ONNX Runtime's optimized-graph cache (the other onnxruntime
+     engines fill a cache of the run's own first, reported as convert_s);
      ``onnxruntime-int8`` runs an artifact exported with ``--quantize int8`` and reports the PSNR of its frames
      against ``onnxruntime``'s. ``onnxruntime-ffchunk`` runs an artifact exported with the compiled forward
      chunking (``--forward-chunk-size``, the analogue of ``unet.enable_forward_chunking()``) and a one-frame

@@ -10,7 +10,8 @@ WORKER is one of:
                         (resident_buckets=None: what keeping a second bucket costs)
   onnxruntime-2buckets-resident1  the same with resident_buckets=1, the default (one UNet bucket open at a time)
   onnxruntime-unshared[-2buckets]  the same with share_weights=False (each session reads its own weights)
-  onnxruntime-mapped    the same with pack_exclusive=False (the held UNet bucket reads the shared mapped weights)
+  onnxruntime-packed    the same with pack_exclusive=True (the held UNet bucket loads and packs its own weights)
+  onnxruntime-nocache   the same without ONNX Runtime's optimized-graph cache (every session runs the optimizer)
   onnxruntime-int8      framegraph runtime on an artifact exported with --quantize int8
   onnxruntime-ffchunk   framegraph runtime on an artifact exported with --forward-chunk-size (and a one-frame
                         decoder graph)
@@ -18,10 +19,11 @@ WORKER is one of:
   onnxruntime-sliced    framegraph runtime on an artifact exported with --attention-slice-mb
   mindspore     framegraph runtime on the artifact's MindIR graphs
   openvino      framegraph runtime on the artifact's ONNX graphs, on the openvino backend
-  openvino-cached       the same with OpenVINO's model cache (filled first by the openvino-cache worker)
+  openvino-cached       the same with OpenVINO's model cache (filled first by the model-cache worker)
   gemm          fp32 GEMM peak of this machine (numpy, torch and ONNX Runtime, square matmuls, best of a few)
   flops         UNet FLOPs of one denoising step (torch FlopCounterMode on one diffusers UNet call)
-  openvino-cache  opens the graphs a call uses on the openvino backend with the model cache, filling it
+  model-cache   opens the graphs a call uses as an engine does, filling its backend's cache (ONNX Runtime's
+                optimized graphs for the onnxruntime engines, OpenVINO's model cache for openvino-cached)
 
 The result JSON is rewritten after every stage and step, so a worker stopped by the time limit still leaves what it
 measured. Engines also save their frames and final latents to ``SPEC["outputs"]/ENGINE.npz`` for the comparison.
@@ -31,6 +33,7 @@ worker.
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -165,8 +168,8 @@ def run_engine(name, spec, result):
 
         _, convert_s = bench_openvino.convert_peer(spec, int8=ENGINES[name].peer == "int8")
         result.update(convert_s=round(convert_s, 1))
-    if ENGINES[name].model_cache:  # filling the cache is the compile step: reported apart, not as load
-        result.update(convert_s=round(fill_model_cache(spec), 1))
+    if ENGINES[name].caches:  # filling the cache is the compile step: reported apart, not as load
+        result.update(convert_s=round(fill_model_cache(spec, name), 1))
     start = time.perf_counter()
     pipe, call = load(spec, inputs, image, result)
     result.update(load_s=round(time.perf_counter() - start, 3), rss_after_load_gb=round(rss_peak_gb(), 3),
@@ -237,7 +240,8 @@ def _framegraph(engine):
 
         cls = StableVideoDiffusionPipeline if spec["kind"] == "svd" else TextToVideoSDPipeline
         start = time.perf_counter()
-        options = {"cache_dir": model_cache_dir(spec)} if engine.model_cache else {}
+        options = {"cache_dir": model_cache_dir(spec, engine.backend) if engine.caches else None} if (
+            engine.backend in ("onnxruntime", "openvino")) else {}
         pipe = cls.from_artifacts(spec["artifact"], backend=engine.backend, num_threads=spec["threads"],
                                   low_memory=engine.low_memory, resident_buckets=engine.resident_buckets,
                                   share_weights=engine.share_weights, pack_exclusive=engine.pack_exclusive,
@@ -331,32 +335,30 @@ def import_engine(engine):
     return _framegraph(engine)
 
 
-def model_cache_dir(spec):
-    """OpenVINO's model cache of the openvino-cached engine, per artifact."""
-    return Path(spec["outputs"]) / "openvino-cache" / Path(spec["artifact"]).name
+def model_cache_dir(spec, backend):
+    """The run's own cache of compiled (OpenVINO) or optimized (ONNX Runtime) graphs, per backend and artifact."""
+    return Path(spec["outputs"]) / f"{backend}-cache" / Path(spec["artifact"]).name
 
 
-def fill_model_cache(spec):
-    """Run the openvino-cache worker in a child process (a cold process, as the engine's own load is); seconds."""
+def fill_model_cache(spec, name):
+    """Run the model-cache worker for engine ``name`` in a child process (a cold process, as the engine's own load
+    is); seconds."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         spec_path = Path(tmp) / "spec.json"
-        spec_path.write_text(json.dumps(spec))
-        subprocess.run([sys.executable, __file__, "openvino-cache", "--spec", str(spec_path), "--result",
+        spec_path.write_text(json.dumps(dict(spec, cache_engine=name)))
+        subprocess.run([sys.executable, __file__, "model-cache", "--spec", str(spec_path), "--result",
                         str(Path(tmp) / "result.json")], check=True)
     return time.perf_counter() - start
 
 
 def run_model_cache(spec, result):
-    """Open the graphs one call uses on the openvino backend with its model cache, which OpenVINO fills."""
-    from framegraph.runtime import StableVideoDiffusionPipeline, TextToVideoSDPipeline
-
-    cls = StableVideoDiffusionPipeline if spec["kind"] == "svd" else TextToVideoSDPipeline
-    pipe = cls.from_artifacts(spec["artifact"], backend="openvino", num_threads=spec["threads"],
-                              cache_dir=model_cache_dir(spec))
-    for graph, bucket in _graphs_used(pipe, spec):
-        pipe.artifact.graph(graph, **bucket)
-    result.update(status="ok", cache_dir=str(model_cache_dir(spec)))
+    """Open the graphs one call uses as engine ``spec["cache_engine"]`` opens them, which fills its backend's cache
+    (OpenVINO's model cache, ONNX Runtime's optimized graphs)."""
+    engine = ENGINES[spec["cache_engine"]]
+    import_engine(engine)
+    pipe, _ = _framegraph(dataclasses.replace(engine, low_memory=False))(spec, np.load(spec["inputs"]), None, {})
+    result.update(status="ok", cache_dir=str(model_cache_dir(spec, engine.backend)))
 
 
 # -- measurements ----------------------------------------------------------------------------------------------
@@ -458,7 +460,7 @@ def shallow_gflop(unet, args, kwargs, cache_branch):
     return round(counter.get_total_flops() / 1e9, 2)
 
 
-WORKERS = {"gemm": run_gemm, "flops": run_flops, "openvino-cache": run_model_cache}
+WORKERS = {"gemm": run_gemm, "flops": run_flops, "model-cache": run_model_cache}
 
 
 def main(argv=None):

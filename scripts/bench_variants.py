@@ -31,9 +31,10 @@ class Engine:
     to each pipeline call (None: the pipeline's default); ``cache_interval`` too (step caching, on an export with
     ``step_cache``); ``scheduler`` replaces the artifact's ("animatelcm": AnimateLCM-SVD's, the few-step sampler).
     ``peer`` is OpenVINO's own SVD recipe instead of framegraph (scripts/bench_openvino.py): "f32" or "int8".
-    ``model_cache`` (the openvino backend): graphs are opened with OpenVINO's model cache, filled beforehand in a
-    child process (reported as convert_s, as the peer's conversion is), so load_s is a cold start that reads
-    compiled graphs."""
+    ``model_cache``: graphs are opened with the backend's cache (ONNX Runtime's optimized graphs, see
+    runtime/backends/ort_cache.py; OpenVINO's model cache) in a folder of the run's own, filled beforehand in a
+    child process (reported as convert_s, as the peer's conversion is), so load_s is a cold process that reads
+    cached graphs; None: on for the onnxruntime backend (as its default), off for openvino."""
 
     name: str
     backend: str | None = None
@@ -47,7 +48,14 @@ class Engine:
     cache_interval: int = 1
     scheduler: str | None = None
     peer: str | None = None
-    model_cache: bool = False
+    model_cache: bool | None = None
+
+    @property
+    def caches(self):
+        """Whether this engine's graphs open with its backend's cache (see ``model_cache``)."""
+        if self.model_cache is not None:
+            return self.model_cache and self.backend in ("onnxruntime", "openvino")
+        return self.backend == "onnxruntime"
 
 
 EXPORTS = {
@@ -72,7 +80,8 @@ ENGINES = {engine.name: engine for engine in (
     Engine("onnxruntime-unshared", backend="onnxruntime", export="onnx", share_weights=False),
     Engine("onnxruntime-unshared-2buckets", backend="onnxruntime", export="onnx", extra_bucket=True,
            share_weights=False, resident_buckets=None),
-    Engine("onnxruntime-mapped", backend="onnxruntime", export="onnx", pack_exclusive=False),
+    Engine("onnxruntime-packed", backend="onnxruntime", export="onnx", pack_exclusive=True),
+    Engine("onnxruntime-nocache", backend="onnxruntime", export="onnx", model_cache=False),
     Engine("onnxruntime-int8", backend="onnxruntime", export="onnx-int8"),
     Engine("openvino", backend="openvino", export="onnx"),
     Engine("openvino-cached", backend="openvino", export="onnx", model_cache=True),

@@ -14,6 +14,10 @@ FIXTURES = Path(__file__).parent / "fixtures"
 # Ray process of the tests binds and advertises 127.0.0.1 only, whatever routes the machine has, and reports nothing.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# ONNX Runtime sessions are built from the artifacts as they are, in this process and the ones it starts: whether a
+# graph was already built (and cached) by an earlier test must not change what a later one measures. The cache
+# itself is tested on folders of its own (test_ort_cache.py).
+os.environ["FRAMEGRAPH_ORT_CACHE"] = "off"
 
 
 @pytest.fixture(scope="session")

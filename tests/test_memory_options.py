@@ -41,7 +41,7 @@ def test_frame_buckets_share_one_mapped_copy_of_the_unet_weights(svd_artifact):
 
 @pytest.mark.parametrize("resident_buckets", [1, 2])
 def test_pack_exclusive_packs_the_unet_weights_when_one_bucket_is_resident(svd_artifact, resident_buckets):
-    """With pack_exclusive (the default) and one frame bucket resident (the default) the UNet session is alone with
+    """With pack_exclusive (off by default) and one frame bucket resident (the default) the UNet session is alone with
     its weights: it loads and packs them itself. With two, the bucket sessions share the mapped weights. The
     encoders map theirs either way."""
     from framegraph.runtime.artifact import Artifact
@@ -180,21 +180,24 @@ def test_prefetch_brings_in_what_the_runs_read_and_only_that(svd_artifact):
 
 
 @pytest.mark.parametrize("pack_exclusive", [False, True], ids=["mapped", "pack_exclusive"])
-def test_pipeline_gives_back_the_encoder_pages_after_encoding(svd_artifact, input_image, pack_exclusive):
+def test_pipeline_gives_back_the_weight_pages_it_read(svd_artifact, input_image, pack_exclusive):
+    """The encoders' pages go after encoding, the UNet's mapped pages after the last step (before the decode); the
+    next call brings the UNet's in again before its first step."""
     from framegraph.runtime import StableVideoDiffusionPipeline
 
     pipe = StableVideoDiffusionPipeline.from_artifacts(svd_artifact, pack_exclusive=pack_exclusive)
     pipe.set_progress_bar_config(disable=True)
-    pipe(input_image, num_frames=2, num_inference_steps=1, decode_chunk_size=2, output_type="np", generator=0)
-    for name in ("image_encoder", "unet"):
-        weights_file = (svd_artifact / name / "weights.bin").resolve()
-        resident = _resident_bytes(weights_file)
-        if name == "image_encoder":
-            assert resident < 0.05 * weights_file.stat().st_size
-        elif not pack_exclusive:  # the UNet runs every step: its pages stay
-            assert resident > 0.5 * weights_file.stat().st_size
-        else:  # the UNet's session packed its own copy: its runs do not read the file's pages
-            assert resident < 0.5 * weights_file.stat().st_size
+    unet_file = (svd_artifact / "unet" / "weights.bin").resolve()
+    seen = []
+    pipe(input_image, num_frames=2, num_inference_steps=2, decode_chunk_size=2, output_type="np", generator=0,
+         callback_on_step_end=lambda p, i, t, kw: seen.append(_resident_bytes(unet_file)))
+    encoder_file = (svd_artifact / "image_encoder" / "weights.bin").resolve()
+    assert _resident_bytes(encoder_file) < 0.05 * encoder_file.stat().st_size
+    if not pack_exclusive:  # during the steps the UNet's runs read its mapped pages; after them they are given back
+        assert min(seen) > 0.5 * unet_file.stat().st_size
+        assert _resident_bytes(unet_file) < 0.05 * unet_file.stat().st_size
+    else:  # its session packed its own copy: its runs do not read the file's pages
+        assert max(seen) < 0.5 * unet_file.stat().st_size and _resident_bytes(unet_file) < 0.5 * unet_file.stat().st_size
 
 
 def test_pipeline_runs_the_image_encoder_in_parts_with_the_same_frames(svd_artifact, input_image):

@@ -6,15 +6,17 @@ whole or in parts); this one holds the backend, which opens a graph with them an
 """
 
 import logging
+from pathlib import Path
 
 from ..heap import trim_heap
 from .base import Backend, check_signature, register_backend
 from .onnx_parts import split_file
 from .ort_attention import fused_model
+from .ort_cache import OptimizedGraphs, default_cache_dir, graph_key
 from .ort_graph import OnnxRuntimeGraph
 from .ort_providers import (CPU, OPTIMIZATION_LEVELS, choose_providers, import_onnxruntime, merge_provider_options,
                             session_options, use_shared_arena)
-from .ort_weights import MappedWeights, reads_in_place, share_with_session
+from .ort_weights import INTEGER_WEIGHT_OPS, MappedInitializer, MappedWeights, reads_in_place, share_with_session
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +75,14 @@ class OnnxRuntimeBackend(Backend):
     sessions holds its own packed weights, a quarter of the float size. See docs/performance.md for the peak
     memory of each.
 
-    ``pack_exclusive`` (default on): a graph opened ``exclusive`` (the UNet when one frame bucket of it is
+    ``pack_exclusive`` (default off): a graph opened ``exclusive`` (the UNet when one frame bucket of it is
     resident, ``resident_buckets=1``) does not share: its session loads its weights itself and packs the GEMM
     weights into ONNX Runtime's blocked layout once, instead of reading the mapped ones and packing them again on
     every call. The packed copy takes the place of the mapped pages, so the peak memory stays about the same; the
-    price is a longer session build, and memory the kernel cannot drop under pressure as it can clean mapped
-    pages. The step time it saves shrinks at larger resolutions: the per-call packing costs in proportion to the
-    weight, the product grows with the rows too (see docs/performance.md). Off, the UNet reads the shared mapping
-    like every other graph.
+    price is a longer session build (no cached build, see ``cache_dir``), and memory the kernel cannot drop under
+    pressure as it can clean mapped pages. The step time it saves is a few percent at small sizes and none at
+    576x1024 (see docs/performance.md); it suits a long-lived process at small sizes. Off, the UNet reads the
+    shared mapping like every other graph.
 
     A graph opened ``streamed`` (one a pipeline call runs once, or once per chunk, outside the denoising loop: the
     encoders and the VAE decoder) keeps nothing resident between its runs: its mapped weight pages are given back
@@ -108,6 +110,14 @@ class OnnxRuntimeBackend(Backend):
     Runtime's MultiHeadAttention kernel in the session (see ort_attention; the artifact's file is not changed),
     which never holds the scores: at 576x1024 and 25 frames one first-level attention takes 0.69x the time and half
     the working memory (docs/performance.md). Off, the session runs the graph as exported.
+
+    ``cache_dir`` (default True: ``ort_cache.default_cache_dir()``, under ``$FRAMEGRAPH_CACHE``, none where
+    ``$FRAMEGRAPH_ORT_CACHE=off``; a path: that folder; None or False: no cache): a graph run whole on shared weights is built once with ONNX Runtime's
+    optimizer and its optimized form is kept there for this machine (see ort_cache); later sessions of it are built
+    from that with the optimizer off, and read every weight, the reordered convolution weights included, from
+    mappings (clean pages, given back between calls like the others). The first build of a graph also writes the
+    optimized graph (about its weights' size, temporarily) and the derived weights; at SVD-XT's UNet that is about
+    2.8 GB per weight set, shared by its frame buckets. Graphs with int8 weights (which prepack) are not cached.
     """
 
     name = "onnxruntime"
@@ -115,9 +125,9 @@ class OnnxRuntimeBackend(Backend):
 
     low_memory_options = {"memory_pattern": False}
 
-    def __init__(self, device="cpu", num_threads=None, providers=None, share_weights=None, pack_exclusive=True,
+    def __init__(self, device="cpu", num_threads=None, providers=None, share_weights=None, pack_exclusive=False,
                  optimization="all", stream_part_gb=0.25, memory_pattern=None, shared_arena=None,
-                 fuse_attention=True, provider_options=None):
+                 fuse_attention=True, provider_options=None, cache_dir=True):
         self.ort = import_onnxruntime()
         if optimization not in OPTIMIZATION_LEVELS:
             raise ValueError(f"optimization={optimization!r}: use one of {', '.join(OPTIMIZATION_LEVELS)}")
@@ -134,6 +144,8 @@ class OnnxRuntimeBackend(Backend):
         self.shared_arena = self.providers == [CPU] if shared_arena is None else bool(shared_arena)
         self.fuse_attention = bool(fuse_attention)
         self._mapped = MappedWeights() if self.share_weights else None
+        folder = default_cache_dir() if cache_dir is True else cache_dir or None
+        self._cache = OptimizedGraphs(folder) if folder is not None and self.share_weights else None
 
     def __repr__(self):
         return f"OnnxRuntimeBackend(providers={self.providers}, num_threads={self.num_threads})"
@@ -151,11 +163,16 @@ class OnnxRuntimeBackend(Backend):
         """Whether a graph opened with ``exclusive`` reads its weights from the shared mappings."""
         return self.share_weights and not (exclusive and self.pack_exclusive)
 
-    def _session(self, model, mapped, folder=None, shared_arena=False):
+    def _session(self, model, mapped, folder=None, shared_arena=False, optimized=False, save_to=None):
         """An InferenceSession of ``model`` (a path, or serialized bytes whose external weights are in ``folder``)
         reading the ``mapped`` weights, allocating from the process-wide arena if ``shared_arena``; and whether it
-        prepacks them."""
+        prepacks them. ``optimized``: the model is already optimized (from the cache), so the optimizer stays off;
+        ``save_to``: a cache scratch folder the session saves its optimized graph into."""
         options = self.session_options(shared_arena)
+        if optimized:
+            options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if save_to is not None:
+            self._cache.save_options(options, save_to)
         if shared_arena:
             use_shared_arena(self.ort, options)
         prepacked = share_with_session(options, mapped)
@@ -180,6 +197,42 @@ class OnnxRuntimeBackend(Backend):
         return [(part.SerializeToString(), [by_name[t.name] for t in part.graph.initializer if t.name in by_name])
                 for part in parts]
 
+    def _whole(self, path, entry, mapped, streamed):
+        """(session, the MappedInitializers it reads, whether it prepacks, whether it runs a cached graph) for the
+        graph at ``path`` run whole: built from the optimized-graph cache where it holds this graph, else from the
+        artifact (attention fused), saving the optimized graph into the cache where one is used."""
+        arena = self.shared_arena and not streamed
+        cache = self._cache if mapped and not any(item.consumers & INTEGER_WEIGHT_OPS for item in mapped) else None
+        key = None
+        if cache is not None:
+            settings = {"optimization": self.optimization, "fuse_attention": self.fuse_attention,
+                        "providers": self.providers}
+            folder = path.parents[len(Path(entry.main_file).parts) - 1]
+            key = graph_key(self.ort, folder, entry, settings)
+            hit = cache.lookup(key, {item.name for item in mapped})
+            if hit is not None:
+                by_name = {item.name: item for item in mapped}
+                weights = [by_name[source["artifact"]]._replace(name=name) if "artifact" in source else
+                           MappedInitializer(name, self._mapped.weight(source["blob"], 0, source["dtype"],
+                                                                       source["shape"], self.ort), frozenset())
+                           for name, source in hit.weights.items()]
+                session, prepacked = self._session(hit.model, weights, folder=hit.folder, shared_arena=arena,
+                                                   optimized=True)
+                logger.info("%s: built from its optimized form cached under %s", entry.key, cache.root)
+                return session, weights, prepacked, True
+        fused = fused_model(path) if self.fuse_attention else None
+        if fused is not None:
+            mapped = [item for item in mapped if item.name in fused[1]]
+        scratch = cache.scratch(sum(item.weight.array.nbytes for item in mapped)) if cache is not None else None
+        session, prepacked = self._session(str(path) if fused is None else fused[0], mapped,
+                                           folder=None if fused is None else path.parent, shared_arena=arena,
+                                           save_to=scratch)
+        if scratch is not None:
+            written = cache.store(key, scratch, path, {item.name: item.weight.array for item in mapped})
+            logger.info("%s: optimized graph cached under %s (%.2f GB of derived weights written)", entry.key,
+                        cache.root, written / 1e9)
+        return session, mapped, prepacked, False
+
     def _load(self, path, entry, exclusive, streamed=False):
         shared = self.shares(exclusive)
         mapped = self._mapped.initializers(path, self.ort) if shared else []
@@ -187,13 +240,9 @@ class OnnxRuntimeBackend(Backend):
             logger.info("%s (exclusive, pack_exclusive): the session loads its own weights and packs its GEMM weights",
                         entry.key)
         parts = self._parts(path, mapped) if streamed and mapped else None
+        cached = False
         if parts is None:
-            fused = fused_model(path) if self.fuse_attention else None
-            if fused is not None:
-                mapped = [item for item in mapped if item.name in fused[1]]
-            session, prepacked = self._session(str(path) if fused is None else fused[0], mapped,
-                                               folder=None if fused is None else path.parent,
-                                               shared_arena=self.shared_arena and not streamed)
+            session, mapped, prepacked, cached = self._whole(path, entry, mapped, streamed)
             stages = [(session, mapped)]
         else:
             stages = [(self._session(model, weights, folder=path.parent)[0], weights) for model, weights in parts]
@@ -205,9 +254,9 @@ class OnnxRuntimeBackend(Backend):
         check_signature(entry, path, *graph_signature(path, entry, signature(stages[0][0].get_inputs()),
                                                       signature(stages[-1][0].get_outputs())))
         # a prepacking session reads its packed copies, not the mapped weights; a streamed graph gives its pages
-        # back as it goes
+        # back as it goes; a session of a cached graph reads every weight it is handed on every run
         read_in_place = [] if prepacked or streamed else [
-            item.weight for item in mapped if reads_in_place(item.consumers, self.optimization)]
+            item.weight for item in mapped if cached or reads_in_place(item.consumers, self.optimization)]
         graph = OnnxRuntimeGraph(self.ort, stages, [s.name for s in entry.inputs], [s.name for s in entry.outputs],
                                  mapped=mapped, read_in_place=read_in_place, streamed=streamed)
         if mapped:

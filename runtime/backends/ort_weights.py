@@ -79,24 +79,31 @@ class MappedWeights:
         for index, node in enumerate(model.graph.node):
             for name in node.input:
                 consumers.setdefault(name, set()).add(FOLDED if index in folded else node.op_type)
-        out = []
-        with self._lock:
-            for tensor in model.graph.initializer:
-                if not uses_external_data(tensor):
-                    continue
-                info = {e.key: e.value for e in tensor.external_data}
-                # the graph file names its weight file: it must lie beside it, inside the artifact
-                file = resolve_in_folder(graph_path.parent, info["location"]).resolve()
-                offset = int(info.get("offset", 0))
-                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
-                shape = tuple(int(d) for d in tensor.dims)
-                key = (str(file), offset, dtype.str, shape)
-                weight = self._weights.get(key)
-                if weight is None:
-                    weight = MappedWeight(np.memmap(file, dtype=dtype, mode="r", offset=offset, shape=shape), ort)
-                    self._weights[key] = weight
-                out.append(MappedInitializer(tensor.name, weight, frozenset(consumers.get(tensor.name, ()))))
+        out, files = [], {}
+        for tensor in model.graph.initializer:
+            if not uses_external_data(tensor):
+                continue
+            info = {e.key: e.value for e in tensor.external_data}
+            location = info["location"]
+            if location not in files:  # the graph file names its weight file: it must lie beside it, in the artifact
+                files[location] = resolve_in_folder(graph_path.parent, location).resolve()
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+            weight = self.weight(files[location], int(info.get("offset", 0)), dtype, tensor.dims, ort)
+            out.append(MappedInitializer(tensor.name, weight, frozenset(consumers.get(tensor.name, ()))))
         return out
+
+    def weight(self, file, offset, dtype, shape, ort):
+        """The MappedWeight of ``shape`` and ``dtype`` at ``offset`` in ``file``, mapped now unless it is already."""
+        import numpy as np
+
+        dtype, shape = np.dtype(dtype), tuple(int(d) for d in shape)
+        key = (str(file), int(offset), dtype.str, shape)
+        with self._lock:
+            weight = self._weights.get(key)
+            if weight is None:
+                weight = MappedWeight(np.memmap(file, dtype=dtype, mode="r", offset=int(offset), shape=shape), ort)
+                self._weights[key] = weight
+        return weight
 
 
 class MappedWeight:

@@ -99,6 +99,10 @@ class StepUNet:
         """Bring the held graphs' weight pages in (see ``Graph.prefetch_memory``); bytes brought in."""
         return sum(graph.prefetch_memory() or 0 for graph in (self.held or {}).values())
 
+    def release_memory(self):
+        """Give the held graphs' mapped weight pages back (see ``Graph.release_memory``); bytes given back."""
+        return sum(graph.release_memory() or 0 for graph in (self.held or {}).values())
+
 
 def declared_call(params, arguments):
     """Check ``arguments`` (resolved call arguments, typed) against their declarations in ``params``; None values
@@ -285,3 +289,12 @@ class ArtifactPipeline:
         size = unet.prefetch_memory()
         if size:
             logger.debug("brought in %.2f GB of UNet weight pages", size / 1e9)
+
+    @staticmethod
+    def _release_unet(unet):
+        """Give the held UNet graphs' mapped weight pages back after the last step, so that the decode's peak
+        memory does not hold them (the kernel keeps them in its page cache; the next call's ``_prefetch_unet``
+        brings them in again in one pass). Pages of weights ONNX Runtime copied or packed stay."""
+        size = unet.release_memory()
+        if size:
+            logger.debug("gave back %.2f GB of UNet weight pages before the decode", size / 1e9)

@@ -240,6 +240,7 @@ class StableVideoDiffusionPipeline(ArtifactPipeline):
             latents = self.scheduler.step(noise_pred, t, latents, generator=rng).prev_sample.astype(np.float32)
             latents = self._step_callback(callback_on_step_end, i, t, latents)
             bar.step("denoise")
+        self._release_unet(unet)
 
         if output_type == "latent":
             frames = latents
