@@ -240,7 +240,8 @@ def _framegraph(engine):
 
         cls = StableVideoDiffusionPipeline if spec["kind"] == "svd" else TextToVideoSDPipeline
         start = time.perf_counter()
-        options = {"cache_dir": model_cache_dir(spec, engine.backend) if engine.caches else None} if (
+        # no cache is False: from_artifacts passes None on as "the backend's default"
+        options = {"cache_dir": model_cache_dir(spec, engine.backend) if engine.caches else False} if (
             engine.backend in ("onnxruntime", "openvino")) else {}
         pipe = cls.from_artifacts(spec["artifact"], backend=engine.backend, num_threads=spec["threads"],
                                   low_memory=engine.low_memory, resident_buckets=engine.resident_buckets,

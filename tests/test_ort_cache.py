@@ -48,7 +48,7 @@ def test_a_second_session_is_built_from_the_cache_and_gives_the_same_numbers(art
     cache = tmp_path / "cache"
     entry = _unet(artifact)
     feeds = _feeds(entry)
-    plain = OnnxRuntimeBackend(cache_dir=None).open(artifact, entry).run(feeds)
+    plain = OnnxRuntimeBackend(cache_dir=False).open(artifact, entry).run(feeds)
     assert not cache.exists()
 
     first, from_cache = _open(artifact, cache, caplog)
@@ -88,7 +88,7 @@ def test_an_entry_that_no_longer_resolves_is_rebuilt_not_used(artifact, tmp_path
     caplog.set_level(logging.INFO, logger="framegraph.runtime.backends")
     cache = tmp_path / "cache"
     entry = _unet(artifact)
-    expected = OnnxRuntimeBackend(cache_dir=None).open(artifact, entry).run(_feeds(entry))
+    expected = OnnxRuntimeBackend(cache_dir=False).open(artifact, entry).run(_feeds(entry))
     _open(artifact, cache, caplog)
     folder = next((cache / "graphs").iterdir())
     record = json.loads((folder / "entry.json").read_text())
@@ -175,7 +175,7 @@ def test_an_unusable_cache_folder_leaves_the_session_as_without_it(artifact, tmp
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     entry = _unet(artifact)
-    expected = OnnxRuntimeBackend(cache_dir=None).open(artifact, entry).run(_feeds(entry))
+    expected = OnnxRuntimeBackend(cache_dir=False).open(artifact, entry).run(_feeds(entry))
     graph = OnnxRuntimeBackend(cache_dir=blocker / "cache").open(artifact, entry)
     assert "not caching the optimized graph" in caplog.text
     for name, value in expected.items():
@@ -189,3 +189,16 @@ def test_the_cache_is_off_where_the_environment_says_so(monkeypatch, tmp_path):
     monkeypatch.delenv("FRAMEGRAPH_ORT_CACHE")
     assert default_cache_dir() == tmp_path / "onnxruntime"
     assert OnnxRuntimeBackend()._cache.root == tmp_path / "onnxruntime"
+
+
+def test_from_artifacts_caches_by_default_and_not_with_cache_dir_false(artifact, monkeypatch, tmp_path):
+    from framegraph.runtime import StableVideoDiffusionPipeline
+
+    monkeypatch.setenv("FRAMEGRAPH_CACHE", str(tmp_path / "home-cache"))
+    monkeypatch.delenv("FRAMEGRAPH_ORT_CACHE")
+    off = StableVideoDiffusionPipeline.from_artifacts(artifact, cache_dir=False)
+    off.artifact.graph("unet", **UNET)
+    assert not (tmp_path / "home-cache" / "onnxruntime").exists()
+    on = StableVideoDiffusionPipeline.from_artifacts(artifact)
+    on.artifact.graph("unet", **UNET)
+    assert list((tmp_path / "home-cache" / "onnxruntime" / "graphs").iterdir())

@@ -111,13 +111,14 @@ class OnnxRuntimeBackend(Backend):
     which never holds the scores: at 576x1024 and 25 frames one first-level attention takes 0.69x the time and half
     the working memory (docs/performance.md). Off, the session runs the graph as exported.
 
-    ``cache_dir`` (default True: ``ort_cache.default_cache_dir()``, under ``$FRAMEGRAPH_CACHE``, none where
-    ``$FRAMEGRAPH_ORT_CACHE=off``; a path: that folder; None or False: no cache): a graph run whole on shared weights is built once with ONNX Runtime's
-    optimizer and its optimized form is kept there for this machine (see ort_cache); later sessions of it are built
-    from that with the optimizer off, and read every weight, the reordered convolution weights included, from
-    mappings (clean pages, given back between calls like the others). The first build of a graph also writes the
-    optimized graph (about its weights' size, temporarily) and the derived weights; at SVD-XT's UNet that is about
-    2.8 GB per weight set, shared by its frame buckets. Graphs with int8 weights (which prepack) are not cached.
+    ``cache_dir`` (default True, as None: ``ort_cache.default_cache_dir()``, under ``$FRAMEGRAPH_CACHE``, none
+    where ``$FRAMEGRAPH_ORT_CACHE=off``; a path: that folder; False: no cache; CPU only): a graph run whole on
+    shared weights is built once with ONNX Runtime's optimizer and its optimized form is kept there for this
+    machine (see ort_cache); later sessions of it are built from that with the optimizer off, and read every weight,
+    the reordered convolution weights included, from mappings (clean pages, given back between calls like the
+    others). The first build of a graph also writes the optimized graph (about its weights' size, temporarily) and
+    the derived weights: about 2.8 GB for SVD-XT's UNet, shared by its frame buckets. Graphs with int8 weights
+    (which prepack) are not cached.
     """
 
     name = "onnxruntime"
@@ -144,8 +145,9 @@ class OnnxRuntimeBackend(Backend):
         self.shared_arena = self.providers == [CPU] if shared_arena is None else bool(shared_arena)
         self.fuse_attention = bool(fuse_attention)
         self._mapped = MappedWeights() if self.share_weights else None
-        folder = default_cache_dir() if cache_dir is True else cache_dir or None
-        self._cache = OptimizedGraphs(folder) if folder is not None and self.share_weights else None
+        folder = default_cache_dir() if cache_dir is None or cache_dir is True else cache_dir or None
+        self._cache = (OptimizedGraphs(folder) if folder is not None and self.share_weights
+                       and self.providers == [CPU] else None)
 
     def __repr__(self):
         return f"OnnxRuntimeBackend(providers={self.providers}, num_threads={self.num_threads})"
@@ -229,8 +231,9 @@ class OnnxRuntimeBackend(Backend):
                                            save_to=scratch)
         if scratch is not None:
             written = cache.store(key, scratch, path, {item.name: item.weight.array for item in mapped})
-            logger.info("%s: optimized graph cached under %s (%.2f GB of derived weights written)", entry.key,
-                        cache.root, written / 1e9)
+            if written is not None:
+                logger.info("%s: optimized graph cached under %s (%.2f GB of derived weights written)", entry.key,
+                            cache.root, written / 1e9)
         return session, mapped, prepacked, False
 
     def _load(self, path, entry, exclusive, streamed=False):

@@ -192,9 +192,8 @@ class OptimizedGraphs:
     def store(self, key, scratch, source, artifact_weights):
         """Write the entry ``key`` from the optimized graph ONNX Runtime saved into ``scratch``, then remove
         ``scratch``. ``source`` is the artifact graph file; ``artifact_weights`` {name: numpy array} are its mapped
-        weights: a saved weight
-        of the same name and equal bytes is recorded as that weight, any other goes to a blob. Returns the bytes
-        written to blobs; a failure is logged and leaves no entry."""
+        weights: a saved weight of the same name and equal bytes is recorded as that weight, any other goes to a
+        blob. Returns the bytes written to blobs, or None where it failed (logged; no entry is left)."""
         try:
             written = self._store(key, scratch, source, artifact_weights)
             self.prune()
@@ -202,7 +201,7 @@ class OptimizedGraphs:
         except (OSError, ValueError, ImportError) as exc:
             logger.warning("could not cache the optimized graph under %s (%s); later sessions run the optimizer",
                            self.root, exc)
-            return 0
+            return None
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
