@@ -211,9 +211,9 @@ class OnnxRuntimeBackend(Backend):
                         "providers": self.providers}
             folder = path.parents[len(Path(entry.main_file).parts) - 1]
             key = graph_key(self.ort, folder, entry, settings)
-            hit = cache.lookup(key, {item.name for item in mapped})
+            by_name = {item.name: item for item in mapped}
+            hit = cache.lookup(key, by_name)
             if hit is not None:
-                by_name = {item.name: item for item in mapped}
                 weights = [by_name[source["artifact"]]._replace(name=name) if "artifact" in source else
                            MappedInitializer(name, self._mapped.weight(source["blob"], 0, source["dtype"],
                                                                        source["shape"], self.ort), frozenset())
@@ -262,7 +262,7 @@ class OnnxRuntimeBackend(Backend):
             item.weight for item in mapped if cached or reads_in_place(item.consumers, self.optimization)]
         graph = OnnxRuntimeGraph(self.ort, stages, [s.name for s in entry.inputs], [s.name for s in entry.outputs],
                                  mapped=mapped, read_in_place=read_in_place, streamed=streamed)
-        if mapped:
+        if mapped and not cached:  # a session of a cached graph is built without reading its weights
             # Building the session read every weight, but the ones ONNX Runtime copied into its own layout
             # (convolution weights at optimization="all") are never read again: drop them from this process now.
             # Pages the runs do read come back from the page cache on first use.

@@ -22,6 +22,7 @@ Writing an entry also removes the entries whose artifact graph file no longer ex
 Everything under the folder is this module's: deleting it only costs the next session build the optimizer's time.
 """
 
+import functools
 import hashlib
 import json
 import logging
@@ -53,6 +54,12 @@ def default_cache_dir():
     return cache_root() / "onnxruntime"
 
 
+def _hex(name, length):
+    """Whether ``name`` is ``length`` lowercase hex digits (the names this module gives entries and blobs)."""
+    return len(name) == length and all(c in "0123456789abcdef" for c in name)
+
+
+@functools.lru_cache(maxsize=None)
 def cpu_signature():
     """What names this machine's CPU for ONNX Runtime's kernels: architecture, model and feature flags."""
     fields = {"machine": platform.machine()}
@@ -105,7 +112,8 @@ class OptimizedGraphs:
 
     def lookup(self, key, artifact_names):
         """The CachedGraph of ``key``, or None where there is none or its weights no longer resolve (a blob
-        missing or of another size, or a name not in ``artifact_names``, the artifact graph's mapped weights)."""
+        missing or of another size, or a name not in ``artifact_names``, the names of the artifact graph's mapped
+        weights)."""
         entry = self._entry(key)
         try:
             import onnx
@@ -154,7 +162,7 @@ class OptimizedGraphs:
         tmp = self.root / "tmp"
         try:
             tmp.mkdir(parents=True, exist_ok=True)
-            self._prune(tmp)
+            self._prune_scratch(tmp)
             free = shutil.disk_usage(tmp).free
             if free < 2 * weight_bytes + (1 << 30):
                 logger.warning("not caching the optimized graph: %.1f GB free under %s, %.1f GB needed", free / 1e9,
@@ -168,7 +176,7 @@ class OptimizedGraphs:
         return path
 
     @staticmethod
-    def _prune(tmp):
+    def _prune_scratch(tmp):
         """Remove the scratch folders (``<pid>-<8 hex>``) under ``tmp`` whose process no longer runs."""
         for path in tmp.iterdir():
             pid, _, tag = path.name.partition("-")
@@ -213,15 +221,21 @@ class OptimizedGraphs:
 
         model = onnx.load(str(scratch / "model.onnx"), load_external_data=False)
         external = [t for t in model.graph.initializer if uses_external_data(t)]
-        weights, written = {}, 0
+        weights, written, largest = {}, 0, 0
         for tensor in external:
             info = {e.key: e.value for e in tensor.external_data}
             if info["location"] != SAVED_WEIGHTS:
                 raise ValueError(f"the saved graph keeps {tensor.name!r} in {info['location']!r}")
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
             shape = [int(d) for d in tensor.dims]
+            length = int(info["length"])
+            largest = max(largest, length)
             data = np.memmap(scratch / SAVED_WEIGHTS, dtype=np.uint8, mode="r", offset=int(info.get("offset", 0)),
-                             shape=(int(info["length"]),))
+                             shape=(length,))
+            # every weight held outside the graph names the placeholder, at offset 0: the session is handed them all
+            del tensor.external_data[:]
+            for name, value in (("location", PLACEHOLDER), ("offset", "0"), ("length", str(length))):
+                tensor.external_data.add(key=name, value=value)
             original = artifact_weights.get(tensor.name)
             if (original is not None and original.dtype == dtype and list(original.shape) == shape
                     and np.array_equal(np.asarray(original).reshape(-1).view(np.uint8), data)):
@@ -229,22 +243,14 @@ class OptimizedGraphs:
                 continue
             digest = hashlib.sha256(data).hexdigest()
             blob = self._blob(digest)
-            if not (blob.is_file() and blob.stat().st_size == data.size):
+            if not (blob.is_file() and blob.stat().st_size == length):
                 blob.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(prefix=blob.name, suffix=".tmp", dir=blob.parent)
                 with os.fdopen(fd, "wb") as f:
                     f.write(memoryview(data))
                 os.replace(tmp, blob)
-                written += data.size
-            weights[tensor.name] = {"blob": digest, "bytes": int(data.size), "dtype": dtype.str, "shape": shape}
-        # every weight held outside the graph names the placeholder, at offset 0: the session is handed them all
-        largest = 0
-        for tensor in external:
-            length = int({e.key: e.value for e in tensor.external_data}["length"])
-            largest = max(largest, length)
-            del tensor.external_data[:]
-            for name, value in (("location", PLACEHOLDER), ("offset", "0"), ("length", str(length))):
-                tensor.external_data.add(key=name, value=value)
+                written += length
+            weights[tensor.name] = {"blob": digest, "bytes": length, "dtype": dtype.str, "shape": shape}
         entry = self._entry(key)
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{key}.", suffix=".tmp", dir=entry.parent))
@@ -270,7 +276,7 @@ class OptimizedGraphs:
         named = set()
         graphs = self.root / "graphs"
         for entry in graphs.iterdir() if graphs.is_dir() else ():
-            if not (len(entry.name) == 32 and all(c in "0123456789abcdef" for c in entry.name)):
+            if not _hex(entry.name, 32):
                 continue
             try:
                 record = json.loads((entry / "entry.json").read_text())
@@ -285,7 +291,7 @@ class OptimizedGraphs:
         now = time.time()
         for blob in blobs.glob("*.bin") if blobs.is_dir() else ():
             digest = blob.stem
-            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) or digest in named:
+            if not _hex(digest, 64) or digest in named:
                 continue
             try:
                 if now - blob.stat().st_mtime > blob_age_s:
