@@ -138,6 +138,19 @@ def test_onnxruntime_session_options(onnx_artifact):
         ).enable_mem_pattern
 
 
+def test_onnxruntime_buffer_reuse_is_off_on_cpu_unless_asked(onnx_artifact):
+    """The planner's reuse of dead activations' buffers holds them across the layers in between: off on CPU."""
+    folder, entry = onnx_artifact
+    assert not load_backend("onnxruntime").open(folder, entry).native.get_session_options().enable_mem_reuse
+    assert load_backend("onnxruntime", memory_reuse=True).open(folder, entry).native.get_session_options(
+        ).enable_mem_reuse
+    backend = load_backend("onnxruntime")
+    backend.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]  # the decision, without a GPU
+    assert backend.session_options().enable_mem_reuse  # ONNX Runtime's default where not measured
+    backend.memory_reuse = False
+    assert not backend.session_options().enable_mem_reuse
+
+
 def test_onnxruntime_memory_pattern_is_off_on_cuda(onnx_artifact):
     backend = load_backend("onnxruntime", shared_arena=False)
     assert backend.session_options().enable_mem_pattern

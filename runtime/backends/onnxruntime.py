@@ -101,6 +101,14 @@ class OnnxRuntimeBackend(Backend):
     about twice the GPU memory for the same step (docs/performance.md, section "CUDA"). True or False sets it for
     every graph; low-memory artifacts turn it off (``low_memory_options``).
 
+    ``memory_reuse`` (default None: off on CPU): ONNX Runtime's allocation planner gives an activation the buffer
+    of an earlier, dead activation of the same size. That buffer stays allocated from the earlier one's last use
+    to the later one's first, across every layer in between: in a UNet, the buffers of the first level are held
+    while the deeper levels run, for the same-sized activations of the way back up, so a run holds several times
+    its live activations. Off, every activation is taken from the arena when it is produced and given back at its
+    last use, and what the run holds is what is live (SVD-XT at 576x1024: see docs/performance.md). On CUDA it
+    stays at ONNX Runtime's default (on): not measured there. True or False sets it for every graph.
+
     ``shared_arena`` (default on for CPU): the graphs that are not streamed (the UNet graphs, which a call runs in
     turn: the cached-step pair ``unet_deep`` and ``unet_shallow``, or several frame buckets) allocate their working
     memory from one process-wide arena, so what stays resident between their runs is the largest one's, not the
@@ -128,7 +136,7 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, device="cpu", num_threads=None, providers=None, share_weights=None, pack_exclusive=False,
                  optimization="all", stream_part_gb=0.25, memory_pattern=None, shared_arena=None,
-                 fuse_attention=True, provider_options=None, cache_dir=True):
+                 fuse_attention=True, provider_options=None, cache_dir=True, memory_reuse=None):
         self.ort = import_onnxruntime()
         if optimization not in OPTIMIZATION_LEVELS:
             raise ValueError(f"optimization={optimization!r}: use one of {', '.join(OPTIMIZATION_LEVELS)}")
@@ -142,6 +150,7 @@ class OnnxRuntimeBackend(Backend):
             raise ValueError(f"stream_part_gb={stream_part_gb!r}: pass a size in GB, or 0 to run graphs whole")
         self.stream_part_gb = float(stream_part_gb or 0)
         self.memory_pattern = None if memory_pattern is None else bool(memory_pattern)
+        self.memory_reuse = None if memory_reuse is None else bool(memory_reuse)
         self.shared_arena = self.providers == [CPU] if shared_arena is None else bool(shared_arena)
         self.fuse_attention = bool(fuse_attention)
         self._mapped = MappedWeights() if self.share_weights else None
@@ -159,7 +168,8 @@ class OnnxRuntimeBackend(Backend):
             pattern = self.memory_pattern
         else:
             pattern = not shared_arena and self.providers == [CPU]
-        return session_options(self.ort, self.optimization, self.num_threads, pattern)
+        reuse = self.providers != [CPU] if self.memory_reuse is None else self.memory_reuse
+        return session_options(self.ort, self.optimization, self.num_threads, pattern, reuse)
 
     def shares(self, exclusive=False):
         """Whether a graph opened with ``exclusive`` reads its weights from the shared mappings."""

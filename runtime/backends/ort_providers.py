@@ -95,12 +95,13 @@ def use_shared_arena(ort, options):
     options.add_session_config_entry("session.use_env_allocators", "1")
 
 
-def session_options(ort, optimization, num_threads, memory_pattern):
+def session_options(ort, optimization, num_threads, memory_pattern, memory_reuse=True):
     """A new SessionOptions with the graph ``optimization`` level (a key of OPTIMIZATION_LEVELS), ``num_threads``
-    intra-op threads (None: ONNX Runtime's default) and the memory pattern on or off."""
+    intra-op threads (None: ONNX Runtime's default), the memory pattern and the planner's buffer reuse on or off."""
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[optimization])
     if num_threads:
         options.intra_op_num_threads = int(num_threads)
     options.enable_mem_pattern = bool(memory_pattern)
+    options.enable_mem_reuse = bool(memory_reuse)
     return options
