@@ -187,13 +187,13 @@ def framegraph_sources_hash():
     return h.hexdigest()
 
 
-def memory_options(args, kind):
+def memory_options(args, kind, frames):
     """svd-export options of an export's memory options: "chunks", the compiled forward chunking and a one-frame
-    decoder graph (the onnxruntime-ffchunk and -decode1 engines); "slices", attention over slices of queries
-    (onnxruntime-sliced)."""
+    decoder graph beside those of the export's ``frames`` (the onnxruntime-ffchunk and -decode1 engines); "slices",
+    attention over slices of queries (onnxruntime-sliced)."""
     if kind == "chunks":
         return ["--forward-chunk-size", str(args.forward_chunk_size),
-                "--decode-chunk-sizes", ",".join(map(str, sorted({1, args.frames})))]
+                "--decode-chunk-sizes", ",".join(map(str, sorted({1, *frames})))]
     if kind == "slices":
         return ["--attention-slice-mb", f"{args.attention_slice_mb:g}"]
     return []
@@ -202,9 +202,9 @@ def memory_options(args, kind):
 def export_artifact(args, pipeline, key):
     """The artifact of export ``key`` (see EXPORTS): an up-to-date one is reused, else it is exported."""
     export = EXPORTS[key]
-    frames = [args.frames, args.second_frames or args.frames + 2] if export.two_buckets else [args.frames]
-    base = f"artifact-{args.height}x{args.width}-f{'-'.join(map(str, frames))}"
-    options = memory_options(args, export.memory)
+    frames = sorted({args.frames, args.second_frames or args.frames + 2}) if export.two_buckets else [args.frames]
+    base = f"artifact-{args.height}x{args.width}-f{'-'.join(map(str, frames))}"  # one artifact for 14 then 25
+    options = memory_options(args, export.memory, frames)
     wanted = {"pipeline": pipeline["stamp"], "height": args.height, "width": args.width, "frames": frames,
               "check": args.export_check, "quantize": export.quantize, "options": options,
               "cache_branch": args.cache_branch if export.step_cache else None,

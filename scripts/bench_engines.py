@@ -385,40 +385,59 @@ def gemm_after(threads, n=4096, repeats=3):
     return max(gemm_rates(a, b, threads, repeats, label=" (after the calls)").values())
 
 
+def unet_call(spec, h, w, f, device="meta"):
+    """The diffusers UNet of ``spec``'s pipeline and the arguments of one call at the guidance batch of 2.
+
+    On ``device="meta"`` the UNet is built from its config with no weights and the call computes shapes only: the
+    FLOP count depends on shapes alone, so it is the same as a real call's, in seconds and without the call's
+    memory (tens of GB at 576x1024 and 25 frames). ``"cpu"`` loads the weights (DeepCache's helper needs real
+    outputs). Attention runs through diffusers' ``AttnProcessor`` (explicit baddbmm/bmm), which the counter counts.
+    """
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor
+
+    folder = Path(spec["pipeline"]) / "unet"
+    batch = 2  # classifier-free guidance: the unconditional and conditional halves run as one batch
+    if spec["kind"] == "svd":
+        from diffusers import UNetSpatioTemporalConditionModel as UNet
+    else:
+        from diffusers import UNet3DConditionModel as UNet
+    if device == "meta":  # shapes only
+        with torch.device("meta"):
+            unet = UNet.from_config(UNet.load_config(folder)).eval().to("meta")  # some buffers ignore the context
+    else:
+        unet = UNet.from_pretrained(folder).eval()  # fp32
+    unet.set_attn_processor(AttnProcessor())
+    config = unet.config
+    with torch.device(device):
+        if spec["kind"] == "svd":
+            args = (torch.randn(batch, f, config.in_channels, h, w), torch.tensor(1.0))
+            kwargs = {"encoder_hidden_states": torch.randn(batch, 1, config.cross_attention_dim),
+                      "added_time_ids": torch.tensor([[6.0, 127.0, 0.02]] * batch)}
+        else:
+            args = (torch.randn(batch, config.in_channels, f, h, w), torch.tensor(999))
+            kwargs = {"encoder_hidden_states": torch.randn(batch, spec["max_length"], config.cross_attention_dim)}
+    return unet, args, kwargs
+
+
 def run_flops(spec, result):
-    """Count one UNet call at the step's batch (2 with guidance on) with torch's FlopCounterMode.
+    """Count one UNet call at the step's batch (2 with guidance on) with torch's FlopCounterMode, on the meta device
+    (see ``unet_call``; on the CPU where DeepCache's cached step is counted too).
 
     Attention runs through diffusers' ``AttnProcessor`` (explicit baddbmm/bmm) for the count, because the counter
     has no formula for the CPU SDPA kernel (``_scaled_dot_product_flash_attention_for_cpu``) and would leave the
     attention matmuls out. Counted: matmul, bmm/baddbmm, addmm and convolutions, 2 FLOP per multiply-add; element-
     wise ops (norms, activations, softmax) are not counted."""
     import torch
-    from diffusers.models.attention_processor import AttnProcessor
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.set_num_threads(spec["threads"])
-    folder = Path(spec["pipeline"]) / "unet"
     h, w, f = spec["height"] // spec["vae_scale_factor"], spec["width"] // spec["vae_scale_factor"], spec["frames"]
-    batch = 2  # classifier-free guidance: the unconditional and conditional halves run as one batch
-    if spec["kind"] == "svd":
-        from diffusers import UNetSpatioTemporalConditionModel as UNet
-
-        unet = UNet.from_pretrained(folder).eval()  # fp32
-        config = unet.config
-        args = (torch.randn(batch, f, config.in_channels, h, w), torch.tensor(1.0))
-        kwargs = {"encoder_hidden_states": torch.randn(batch, 1, config.cross_attention_dim),
-                  "added_time_ids": torch.tensor([[6.0, 127.0, 0.02]] * batch)}
-    else:
-        from diffusers import UNet3DConditionModel as UNet
-
-        unet = UNet.from_pretrained(folder).eval()  # fp32
-        config = unet.config
-        args = (torch.randn(batch, config.in_channels, f, h, w), torch.tensor(999))
-        kwargs = {"encoder_hidden_states": torch.randn(batch, spec["max_length"], config.cross_attention_dim)}
-    unet.set_attn_processor(AttnProcessor())
+    device = "meta" if spec.get("cache_branch") is None else "cpu"
+    unet, args, kwargs = unet_call(spec, h, w, f, device)
     counter = FlopCounterMode(display=False)
     start = time.perf_counter()
-    with torch.no_grad(), counter:
+    with torch.no_grad(), torch.device(device), counter:  # tensors the forward makes land on the same device
         unet(*args, **kwargs, return_dict=False)
     by_op = {str(op): n / 1e9 for op, n in counter.get_flop_counts()["Global"].items()}
     total = counter.get_total_flops() / 1e9
@@ -426,11 +445,12 @@ def run_flops(spec, result):
         result.update(shallow_gflop_per_step=shallow_gflop(unet, args, kwargs, spec["cache_branch"]),
                       shallow_method="the second of two UNet calls under DeepCache 0.1.1's DeepCacheSDHelper "
                                      "(cache_interval 2): a cached step of that branch")
+    batch = args[0].shape[0]
     logger.info("UNet batch %d: %.1f GFLOP (%s)", batch, total, ", ".join(f"{k} {v:.1f}" for k, v in by_op.items()))
     result.update(unet_gflop_per_step=round(total, 2), unet_batch=batch, by_op_gflop={k: round(v, 2) for k, v in
                   by_op.items()}, forward_s=round(time.perf_counter() - start, 2),
                   parameters_m=round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
-                  method="torch.utils.flop_counter.FlopCounterMode on one diffusers UNet forward at batch 2 "
+                  method=f"torch.utils.flop_counter.FlopCounterMode on one diffusers UNet forward at batch 2 on {device} "
                          "(AttnProcessor, so attention bmm is counted); 2 FLOP per MAC; elementwise ops not counted",
                   status="ok")
 

@@ -62,7 +62,7 @@ EXPORTS = {
     "onnx": Export(("onnx",), two_buckets=True),
     "mindir": Export(("mindir",)),
     "onnx-int8": Export(("onnx",), quantize="int8"),
-    "onnx-memory": Export(("onnx",), memory="chunks"),
+    "onnx-memory": Export(("onnx",), two_buckets=True, memory="chunks"),
     "onnx-sliced": Export(("onnx",), memory="slices"),
     "mslite": Export(("mslite",)),
     "onnx-cache": Export(("onnx",), step_cache=True),
