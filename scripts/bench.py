@@ -277,8 +277,9 @@ def read_config(folder, component):
     return json.loads((Path(folder) / component / "config.json").read_text())
 
 
-def make_inputs(args, kind, pipeline_dir, runs):
-    """Shared inputs: the conditioning image (resized to the video size), latents, conditioning-image noise."""
+def make_inputs(args, kind, pipeline_dir, runs, step_cache=False):
+    """Shared inputs: the conditioning image (resized to the video size), latents, conditioning-image noise;
+    ``step_cache``: an engine of the run caches steps (its branch goes into the spec)."""
     from PIL import Image
 
     vae, unet = read_config(pipeline_dir, "vae"), read_config(pipeline_dir, "unet")
@@ -298,7 +299,7 @@ def make_inputs(args, kind, pipeline_dir, runs):
         "kind": kind, "pipeline": str(pipeline_dir), "height": args.height, "width": args.width, "frames": f,
         "steps": args.steps, "threads": args.threads, "inputs": str(runs / "inputs.npz"), "image": str(image),
         "outputs": str(runs), "vae_scale_factor": scale, "calls": args.calls, "paired_gemm": args.paired_gemm,
-        "cache_branch": args.cache_branch,
+        "cache_branch": args.cache_branch if step_cache else None,  # None: no cached step to count
     }
     if kind == "svd":
         spec.update(min_guidance_scale=1.0, max_guidance_scale=args.guidance_scale or 3.0)
@@ -533,7 +534,8 @@ def main(argv=None):
     if "onnx" in report["exports"] and report["exports"]["onnx"].get("status", "ok") == "ok":
         report["exports"]["onnx"]["bucket_disk_gb"] = bucket_disk(Path(report["exports"]["onnx"]["path"]),
                                                                   args.frames)
-    spec = make_inputs(args, kind, args.work_dir / "pipeline", runs)
+    step_cache = any(EXPORTS[ENGINES[e].export].step_cache for e in engines if ENGINES[e].export)
+    spec = make_inputs(args, kind, args.work_dir / "pipeline", runs, step_cache)
     report["settings"].update({k: spec[k] for k in spec if "guidance" in k or k == "prompt"})
     spec_path = runs / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=1))
