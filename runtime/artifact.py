@@ -30,10 +30,13 @@ class Artifact:
     With ``resident_buckets=1`` a frame-bucket graph is opened ``exclusive`` (see ``Backend.open``): its weights
     have no other session to be shared with (ONNX Runtime's ``pack_exclusive``, off by default, packs them then).
     The encoders and the VAE decoder (RUN_ONCE) are opened ``streamed``.
+    ``split_guidance=True`` has the pipelines run classifier-free guidance's unconditional and conditional halves
+    as two runs of the UNet graph at the call's own batch (the one exported for calls without guidance) instead of
+    one run at twice the batch: the same numbers, half the UNet's working memory, the same arithmetic.
     """
 
     def __init__(self, path, pipeline_kind, backend="onnxruntime", verify=True, low_memory=False,
-                 resident_buckets=1, **backend_options):
+                 resident_buckets=1, split_guidance=False, **backend_options):
         from framegraph.runtime.backends import load_backend
 
         self.path = Path(path)
@@ -64,6 +67,7 @@ class Artifact:
         self._lock = threading.Lock()
         self.low_memory = bool(low_memory)
         self.resident_buckets = None if resident_buckets is None else int(resident_buckets)
+        self.split_guidance = bool(split_guidance)
 
     @property
     def constants(self):

@@ -95,6 +95,8 @@ def _generate_args(p):
     p.add_argument("--threads", type=_count(1), default=None, help="intra-op threads")
     p.add_argument("--low-memory", action="store_true", help="keep one graph loaded at a time (peak memory of the "
                    "largest graph instead of all of them; graphs are reopened on each call)")
+    p.add_argument("--split-guidance", action="store_true", help="run classifier-free guidance's unconditional and "
+                   "conditional halves as two UNet runs (same frames, half the UNet's working memory)")
     p.add_argument("--resident-buckets", type=_count(0), default=1, help="how many frame buckets of the UNet stay "
                    "loaded (the least recently used is closed first; default 1: one UNet's memory whatever the frame "
                    "count; 0: all)")
@@ -277,7 +279,8 @@ def generate(artifacts, out, args):
     arguments = {p.name: getattr(args, p.name) for p in declared}
     arguments.update({cls.input_param.name: _first_argument(cls, args), "output_type": args.output_type})
     pipe = cls.from_artifacts(artifacts, backend=args.backend, device=args.device, num_threads=args.threads,
-                              low_memory=args.low_memory, resident_buckets=args.resident_buckets or None)
+                              low_memory=args.low_memory, resident_buckets=args.resident_buckets or None,
+                              split_guidance=args.split_guidance)
     request = pipe.request(arguments)  # resolved and checked as the engine does, before any graph is opened
     try:
         pipe.check_request(request)

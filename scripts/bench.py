@@ -26,8 +26,9 @@ One run, same random weights for every engine:
      ``onnxruntime-int8`` runs an artifact exported with ``--quantize int8`` and reports the PSNR of its frames
      against ``onnxruntime``'s. ``onnxruntime-ffchunk`` runs an artifact exported with the compiled forward
      chunking (``--forward-chunk-size``, the analogue of ``unet.enable_forward_chunking()``) and a one-frame
-     decoder graph, ``onnxruntime-decode1`` the same artifact with ``decode_chunk_size=1``; ``onnxruntime-sliced``
-     runs an artifact exported with ``--attention-slice-mb`` (attention over slices of queries);
+     decoder graph, ``onnxruntime-decode1`` the same artifact with ``decode_chunk_size=1``,
+     ``onnxruntime-decode1-split`` that with ``split_guidance=True`` (guidance's halves as two UNet runs);
+     ``onnxruntime-sliced`` runs an artifact exported with ``--attention-slice-mb`` (attention over slices of queries);
      ``mindspore_lite`` runs the Lite graphs of an artifact exported with ``--formats mslite`` (after
      ``framegraph setup-lite``). ``onnxruntime-cache1/2/3`` run an artifact exported with ``--cache-branch``
      (bench.py's ``--cache-branch``, default 0) at ``cache_interval`` 1 (uncached: their reference), 2 and 3;

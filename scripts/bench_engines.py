@@ -16,6 +16,7 @@ WORKER is one of:
   onnxruntime-ffchunk   framegraph runtime on an artifact exported with --forward-chunk-size (and a one-frame
                         decoder graph)
   onnxruntime-decode1   the same artifact with decode_chunk_size=1
+  onnxruntime-decode1-split  the same with split_guidance=True (guidance's halves as two UNet runs)
   onnxruntime-sliced    framegraph runtime on an artifact exported with --attention-slice-mb
   mindspore     framegraph runtime on the artifact's MindIR graphs
   openvino      framegraph runtime on the artifact's ONNX graphs, on the openvino backend
@@ -246,7 +247,7 @@ def _framegraph(engine):
         pipe = cls.from_artifacts(spec["artifact"], backend=engine.backend, num_threads=spec["threads"],
                                   low_memory=engine.low_memory, resident_buckets=engine.resident_buckets,
                                   share_weights=engine.share_weights, pack_exclusive=engine.pack_exclusive,
-                                  **options)
+                                  split_guidance=engine.split_guidance, **options)
         pipe.set_progress_bar_config(disable=True)
         if engine.scheduler == "animatelcm":  # the few-step sampler, selected the diffusers way
             from framegraph.runtime.schedulers import load_scheduler
@@ -288,7 +289,8 @@ def _framegraph(engine):
 def _graphs_used(pipe, spec, decode_chunk_size=None, cache_interval=1):
     h, w, f = spec["height"], spec["width"], spec["frames"]
     batch = pipe.batch
-    bucket = {"num_frames": f, "batch": 2 * batch, "height": h, "width": w}  # guidance on: 2x batch
+    guidance = 1 if pipe.artifact.split_guidance else 2  # guidance on: 2x batch, unless its halves run apart
+    bucket = {"num_frames": f, "batch": guidance * batch, "height": h, "width": w}
     # with step caching a call runs the deep and shallow graphs, not the plain one
     unet = [("unet", bucket)] if cache_interval == 1 else [("unet_deep", bucket), ("unet_shallow", bucket)]
     if spec["kind"] == "svd":

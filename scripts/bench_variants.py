@@ -30,6 +30,7 @@ class Engine:
     ``extra_bucket`` also opens (and runs once) the UNet bucket of the other frame count; ``decode_chunk_size`` goes
     to each pipeline call (None: the pipeline's default); ``cache_interval`` too (step caching, on an export with
     ``step_cache``); ``scheduler`` replaces the artifact's ("animatelcm": AnimateLCM-SVD's, the few-step sampler).
+    ``split_guidance`` goes to ``from_artifacts`` (guidance's halves as two UNet runs).
     ``peer`` is OpenVINO's own SVD recipe instead of framegraph (scripts/bench_openvino.py): "f32" or "int8".
     ``model_cache``: graphs are opened with the backend's cache (ONNX Runtime's optimized graphs, see
     runtime/backends/ort_cache.py; OpenVINO's model cache) in a folder of the run's own, filled beforehand in a
@@ -49,6 +50,7 @@ class Engine:
     scheduler: str | None = None
     peer: str | None = None
     model_cache: bool | None = None
+    split_guidance: bool = False
 
     @property
     def caches(self):
@@ -87,6 +89,8 @@ ENGINES = {engine.name: engine for engine in (
     Engine("openvino-cached", backend="openvino", export="onnx", model_cache=True),
     Engine("onnxruntime-ffchunk", backend="onnxruntime", export="onnx-memory"),
     Engine("onnxruntime-decode1", backend="onnxruntime", export="onnx-memory", decode_chunk_size=1),
+    Engine("onnxruntime-decode1-split", backend="onnxruntime", export="onnx-memory", decode_chunk_size=1,
+           split_guidance=True),
     Engine("onnxruntime-sliced", backend="onnxruntime", export="onnx-sliced"),
     Engine("mindspore", backend="mindspore", export="mindir"),
     Engine("mindspore-lowmem", backend="mindspore", export="mindir", low_memory=True),

@@ -64,6 +64,45 @@ def test_batch_of_two_equals_two_single_runs(svd_artifact, input_image, svd_gold
     np.testing.assert_allclose(both, np.concatenate([first, second]), atol=1e-6)
 
 
+def _unet_batches(pipe):
+    """The batch of every UNet graph ``pipe`` asks its artifact for, recorded as it asks."""
+    asked, original = [], pipe.artifact.graph
+
+    def graph(name, **bucket):
+        if name == "unet":
+            asked.append(bucket["batch"])
+        return original(name, **bucket)
+
+    pipe.artifact.graph = graph
+    return asked
+
+
+def test_split_guidance_runs_the_halves_apart_and_equals_diffusers(svd_artifact, input_image, svd_golden,
+                                                                  svd_golden_call):
+    """Guidance's halves as two runs of the UNet at the call's batch: diffusers' frames, as the doubled batch
+    gives them, for one video and for two (whose halves interleave: both unconditional runs, then both
+    conditional ones)."""
+    from framegraph.runtime import StableVideoDiffusionPipeline
+
+    frames, batches = {}, {}
+    other = input_image.transpose(Image.FLIP_LEFT_RIGHT)
+    rng = np.random.default_rng(1)
+    latents = rng.standard_normal((2, 2, 4, 16, 16)).astype(np.float32)
+    noise = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    call = dict(svd_golden_call["pipeline_call"], output_type="np")
+    for split in (False, True):
+        pipe = StableVideoDiffusionPipeline.from_artifacts(svd_artifact, split_guidance=split)
+        pipe.set_progress_bar_config(disable=True)
+        batches[split] = _unet_batches(pipe)
+        frames[split] = pipe(input_image, **_golden_call(svd_golden_call, svd_golden)).frames
+        frames[split, 2] = pipe([input_image, other], latents=latents, image_noise=noise, **call).frames
+    assert set(batches[False]) == {2} and set(batches[True]) == {1}
+    assert float(np.abs(frames[True] - svd_golden["pipeline.frames"]).max()) <= 2e-3
+    # the kernels block a batch of one differently from a batch of two: float32 rounding, 1.4e-5 here
+    np.testing.assert_allclose(frames[True], frames[False], atol=1e-4)
+    np.testing.assert_allclose(frames[True, 2], frames[False, 2], atol=1e-4)
+
+
 def test_same_seed_is_bit_identical(svd_artifact, input_image):
     from framegraph.runtime import StableVideoDiffusionPipeline
 

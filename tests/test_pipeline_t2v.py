@@ -77,6 +77,16 @@ def test_exported_graphs_reproduce_component_goldens(t2v_artifact, t2v_golden):
     assert (t2v_artifact / "tokenizer" / "vocab.json").is_file()
 
 
+def test_split_guidance_equals_diffusers(t2v_artifact, t2v_golden):
+    """Guidance's halves as two UNet runs (guidance 9, so an error in either half shows nine-fold)."""
+    from framegraph.runtime import TextToVideoSDPipeline
+
+    pipe = TextToVideoSDPipeline.from_artifacts(t2v_artifact, split_guidance=True)
+    pipe.set_progress_bar_config(disable=True)
+    out = _frames(pipe, t2v_golden)
+    assert np.abs(out - t2v_golden["pipeline.frames_ddim"]).max() <= 2e-3
+
+
 def test_vae_slicing_does_not_change_frames(t2v_artifact, t2v_golden):
     from framegraph.runtime import TextToVideoSDPipeline
 

@@ -220,10 +220,11 @@ class ArtifactPipeline:
 
     @classmethod
     def from_artifacts(cls, path, backend="onnxruntime", providers=None, device=None, num_threads=None,
-                       verify=True, low_memory=False, resident_buckets=1, **backend_options):
+                       verify=True, low_memory=False, resident_buckets=1, split_guidance=False, **backend_options):
         """Open an exported artifact folder. ``low_memory=True`` keeps one graph loaded at a time (peak memory of
         the largest graph, not the sum); ``resident_buckets`` (default 1) is how many frame buckets of the UNet stay
-        loaded (the least recently used is closed first; None: all); ``backend_options`` (``providers``,
+        loaded (the least recently used is closed first; None: all); ``split_guidance=True`` runs guidance's two
+        halves as two UNet runs (half the UNet's working memory, see Artifact); ``backend_options`` (``providers``,
         ``device``, ``num_threads``, engine-specific ones such as ``share_weights``) go to the backend, and those
         left at None take the backend's defaults. ``verify`` (True, "full" or False) is the check of the artifact's
         files, see :func:`framegraph.runtime.manifest.verify_files`."""
@@ -232,7 +233,7 @@ class ArtifactPipeline:
         options = {k: v for k, v in dict(backend_options, providers=providers, device=device,
                                          num_threads=num_threads).items() if v is not None}
         artifact = Artifact(path, cls.kind, backend, verify=verify, low_memory=low_memory,
-                            resident_buckets=resident_buckets, **options)
+                            resident_buckets=resident_buckets, split_guidance=split_guidance, **options)
         return cls._from_artifact(artifact)
 
     @classmethod
@@ -249,14 +250,22 @@ class ArtifactPipeline:
         (``Graph.run(shrink=True)``)."""
         n = len(batched["sample"]) // (2 if cfg else 1)
         timestep = np.asarray(t, dtype=np.float32).reshape(())
-        outputs = []
+        split = cfg and self.artifact.split_guidance  # each half of a guidance batch is a run of its own
+        # the runs as (first video of the run in ``batched``, indices); a guidance graph batch holds both halves
+        runs = []
         for start in range(0, n, self.batch):
             idx = np.arange(start, start + self.batch)
-            if cfg:  # a guidance graph batch holds both halves of its videos
-                idx = np.concatenate([idx, idx + n])
+            if split:
+                runs += [(start, idx), (start + n, idx + n)]
+            else:
+                runs.append((start, np.concatenate([idx, idx + n]) if cfg else idx))
+        outputs = []
+        for number, (first, idx) in enumerate(runs):
             feeds = {name: value[idx] for name, value in batched.items()}
             feeds["timestep"] = timestep
-            outputs.append(unet.run(step, start, feeds, shrink=last and start + self.batch >= n))
+            outputs.append(unet.run(step, first, feeds, shrink=last and number == len(runs) - 1))
+        if split:  # the unconditional halves first, as in a guidance batch
+            return np.concatenate(outputs[0::2] + outputs[1::2])
         if not cfg:
             return np.concatenate(outputs)
         half = self.batch
@@ -278,7 +287,8 @@ class ArtifactPipeline:
         with other frame counts cannot close them between steps (``resident_buckets``). They are opened before the
         encoders run: where they replace another bucket, the call's peak memory then stays that of a call without
         a switch (see docs/performance.md)."""
-        bucket = dict(num_frames=num_frames, batch=self.batch * (2 if cfg else 1), height=height, width=width)
+        doubled = cfg and not self.artifact.split_guidance
+        bucket = dict(num_frames=num_frames, batch=self.batch * (2 if doubled else 1), height=height, width=width)
         return StepUNet(self.artifact, bucket, cache_interval)
 
     @staticmethod
