@@ -19,7 +19,7 @@ import logging
 import os
 import tempfile
 
-from .cache import cache_root
+from .cache import cache_root, hex_name
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def prune(records):
     writes (``<24 hex digits>.json`` holding this schema and a folder) are touched."""
     for path in records.glob("*.json"):
         stem = path.stem
-        if len(stem) != 24 or any(c not in "0123456789abcdef" for c in stem):
+        if not hex_name(stem, 24):
             continue
         try:
             data = json.loads(path.read_text())

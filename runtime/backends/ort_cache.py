@@ -33,7 +33,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from ..cache import cache_root
+from ..cache import cache_root, hex_name
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +52,6 @@ def default_cache_dir():
     if os.environ.get("FRAMEGRAPH_ORT_CACHE", "").strip().lower() == "off":
         return None
     return cache_root() / "onnxruntime"
-
-
-def _hex(name, length):
-    """Whether ``name`` is ``length`` lowercase hex digits (the names this module gives entries and blobs)."""
-    return len(name) == length and all(c in "0123456789abcdef" for c in name)
 
 
 @functools.lru_cache(maxsize=None)
@@ -180,7 +175,7 @@ class OptimizedGraphs:
         """Remove the scratch folders (``<pid>-<8 hex>``) under ``tmp`` whose process no longer runs."""
         for path in tmp.iterdir():
             pid, _, tag = path.name.partition("-")
-            if not (pid.isdigit() and len(tag) == 8 and path.is_dir()):
+            if not (pid.isdigit() and hex_name(tag, 8) and path.is_dir()):
                 continue
             try:
                 os.kill(int(pid), 0)
@@ -276,7 +271,7 @@ class OptimizedGraphs:
         named = set()
         graphs = self.root / "graphs"
         for entry in graphs.iterdir() if graphs.is_dir() else ():
-            if not _hex(entry.name, 32):
+            if not hex_name(entry.name, 32):
                 continue
             try:
                 record = json.loads((entry / "entry.json").read_text())
@@ -291,7 +286,7 @@ class OptimizedGraphs:
         now = time.time()
         for blob in blobs.glob("*.bin") if blobs.is_dir() else ():
             digest = blob.stem
-            if not _hex(digest, 64) or digest in named:
+            if not hex_name(digest, 64) or digest in named:
                 continue
             try:
                 if now - blob.stat().st_mtime > blob_age_s:
