@@ -289,8 +289,7 @@ def _framegraph(engine):
 def _graphs_used(pipe, spec, decode_chunk_size=None, cache_interval=1):
     h, w, f = spec["height"], spec["width"], spec["frames"]
     batch = pipe.batch
-    guidance = 1 if pipe.artifact.split_guidance else 2  # guidance on: 2x batch, unless its halves run apart
-    bucket = {"num_frames": f, "batch": guidance * batch, "height": h, "width": w}
+    bucket = {"num_frames": f, "batch": pipe.unet_batch(cfg=True), "height": h, "width": w}  # guidance on
     # with step caching a call runs the deep and shallow graphs, not the plain one
     unet = [("unet", bucket)] if cache_interval == 1 else [("unet_deep", bucket), ("unet_shallow", bucket)]
     if spec["kind"] == "svd":
@@ -306,7 +305,8 @@ def _other_unet_bucket(pipe, spec):
     if not frames:
         raise RuntimeError(f"{spec['artifact']} has one frame bucket; export it with a second (bench.py "
                            "--second-frames) to measure what a second bucket costs")
-    return {"num_frames": frames[0], "batch": 2 * pipe.batch, "height": spec["height"], "width": spec["width"]}
+    return {"num_frames": frames[0], "batch": pipe.unet_batch(cfg=True), "height": spec["height"],
+            "width": spec["width"]}
 
 
 def _zeros(entry):
@@ -452,8 +452,9 @@ def run_flops(spec, result):
     result.update(unet_gflop_per_step=round(total, 2), unet_batch=batch, by_op_gflop={k: round(v, 2) for k, v in
                   by_op.items()}, forward_s=round(time.perf_counter() - start, 2),
                   parameters_m=round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
-                  method=f"torch.utils.flop_counter.FlopCounterMode on one diffusers UNet forward at batch 2 on {device} "
-                         "(AttnProcessor, so attention bmm is counted); 2 FLOP per MAC; elementwise ops not counted",
+                  method=f"torch.utils.flop_counter.FlopCounterMode on one diffusers UNet forward at batch 2 on "
+                         f"{device} (AttnProcessor, so attention bmm is counted); 2 FLOP per MAC; elementwise ops "
+                         "not counted",
                   status="ok")
 
 

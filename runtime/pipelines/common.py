@@ -279,6 +279,11 @@ class ArtifactPipeline:
         outputs = callback_on_step_end(self, i, t, {"latents": latents}) or {}
         return outputs.pop("latents", latents)
 
+    def unet_batch(self, cfg):
+        """The batch of the UNet graph a call runs: guidance doubles it, unless its halves run apart
+        (``split_guidance``)."""
+        return self.batch * (2 if cfg and not self.artifact.split_guidance else 1)
+
     def _unet_for_call(self, num_frames, cfg, height, width, cache_interval=None):
         """The call's StepUNet: the UNet bucket (guidance doubles the graph batch) and, with ``cache_interval`` > 1,
         its step-caching graphs (None: 1).
@@ -287,8 +292,7 @@ class ArtifactPipeline:
         with other frame counts cannot close them between steps (``resident_buckets``). They are opened before the
         encoders run: where they replace another bucket, the call's peak memory then stays that of a call without
         a switch (see docs/performance.md)."""
-        doubled = cfg and not self.artifact.split_guidance
-        bucket = dict(num_frames=num_frames, batch=self.batch * (2 if doubled else 1), height=height, width=width)
+        bucket = dict(num_frames=num_frames, batch=self.unet_batch(cfg), height=height, width=width)
         return StepUNet(self.artifact, bucket, cache_interval)
 
     @staticmethod
